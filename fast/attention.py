@@ -1,0 +1,157 @@
+"""Attention core, fast path: Numba kernels with the same names and results as ``reference/attention.py``.
+
+The kernel is flash-decoding on the CPU. The work is cut into items ``(KV head, tile of query rows,
+chunk of keys)`` that run in parallel threads; each item streams its keys in small blocks that stay
+in cache while every query row of the tile (all G query heads of a GQA group, and T positions)
+reads them, keeping a running max, denominator and weighted value sum (online softmax). The per-chunk
+partials are then merged with the same log-sum-exp rule as :func:`merge_partials`
+(RetrievalAttention App. B). For one decode step the rows are the G heads of a group, so K and V
+are read from memory exactly once: the kernel is bandwidth-bound, as decode attention should be.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import numba as nb
+import numpy as np
+
+from ._dispatch import require_numpy
+
+__all__ = ["full_attention", "partial_attention", "merge_partials"]
+
+_ROW_TILE = 16          # query rows sharing one pass over a key block
+_KEY_BLOCK = 64         # keys per block: 64 x 128 x 4 B = 32 KB of K, stays in L1/L2
+_MIN_CHUNK = 1024       # keys per work item, at least (amortises the per-item set-up)
+_FLAGS = {"reassoc", "contract", "nsz", "arcp"}   # vectorise dots; keep inf/nan semantics for masking
+
+
+@nb.njit(parallel=True, cache=True, fastmath=_FLAGS)
+def _attention_chunks(q, k, v, limits, scale, n_tiles, n_chunks, chunk):
+    hkv, rows, d = q.shape
+    dv = v.shape[2]
+    m_part = np.full((hkv, n_chunks, rows), -np.inf, dtype=np.float32)
+    l_part = np.zeros((hkv, n_chunks, rows), dtype=np.float32)
+    acc_part = np.zeros((hkv, n_chunks, rows, dv), dtype=np.float32)
+    n_items = hkv * n_tiles * n_chunks
+    for item in nb.prange(n_items):
+        h = item // (n_tiles * n_chunks)
+        rest = item % (n_tiles * n_chunks)
+        r0 = (rest // n_chunks) * _ROW_TILE
+        c = rest % n_chunks
+        r1 = min(r0 + _ROW_TILE, rows)
+        j0 = c * chunk
+        j1 = min(j0 + chunk, k.shape[1])
+        s = np.empty(_KEY_BLOCK, dtype=np.float32)
+        for r in range(r0, r1):
+            m = np.float32(-np.inf)
+            l = np.float32(0.0)
+            acc = acc_part[h, c, r]
+            jend = min(j1, limits[r])
+            for b0 in range(j0, jend, _KEY_BLOCK):
+                b1 = min(b0 + _KEY_BLOCK, jend)
+                mb = np.float32(-np.inf)
+                for j in range(b0, b1):
+                    dot = np.float32(0.0)
+                    for x in range(d):
+                        dot += q[h, r, x] * k[h, j, x]
+                    dot *= scale
+                    s[j - b0] = dot
+                    mb = max(mb, dot)
+                m_new = max(m, mb)
+                alpha = np.float32(math.exp(m - m_new))
+                l *= alpha
+                for x in range(dv):
+                    acc[x] *= alpha
+                for j in range(b0, b1):
+                    p = np.float32(math.exp(s[j - b0] - m_new))
+                    l += p
+                    for x in range(dv):
+                        acc[x] += p * v[h, j, x]
+                m = m_new
+            m_part[h, c, r] = m
+            l_part[h, c, r] = l
+    return m_part, l_part, acc_part
+
+
+@nb.njit(parallel=True, cache=True)
+def _merge_chunks(m_part, l_part, acc_part):
+    hkv, n_chunks, rows, dv = acc_part.shape
+    out = np.zeros((hkv, rows, dv), dtype=np.float32)
+    lse = np.full((hkv, rows), -np.inf, dtype=np.float32)
+    for item in nb.prange(hkv * rows):
+        h = item // rows
+        r = item % rows
+        m = np.float32(-np.inf)
+        for c in range(n_chunks):
+            m = max(m, m_part[h, c, r])
+        if m == -np.inf:
+            continue                      # no key visible: (0, -inf), the merge identity
+        total = np.float32(0.0)
+        for c in range(n_chunks):
+            w = np.float32(math.exp(m_part[h, c, r] - m))
+            total += w * l_part[h, c, r]
+            for x in range(dv):
+                out[h, r, x] += w * acc_part[h, c, r, x]
+        for x in range(dv):
+            out[h, r, x] /= total
+        lse[h, r] = m + np.float32(math.log(total))
+    return out, lse
+
+
+def _plan(hkv, rows, n):
+    """Pick the key-chunk length so that there are a few work items per thread."""
+    n_tiles = -(-rows // _ROW_TILE)
+    want = max(1, 4 * nb.get_num_threads() // max(1, hkv * n_tiles))
+    n_chunks = max(1, min(want, -(-n // _MIN_CHUNK)))
+    chunk = max(1, -(-n // n_chunks))
+    return n_tiles, n_chunks, chunk
+
+
+def partial_attention(q, k, v, causal=False, scale=None):
+    """Same contract as :func:`retrokv.reference.attention.partial_attention`; Numba kernel."""
+    require_numpy("partial_attention", q, k, v)
+    q = np.asarray(q, dtype=np.float32)
+    k = np.ascontiguousarray(k, dtype=np.float32)
+    v = np.ascontiguousarray(v, dtype=np.float32)
+    decode = q.ndim == 2
+    q3 = q[:, None, :] if decode else q                       # (Hq, T, d)
+    hq, t, d = q3.shape
+    hkv, n, dv = v.shape
+    g = hq // hkv
+    rows = np.ascontiguousarray(q3.reshape(hkv, g * t, d))     # (Hkv, G*T, d), row = g*T + t
+    if causal and not decode:
+        limits = np.tile(np.arange(n - t + 1, n + 1, dtype=np.int64), g)   # (G*T,)
+    else:
+        limits = np.full(g * t, n, dtype=np.int64)
+    scale = np.float32(1.0 / math.sqrt(d) if scale is None else scale)
+    n_tiles, n_chunks, chunk = _plan(hkv, g * t, n)
+    parts = _attention_chunks(rows, k, v, limits, scale, n_tiles, n_chunks, chunk)
+    out, lse = _merge_chunks(*parts)                           # (Hkv, G*T, dv), (Hkv, G*T)
+    out = out.reshape(hq, t, dv)
+    lse = lse.reshape(hq, t)
+    if decode:
+        return out[:, 0], lse[:, 0]
+    return out, lse
+
+
+def full_attention(q, k, v, causal=False, scale=None):
+    """Same contract as :func:`retrokv.reference.attention.full_attention`; Numba kernel."""
+    return partial_attention(q, k, v, causal=causal, scale=scale)[0]
+
+
+def merge_partials(parts):
+    """Same contract as :func:`retrokv.reference.attention.merge_partials`; one pass over the parts."""
+    parts = list(parts)
+    require_numpy("merge_partials", *[o for o, _ in parts])
+    outs = np.ascontiguousarray(np.stack([np.asarray(o, np.float32) for o, _ in parts]))   # (P, ..., dv)
+    lses = np.ascontiguousarray(np.stack([np.asarray(l, np.float32) for _, l in parts]))   # (P, ...)
+    p, dv = outs.shape[0], outs.shape[-1]
+    lead = lses.shape[1:]
+    rows = int(np.prod(lead)) if lead else 1
+    # reuse the chunk merge: parts play the role of key chunks of one "head"
+    m_part = lses.reshape(p, rows).T.reshape(1, rows, p).transpose(0, 2, 1)
+    out, lse = _merge_chunks(np.ascontiguousarray(m_part, dtype=np.float32),
+                             np.ascontiguousarray(np.ones_like(m_part)),
+                             np.ascontiguousarray(outs.reshape(1, p, rows, dv)))
+    return out.reshape(lead + (dv,)), lse.reshape(lead)

@@ -1,0 +1,37 @@
+"""retrokv: the KV cache of a long-context LLM as a vector database.
+
+Three published systems, each as a readable NumPy reference (:mod:`retrokv.reference`) and a fast
+path (:mod:`retrokv.fast`), behind one ``backend=`` switch:
+
+* RetrievalAttention (arXiv 2409.10516): :class:`GraphIndex`, an attention-aware graph over keys;
+* RetroInfer (arXiv 2505.02922): :class:`WaveIndex` and :class:`WaveBuffer`;
+* LazyAttention (arXiv 2606.04302): :class:`DocumentStore`, position-agnostic document KV.
+"""
+from __future__ import annotations
+
+import importlib
+
+from .api import apply_rope, full_attention, merge_partials, partial_attention, rotate_by
+from .backend import get_backend, set_backend
+
+__version__ = "0.1.0"
+
+# Heavier components load on first use, so `import retrokv` needs only NumPy.
+_LAZY = {
+    "WaveConfig": "retrokv.wave", "WaveIndex": "retrokv.wave",
+    "WaveBuffer": "retrokv.wave_buffer",
+    "GraphConfig": "retrokv.graph", "GraphIndex": "retrokv.graph",
+    "StreamingLLM": "retrokv.baselines", "TopKOracle": "retrokv.baselines",
+    "IVFIndex": "retrokv.baselines", "QuestIndex": "retrokv.baselines",
+    "DocumentStore": "retrokv.lazy",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'retrokv' has no attribute {name!r}")
+
+
+__all__ = ["full_attention", "partial_attention", "merge_partials", "apply_rope", "rotate_by",
+           "set_backend", "get_backend", *_LAZY]

@@ -1,0 +1,67 @@
+"""Input validation at the public boundary: every error names the argument, what it got and what it expected."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def as_array(x, name):
+    """Accept NumPy, CuPy or torch arrays (torch crosses without a copy); reject anything else."""
+    mod = type(x).__module__.split(".")[0]
+    if mod == "torch":
+        x = x.detach()
+        if x.device.type == "cpu":
+            x = x.numpy()
+        else:
+            import cupy  # DLPack: zero-copy from a CUDA tensor
+
+            x = cupy.from_dlpack(x)
+    elif mod != "cupy" and not isinstance(x, np.ndarray):
+        raise TypeError(f"{name} must be a NumPy, CuPy or torch array, got {type(x).__name__}")
+    if x.dtype.kind != "f":
+        raise TypeError(f"{name} must have a floating dtype (float16/32/64), got {x.dtype}")
+    return x
+
+
+def check_finite(x, name):
+    xp = np if isinstance(x, np.ndarray) else __import__("cupy")
+    if x.size and not bool(xp.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or inf")
+
+
+def check_rank(x, name, ranks, meaning):
+    if x.ndim not in ranks:
+        raise ValueError(f"{name} must have shape {meaning}, got shape {tuple(x.shape)}")
+
+
+def check_qkv(q, k, v, finite=True):
+    """Validate ``q (Hq, d) | (Hq, T, d)``, ``k (Hkv, N, d)``, ``v (Hkv, N, dv)``; returns the arrays."""
+    q, k, v = as_array(q, "q"), as_array(k, "k"), as_array(v, "v")
+    check_rank(q, "q", (2, 3), "(Hq, d) or (Hq, T, d)")
+    check_rank(k, "k", (3,), "(Hkv, N, d)")
+    check_rank(v, "v", (3,), "(Hkv, N, dv)")
+    if k.shape[:2] != v.shape[:2]:
+        raise ValueError(f"k and v must agree on (Hkv, N): k has {tuple(k.shape[:2])}, v has {tuple(v.shape[:2])}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q's head_dim {q.shape[-1]} must equal k's head_dim {k.shape[-1]}")
+    if k.shape[0] == 0 or q.shape[0] % k.shape[0]:
+        raise ValueError(f"q's {q.shape[0]} heads must be a positive multiple of k's {k.shape[0]} KV heads (GQA)")
+    if q.shape[-1] == 0:
+        raise ValueError("head_dim must be positive, got 0")
+    if finite:
+        for x, name in ((q, "q"), (k, "k"), (v, "v")):
+            check_finite(x, name)
+    return q, k, v
+
+
+def check_scale(scale):
+    if scale is None:
+        return None
+    if not isinstance(scale, (int, float, np.floating)) or not np.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
+    return float(scale)
+
+
+def check_convention(convention):
+    if convention not in ("half", "interleaved"):
+        raise ValueError(f"convention must be 'half' (HF Llama rotate_half) or 'interleaved', got {convention!r}")
+    return convention

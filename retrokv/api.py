@@ -1,0 +1,99 @@
+"""Public attention and RoPE functions: validate at the boundary, then call the chosen backend.
+
+Each function takes ``backend="reference" | "fast"`` (default: :func:`retrokv.get_backend`).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import _validate as V
+from .backend import module
+
+
+def full_attention(q, k, v, causal=False, scale=None, backend=None, check_finite=True):
+    """Exact softmax attention with grouped-query heads.
+
+    Args:
+        q: ``(Hq, d)`` (one decode step) or ``(Hq, T, d)`` (a block of T queries).
+        k: ``(Hkv, N, d)`` keys; query head ``h`` reads KV head ``h // (Hq // Hkv)``.
+        v: ``(Hkv, N, dv)`` values.
+        causal: for a block, query ``t`` sees keys ``0 .. N - T + t`` (the queries are the last T
+            positions). Ignored for a single decode query, which sees every key.
+        scale: score scale, default ``1 / sqrt(d)``.
+        backend: ``"reference"`` or ``"fast"``.
+        check_finite: reject NaN/inf in the inputs (one extra pass over K and V).
+
+    Returns:
+        ``(Hq, dv)`` or ``(Hq, T, dv)`` float32 output. With ``N = 0`` the output is zero.
+    """
+    return partial_attention(q, k, v, causal, scale, backend, check_finite)[0]
+
+
+def partial_attention(q, k, v, causal=False, scale=None, backend=None, check_finite=True):
+    """Attention over a subset of the keys, with its log-sum-exp: returns ``(out, lse)``.
+
+    ``lse = log sum_j exp(q.k_j * scale)`` has ``q``'s shape without the last axis; an empty key set
+    gives ``(0, -inf)``. Partials over disjoint key sets combine exactly with :func:`merge_partials`
+    (RetrievalAttention App. B). Arguments as :func:`full_attention`.
+    """
+    q, k, v = V.check_qkv(q, k, v, finite=check_finite)
+    scale = V.check_scale(scale)
+    if causal and q.ndim == 3 and q.shape[1] > k.shape[1]:
+        raise ValueError(f"causal attention needs at least T={q.shape[1]} keys for T queries, got N={k.shape[1]}")
+    return module(backend).partial_attention(q, k, v, causal=bool(causal), scale=scale)
+
+
+def merge_partials(parts, backend=None):
+    """Merge ``[(out_1, lse_1), (out_2, lse_2), ...]`` over disjoint key sets by log-sum-exp.
+
+    Returns ``(out, lse)`` equal to the attention over the union. The merge is associative and
+    order-independent; a part with ``lse = -inf`` changes nothing.
+    """
+    parts = list(parts)
+    if not parts:
+        raise ValueError("parts must hold at least one (out, lse) pair, got an empty sequence")
+    checked = []
+    for i, part in enumerate(parts):
+        if not isinstance(part, (tuple, list)) or len(part) != 2:
+            raise TypeError(f"parts[{i}] must be an (out, lse) pair, got {type(part).__name__}")
+        o, l = V.as_array(part[0], f"parts[{i}].out"), V.as_array(part[1], f"parts[{i}].lse")
+        if o.shape[:-1] != l.shape:
+            raise ValueError(f"parts[{i}]: lse shape {tuple(l.shape)} must be out's shape {tuple(o.shape)} without its last axis")
+        if checked and o.shape != checked[0][0].shape:
+            raise ValueError(f"parts[{i}].out has shape {tuple(o.shape)}, parts[0].out has {tuple(checked[0][0].shape)}")
+        if bool(np.isnan(np.asarray(l)).any()) or bool(np.isposinf(np.asarray(l)).any()):
+            raise ValueError(f"parts[{i}].lse must be finite or -inf, got NaN or +inf")
+        checked.append((o, l))
+    return module(backend).merge_partials(checked)
+
+
+def _check_rope(x, positions, theta, convention):
+    x = V.as_array(x, "x")
+    if x.ndim < 1 or x.shape[-1] % 2:
+        raise ValueError(f"x must have an even last axis (head_dim), got shape {tuple(x.shape)}")
+    pos = np.asarray(positions)
+    if pos.dtype.kind not in "iu":
+        raise TypeError(f"positions must be integers, got dtype {pos.dtype}")
+    try:
+        np.broadcast_shapes(pos.shape, x.shape[:-1])
+    except ValueError:
+        raise ValueError(f"positions of shape {pos.shape} do not broadcast to x's leading shape {tuple(x.shape[:-1])}") from None
+    if not (isinstance(theta, (int, float)) and theta > 1):
+        raise ValueError(f"theta must be a number > 1, got {theta!r}")
+    return x, pos, float(theta), V.check_convention(convention)
+
+
+def apply_rope(x, positions, theta=10000.0, convention="half", backend=None):
+    """Rotate ``x`` (``(..., d)``) to integer ``positions`` (broadcastable to ``x.shape[:-1]``).
+
+    ``convention="half"`` is HF Llama's ``rotate_half`` pairing; ``"interleaved"`` pairs ``(2i, 2i+1)``.
+    Bit-identical to transformers' ``apply_rotary_pos_emb`` given the same cos/sin (RoFormer Eq. 34).
+    """
+    x, pos, theta, convention = _check_rope(x, positions, theta, convention)
+    return module(backend).apply_rope(x, pos, theta, convention)
+
+
+def rotate_by(x_rot, delta, theta=10000.0, convention="half", backend=None):
+    """Move already-rotated vectors by a position ``delta`` (may be negative): ``R(delta) R(p) = R(p + delta)``."""
+    x, pos, theta, convention = _check_rope(x_rot, delta, theta, convention)
+    return module(backend).rotate_by(x, pos, theta, convention)
