@@ -24,9 +24,15 @@ __all__ = ["rope_inv_freq", "rope_cos_sin", "apply_rope", "rotate_by", "rotate_h
 
 
 def rope_inv_freq(d, theta=10000.0):
-    """``inv_freq[i] = 1 / theta^(2i/d)`` for ``i < d/2``, in float32 as HF Llama computes it."""
+    """``inv_freq[i] = 1 / theta^(2i/d)`` for ``i < d/2``, in float32 as HF Llama computes it.
+
+    The exponent is formed in float32 like transformers; the power is taken in float64 and rounded
+    once, which reproduces torch's float32 ``pow`` (NumPy's float32 ``pow`` is off by an ulp for a few
+    exponents, and at position 8000 one ulp of ``inv_freq`` moves the angle by ~1e-4).
+    """
     exponent = np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / np.float32(d)   # (d/2,)
-    return (np.float32(1.0) / (np.float32(theta) ** exponent)).astype(np.float32)
+    power = np.power(np.float64(theta), exponent.astype(np.float64)).astype(np.float32)
+    return (np.float32(1.0) / power).astype(np.float32)
 
 
 def rope_cos_sin(positions, d, theta=10000.0, convention="half"):

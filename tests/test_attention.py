@@ -1,0 +1,196 @@
+"""Attention core: reference vs a float64 oracle, fast vs reference, and the LSE merge's algebra."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+import retrokv as rk
+
+BACKENDS = ["reference", "fast"]
+
+
+def oracle(q, k, v, causal=False, scale=None):
+    """Float64 attention, written the plain way, as the ground truth (returns out, lse)."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    decode = q.ndim == 2
+    q3 = q[:, None] if decode else q
+    hq, t, d = q3.shape
+    hkv, n, _ = k.shape
+    g = hq // hkv
+    scale = 1 / np.sqrt(d) if scale is None else scale
+    out = np.zeros((hq, t, v.shape[-1]))
+    lse = np.full((hq, t), -np.inf)
+    for h in range(hq):
+        for i in range(t):
+            limit = n - t + i + 1 if (causal and not decode) else n
+            if limit <= 0:
+                continue
+            s = k[h // g, :limit] @ q3[h, i] * scale
+            m = s.max()
+            p = np.exp(s - m)
+            out[h, i] = p @ v[h // g, :limit] / p.sum()
+            lse[h, i] = m + np.log(p.sum())
+    return (out[:, 0], lse[:, 0]) if decode else (out, lse)
+
+
+@st.composite
+def qkv(draw, allow_empty=True):
+    hkv = draw(st.integers(1, 3))
+    g = draw(st.integers(1, 4))
+    d = draw(st.sampled_from([1, 3, 8, 17, 64]))
+    n = draw(st.integers(0 if allow_empty else 1, 70))
+    t = draw(st.one_of(st.none(), st.integers(1, max(1, min(n, 9)))))
+    causal = draw(st.booleans())
+    mag = draw(st.sampled_from([0.1, 1.0, 4.0]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    qshape = (hkv * g, d) if t is None else (hkv * g, t, d)
+    q = (rng.standard_normal(qshape) * mag).astype(np.float32)
+    k = (rng.standard_normal((hkv, n, d)) * mag).astype(np.float32)
+    v = rng.standard_normal((hkv, n, d)).astype(np.float32)
+    if t is not None and n < t:
+        causal = False
+    return q, k, v, causal
+
+
+@given(qkv())
+def test_reference_matches_float64_oracle(case):
+    q, k, v, causal = case
+    out, lse = rk.partial_attention(q, k, v, causal=causal, backend="reference")
+    o64, l64 = oracle(q, k, v, causal)
+    assert out.dtype == np.float32 and out.shape == o64.shape and lse.shape == l64.shape
+    np.testing.assert_allclose(out, o64, atol=2e-5, rtol=1e-4)
+    np.testing.assert_allclose(lse, l64, atol=2e-5, rtol=1e-5)
+
+
+@given(qkv())
+def test_fast_error_is_a_small_multiple_of_reference_error(case):
+    """FlashAttention-style tolerance: fast's error vs float64 is at most 4x the reference's own (+ a float32 ulp floor)."""
+    q, k, v, causal = case
+    o64, l64 = oracle(q, k, v, causal)
+    ref_o, ref_l = rk.partial_attention(q, k, v, causal=causal, backend="reference")
+    fast_o, fast_l = rk.partial_attention(q, k, v, causal=causal, backend="fast")
+    assert fast_o.shape == ref_o.shape and fast_l.shape == ref_l.shape
+    assert np.array_equal(np.isneginf(fast_l), np.isneginf(l64))   # empty rows agree
+    fin = np.isfinite(l64)
+    ulp = 4 * np.finfo(np.float32).eps
+    assert np.abs(fast_o - o64).max(initial=0) <= 4 * np.abs(ref_o - o64).max(initial=0) + ulp
+    err_fast, err_ref = np.abs(fast_l[fin] - l64[fin]), np.abs(ref_l[fin] - l64[fin])
+    assert err_fast.max(initial=0) <= 4 * err_ref.max(initial=0) + ulp * (1 + np.abs(l64[fin]).max(initial=0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_keys_give_zero_output_and_minus_inf_lse(backend):
+    q = np.ones((4, 8), np.float32)
+    k = np.zeros((2, 0, 8), np.float32)
+    out, lse = rk.partial_attention(q, k, k, backend=backend)
+    assert out.shape == (4, 8) and not out.any() and np.isneginf(lse).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_causal_block_last_query_equals_decode(backend, rng):
+    """The last query of a causal block sees every key, like a decode query; the first sees N - T + 1 keys."""
+    q = rng.standard_normal((6, 5, 16)).astype(np.float32)
+    k = rng.standard_normal((3, 12, 16)).astype(np.float32)
+    v = rng.standard_normal((3, 12, 16)).astype(np.float32)
+    block = rk.full_attention(q, k, v, causal=True, backend=backend)
+    np.testing.assert_allclose(block[:, -1], rk.full_attention(q[:, -1], k, v, backend=backend), atol=1e-6)
+    np.testing.assert_allclose(block[:, 0], rk.full_attention(q[:, 0], k[:, :8], v[:, :8], backend=backend), atol=1e-6)
+
+
+@given(qkv(allow_empty=False), st.integers(1, 5), st.integers(0, 2**31 - 1))
+def test_any_partition_of_keys_merges_to_full_attention(case, n_parts, seed):
+    q, k, v, _ = case
+    q = q if q.ndim == 2 else q[:, 0]
+    n = k.shape[1]
+    labels = np.random.default_rng(seed).integers(0, n_parts, n)   # some parts may be empty
+    for backend in BACKENDS:
+        parts = [rk.partial_attention(q, k[:, labels == p], v[:, labels == p], backend=backend) for p in range(n_parts)]
+        out, lse = rk.merge_partials(parts, backend=backend)
+        full, full_lse = rk.partial_attention(q, k, v, backend=backend)
+        np.testing.assert_allclose(out, full, atol=3e-6, rtol=1e-5)
+        np.testing.assert_allclose(lse, full_lse, atol=3e-6, rtol=1e-6)
+
+
+@given(st.integers(1, 6), st.integers(0, 2**31 - 1))
+def test_merge_is_associative_and_order_independent(n_parts, seed):
+    rng = np.random.default_rng(seed)
+    parts = [(rng.standard_normal((3, 4)).astype(np.float32),
+              np.where(rng.random(3) < 0.2, -np.inf, rng.standard_normal(3) * 5).astype(np.float32))
+             for _ in range(n_parts)]
+    for backend in BACKENDS:
+        flat = rk.merge_partials(parts, backend=backend)
+        perm = [parts[i] for i in rng.permutation(n_parts)]
+        shuffled = rk.merge_partials(perm, backend=backend)
+        cut = int(rng.integers(1, n_parts + 1))
+        nested = rk.merge_partials([rk.merge_partials(perm[:cut], backend=backend)]
+                                   + ([rk.merge_partials(perm[cut:], backend=backend)] if cut < n_parts else []),
+                                   backend=backend)
+        for other in (shuffled, nested):
+            np.testing.assert_allclose(other[0], flat[0], atol=2e-6, rtol=1e-5)
+            np.testing.assert_allclose(other[1], flat[1], atol=2e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_part_is_the_merge_identity(backend, rng):
+    o = rng.standard_normal((5, 7)).astype(np.float32)
+    l = rng.standard_normal(5).astype(np.float32)
+    empty = (np.zeros_like(o), np.full(5, -np.inf, np.float32))
+    out, lse = rk.merge_partials([empty, (o, l), empty], backend=backend)
+    np.testing.assert_allclose(out, o, atol=1e-7)
+    np.testing.assert_allclose(lse, l, atol=1e-7)
+    out, lse = rk.merge_partials([empty, empty], backend=backend)
+    assert not out.any() and np.isneginf(lse).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_tensors_cross_over(backend, rng):
+    torch = pytest.importorskip("torch")
+    q = rng.standard_normal((4, 8)).astype(np.float32)
+    k = rng.standard_normal((2, 10, 8)).astype(np.float32)
+    a = rk.full_attention(torch.from_numpy(q), torch.from_numpy(k), torch.from_numpy(k), backend=backend)
+    np.testing.assert_allclose(a, rk.full_attention(q, k, k, backend=backend), atol=1e-7)
+
+
+BAD_INPUTS = [
+    (dict(q=np.zeros((4, 8, 2, 1), np.float32)), ValueError, "q must have shape"),
+    (dict(k=np.zeros((2, 10), np.float32)), ValueError, "k must have shape"),
+    (dict(v=np.zeros((2, 9, 8), np.float32)), ValueError, "k and v must agree"),
+    (dict(q=np.zeros((4, 7), np.float32)), ValueError, "head_dim 7"),
+    (dict(q=np.zeros((3, 8), np.float32)), ValueError, "multiple of k's 2 KV heads"),
+    (dict(q=np.zeros((4, 8), np.int32)), TypeError, "floating dtype"),
+    (dict(q=[[0.0] * 8] * 4), TypeError, "q must be a NumPy"),
+    (dict(k=np.full((2, 10, 8), np.nan, np.float32)), ValueError, "k contains NaN"),
+    (dict(scale=-1.0), ValueError, "scale must be"),
+    (dict(backend="gpu"), ValueError, "backend must be one of"),
+    (dict(q=np.zeros((4, 11, 8), np.float32), causal=True), ValueError, "at least T=11 keys"),
+]
+
+
+@pytest.mark.parametrize("change,exc,msg", BAD_INPUTS)
+def test_bad_input_names_the_argument(change, exc, msg):
+    args = dict(q=np.zeros((4, 8), np.float32), k=np.zeros((2, 10, 8), np.float32), v=np.zeros((2, 10, 8), np.float32))
+    args.update(change)
+    with pytest.raises(exc, match=msg):
+        rk.full_attention(**args)
+
+
+def test_merge_rejects_bad_parts():
+    with pytest.raises(ValueError, match="at least one"):
+        rk.merge_partials([])
+    with pytest.raises(ValueError, match="without its last axis"):
+        rk.merge_partials([(np.zeros((3, 4), np.float32), np.zeros(4, np.float32))])
+    with pytest.raises(TypeError, match=r"parts\[0\]"):
+        rk.merge_partials([np.zeros(3)])
+
+
+def test_set_backend_changes_the_default():
+    before = rk.get_backend()
+    try:
+        rk.set_backend("fast")
+        assert rk.get_backend() == "fast"
+        with pytest.raises(ValueError, match="backend must be one of"):
+            rk.set_backend("cuda")
+    finally:
+        rk.set_backend(before)
