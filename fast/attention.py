@@ -1,9 +1,10 @@
 """Attention core, fast path: Numba kernels with the same names and results as ``reference/attention.py``.
 
 The kernel is flash-decoding on the CPU. The work is cut into items ``(KV head, tile of query rows,
-chunk of keys)`` that run in parallel threads; each item streams its keys in small blocks that stay
-in cache while every query row of the tile (all G query heads of a GQA group, and T positions)
-reads them, keeping a running max, denominator and weighted value sum (online softmax). The per-chunk
+chunk of keys)`` that run in parallel threads; each item streams its keys in blocks: one small GEMM
+(BLAS, through Numba's ``np.dot``) scores the block against every query row of the tile (all G query
+heads of a GQA group, and T positions), a scalar pass keeps the running max and denominator (online
+softmax), and a second GEMM adds ``P @ V`` to the running weighted value sum. The per-chunk
 partials are then merged with the same log-sum-exp rule as :func:`merge_partials`
 (RetrievalAttention App. B). For one decode step the rows are the G heads of a group, so K and V
 are read from memory exactly once: the kernel is bandwidth-bound, as decode attention should be.
@@ -20,10 +21,10 @@ from ._dispatch import require_numpy
 
 __all__ = ["full_attention", "partial_attention", "merge_partials"]
 
-_ROW_TILE = 16          # query rows sharing one pass over a key block
-_KEY_BLOCK = 64         # keys per block: 64 x 128 x 4 B = 32 KB of K, stays in L1/L2
-_MIN_CHUNK = 1024       # keys per work item, at least (amortises the per-item set-up)
-_FLAGS = {"reassoc", "contract", "nsz", "arcp"}   # vectorise dots; keep inf/nan semantics for masking
+_ROW_TILE = 128         # query rows handled by one work item (all G heads x T positions of a tile)
+_KEY_BLOCK = 1024       # keys per block: one small GEMM for the scores and one for P @ V
+_MIN_CHUNK = 4096       # keys per work item, at least (amortises the per-item set-up)
+_FLAGS = {"reassoc", "contract", "nsz", "arcp", "afn"}   # keep inf/nan semantics: the mask uses -inf
 
 
 @nb.njit(parallel=True, cache=True, fastmath=_FLAGS)
@@ -33,44 +34,44 @@ def _attention_chunks(q, k, v, limits, scale, n_tiles, n_chunks, chunk):
     m_part = np.full((hkv, n_chunks, rows), -np.inf, dtype=np.float32)
     l_part = np.zeros((hkv, n_chunks, rows), dtype=np.float32)
     acc_part = np.zeros((hkv, n_chunks, rows, dv), dtype=np.float32)
-    n_items = hkv * n_tiles * n_chunks
-    for item in nb.prange(n_items):
+    for item in nb.prange(hkv * n_tiles * n_chunks):
         h = item // (n_tiles * n_chunks)
-        rest = item % (n_tiles * n_chunks)
-        r0 = (rest // n_chunks) * _ROW_TILE
-        c = rest % n_chunks
+        r0 = ((item // n_chunks) % n_tiles) * _ROW_TILE
+        c = item % n_chunks
         r1 = min(r0 + _ROW_TILE, rows)
+        nr = r1 - r0
         j0 = c * chunk
-        j1 = min(j0 + chunk, k.shape[1])
-        s = np.empty(_KEY_BLOCK, dtype=np.float32)
-        for r in range(r0, r1):
-            m = np.float32(-np.inf)
-            l = np.float32(0.0)
-            acc = acc_part[h, c, r]
-            jend = min(j1, limits[r])
-            for b0 in range(j0, jend, _KEY_BLOCK):
-                b1 = min(b0 + _KEY_BLOCK, jend)
-                mb = np.float32(-np.inf)
-                for j in range(b0, b1):
-                    dot = np.float32(0.0)
-                    for x in range(d):
-                        dot += q[h, r, x] * k[h, j, x]
-                    dot *= scale
-                    s[j - b0] = dot
-                    mb = max(mb, dot)
-                m_new = max(m, mb)
-                alpha = np.float32(math.exp(m - m_new))
-                l *= alpha
+        j1 = min(j0 + chunk, k.shape[1], limits[r0:r1].max())   # keys past every row's limit are never read
+        q_t = np.ascontiguousarray(q[h, r0:r1].T) * scale        # (d, nr)
+        m = np.full(nr, -np.inf, dtype=np.float32)
+        l = np.zeros(nr, dtype=np.float32)
+        acc = np.zeros((nr, dv), dtype=np.float32)
+        for b0 in range(j0, j1, _KEY_BLOCK):
+            b1 = min(b0 + _KEY_BLOCK, j1)
+            s = np.dot(k[h, b0:b1], q_t)                         # (nb, nr) scores, one GEMM
+            p = np.zeros((nr, b1 - b0), dtype=np.float32)       # (nr, nb) exp-weights
+            for r in range(nr):
+                end = min(b1, limits[r0 + r]) - b0               # keys this row may see in the block
+                if end <= 0:
+                    continue
+                mb = m[r]
+                for jj in range(end):
+                    mb = max(mb, s[jj, r])
+                alpha = np.float32(math.exp(m[r] - mb))          # rescale what came before (online softmax)
+                l[r] *= alpha
                 for x in range(dv):
-                    acc[x] *= alpha
-                for j in range(b0, b1):
-                    p = np.float32(math.exp(s[j - b0] - m_new))
-                    l += p
-                    for x in range(dv):
-                        acc[x] += p * v[h, j, x]
-                m = m_new
-            m_part[h, c, r] = m
-            l_part[h, c, r] = l
+                    acc[r, x] *= alpha
+                total = np.float32(0.0)
+                for jj in range(end):
+                    e = np.float32(math.exp(s[jj, r] - mb))
+                    p[r, jj] = e
+                    total += e
+                l[r] += total
+                m[r] = mb
+            acc += np.dot(p, v[h, b0:b1])                         # (nr, dv), one GEMM
+        m_part[h, c, r0:r1] = m
+        l_part[h, c, r0:r1] = l
+        acc_part[h, c, r0:r1] = acc
     return m_part, l_part, acc_part
 
 
