@@ -1,0 +1,190 @@
+"""Shared machinery of every retrieval index: static tokens + retrieved tokens, merged by log-sum-exp.
+
+RetrievalAttention §3.3 (and App. B) splits the context of one decode step into two disjoint sets:
+the *static* tokens W (the first ``n_sink`` tokens, the last ``n_recent`` tokens of the prompt, and
+every generated token), attended exactly, and the tokens Omega retrieved from an index over the rest,
+also attended exactly. The two partial attentions are merged by their log-sum-exp. Every index in
+retrokv (GraphIndex, IVFIndex, QuestIndex, TopKOracle) differs only in how it picks Omega; this base
+class owns the rest: storage, ``append``, ``attend`` and ``last_stats``.
+
+Cost accounting in ``last_stats`` (per decode step, summed over query heads, as if each query head
+read its own copy: an upper bound on what a GQA group sharing reads would move):
+
+* ``keys_scored``: keys whose inner product with the query was computed to choose Omega;
+* ``meta_scored``: other vectors scored to choose Omega (IVF centroids, Quest page min/max pairs);
+* ``tokens_attended``: tokens whose K and V entered exact attention (|W| + |Omega| per head);
+* ``bytes_read``: ``4 d`` bytes per scored vector (a Quest page counts two) + ``8 d`` per attended
+  token (K and V in float32);
+* ``density``: ``tokens_attended / (Hq * n_tokens)``.
+"""
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+
+from . import _validate as V
+from .backend import resolve
+
+
+def check_kv(keys, values):
+    """Validate one layer's ``keys (Hkv, N, d)`` and ``values (Hkv, N, dv)``; float32 contiguous copies."""
+    k, v = V.as_array(keys, "keys"), V.as_array(values, "values")
+    V.check_rank(k, "keys", (3,), "(Hkv, N, d)")
+    V.check_rank(v, "values", (3,), "(Hkv, N, dv)")
+    if k.shape[:2] != v.shape[:2]:
+        raise ValueError(f"keys and values must agree on (Hkv, N): keys {tuple(k.shape[:2])}, values {tuple(v.shape[:2])}")
+    if k.shape[0] == 0 or k.shape[2] == 0:
+        raise ValueError(f"keys must have Hkv > 0 and d > 0, got shape {tuple(k.shape)}")
+    V.check_finite(k, "keys")
+    V.check_finite(v, "values")
+    return np.ascontiguousarray(k, dtype=np.float32), np.ascontiguousarray(v, dtype=np.float32)
+
+
+def check_int(x, name, lo=0):
+    if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or x < lo:
+        raise ValueError(f"{name} must be an int >= {lo}, got {x!r}")
+    return int(x)
+
+
+class SparseIndex:
+    """Base of the retrieval indexes: static window W exact, retrieved set Omega exact, LSE merge.
+
+    Subclasses set ``_IMPL`` (the module name under ``retrokv.reference`` / ``retrokv.fast``) and
+    implement ``_search(q (Hq, B, d), k) -> (local ids (Hq, B, k) padded with -1, n_scanned (Hq, B),
+    meta_scored)`` over ``self._ikeys``, the indexed keys ``(Hkv, n, d)``.
+    """
+
+    _IMPL = "baselines"
+
+    def __init__(self, keys, values, n_sink, n_recent, top_k, backend):
+        self.backend = resolve(backend)
+        self._core = importlib.import_module(f"retrokv.{self.backend}.attention")
+        self._impl = importlib.import_module(f"retrokv.{self.backend}.{self._IMPL}")
+        hkv, n, d = keys.shape
+        self.top_k = top_k
+        s = min(n_sink, n)
+        r = min(n_recent, n - s)
+        self.lo, self.hi = s, n - r                     # indexed tokens: positions [lo, hi)
+        self._ikeys = np.ascontiguousarray(keys[:, self.lo:self.hi])        # (Hkv, n_idx, d)
+        self._ivalues = np.ascontiguousarray(values[:, self.lo:self.hi])    # (Hkv, n_idx, dv)
+        # static tokens W, in a buffer with spare room so that append is amortised O(1)
+        sk = np.concatenate([keys[:, :self.lo], keys[:, self.hi:]], axis=1)  # (Hkv, S, d)
+        sv = np.concatenate([values[:, :self.lo], values[:, self.hi:]], axis=1)
+        self._ns = sk.shape[1]
+        self._sk = np.empty((hkv, max(16, 2 * self._ns), d), np.float32)
+        self._sv = np.empty((hkv, self._sk.shape[1], values.shape[2]), np.float32)
+        self._sk[:, :self._ns], self._sv[:, :self._ns] = sk, sv
+        self._static_pos = np.concatenate([np.arange(self.lo), np.arange(self.hi, n)]).astype(np.int64)
+        self.n_tokens = n
+        self.last_stats = {}
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def n_kv_heads(self):
+        return self._sk.shape[0]
+
+    @property
+    def head_dim(self):
+        return self._sk.shape[2]
+
+    @property
+    def n_indexed(self):
+        return self._ikeys.shape[1]
+
+    @property
+    def static_positions(self):
+        """Positions of the static tokens W (sink, recent, generated), ascending."""
+        return self._static_pos.copy()
+
+    # ------------------------------------------------------------------ public API
+    def append(self, k, v):
+        """Add one generated token (``k``, ``v``: ``(Hkv, d)``); it joins the static window (RA §3.3)."""
+        k, v = V.as_array(k, "k"), V.as_array(v, "v")
+        if k.shape != (self.n_kv_heads, self.head_dim) or v.shape != (self.n_kv_heads, self._sv.shape[2]):
+            raise ValueError(f"append expects k of shape {(self.n_kv_heads, self.head_dim)} and v of shape "
+                             f"{(self.n_kv_heads, self._sv.shape[2])}, got {tuple(k.shape)} and {tuple(v.shape)}")
+        V.check_finite(k, "k")
+        V.check_finite(v, "v")
+        if self._ns == self._sk.shape[1]:               # grow by doubling
+            self._sk = np.concatenate([self._sk, np.empty_like(self._sk)], axis=1)
+            self._sv = np.concatenate([self._sv, np.empty_like(self._sv)], axis=1)
+        self._sk[:, self._ns], self._sv[:, self._ns] = k, v
+        self._ns += 1
+        self._static_pos = np.append(self._static_pos, self.n_tokens)
+        self.n_tokens += 1
+
+    def search(self, q, k=None):
+        """Top-``k`` retrieval over the indexed tokens (not the static ones).
+
+        ``q``: ``(Hq, d)`` or a batch ``(Hq, B, d)``. Returns ``(ids, n_scanned)``: token positions
+        ``(Hq, k)`` / ``(Hq, B, k)`` int64, best first, padded with ``-1`` when fewer keys were
+        reached, and the number of keys scored per query ``(Hq,)`` / ``(Hq, B)``.
+        """
+        k = self.top_k if k is None else check_int(k, "k", 1)
+        q3, single = self._check_q(q, batch=True)
+        ids, scanned, _ = self._search(q3, k)
+        ids = np.where(ids >= 0, ids + self.lo, -1)
+        return (ids[:, 0], scanned[:, 0]) if single else (ids, scanned)
+
+    def attend(self, q, return_lse=False):
+        """Sparse attention for one decode step: exact over W and over the top-k retrieved, LSE-merged.
+
+        ``q (Hq, d)`` -> ``(Hq, dv)`` (and ``lse (Hq,)`` with ``return_lse=True``). Fills ``last_stats``.
+        """
+        q3, _ = self._check_q(q, batch=False)
+        q2 = q3[:, 0]
+        static = self._core.partial_attention(q2, self._sk[:, :self._ns], self._sv[:, :self._ns])
+        ids, scanned, meta = self._retrieve(q3) if self.n_indexed else (
+            np.full((q2.shape[0], 1, 0), -1, np.int64), np.zeros((q2.shape[0], 1), np.int64), 0)
+        retrieved = self._attend_ids(q2, ids[:, 0])
+        out, lse = self._core.merge_partials([static, retrieved])
+        self._record(q2.shape[0], scanned[:, 0], meta, self._ns * q2.shape[0] + int((ids >= 0).sum()))
+        return (out, lse) if return_lse else out
+
+    # ------------------------------------------------------------------ helpers
+    def _check_q(self, q, batch):
+        q = V.as_array(q, "q")
+        ranks = (2, 3) if batch else (2,)
+        V.check_rank(q, "q", ranks, "(Hq, d) or (Hq, B, d)" if batch else "(Hq, d)")
+        if q.shape[-1] != self.head_dim or q.shape[0] % self.n_kv_heads or q.shape[0] == 0:
+            raise ValueError(f"q must have shape (Hq, d) with d={self.head_dim} and Hq a positive multiple of "
+                             f"Hkv={self.n_kv_heads}, got {tuple(q.shape)}")
+        V.check_finite(q, "q")
+        single = q.ndim == 2
+        q3 = np.ascontiguousarray(q[:, None] if single else q, dtype=np.float32)
+        return q3, single
+
+    def _retrieve(self, q3):
+        """The set Omega for ``attend``: by default the top-k of :meth:`search` (Quest reads whole pages)."""
+        return self._search(q3, self.top_k)
+
+    def _attend_ids(self, q, ids):
+        """Exact partial attention of each query head over its own retrieved keys ``ids (Hq, k)``."""
+        hq = q.shape[0]
+        g = hq // self.n_kv_heads
+        kv = np.arange(hq) // g
+        valid = ids >= 0
+        if valid.all():
+            kg = self._ikeys[kv[:, None], ids]                      # (Hq, k, d): each head is its own "KV head"
+            vg = self._ivalues[kv[:, None], ids]
+            return self._core.partial_attention(q, kg, vg)
+        out = np.zeros((hq, self._ivalues.shape[2]), np.float32)
+        lse = np.full(hq, -np.inf, np.float32)
+        for h in range(hq):
+            sel = ids[h][valid[h]]
+            if len(sel):
+                o, l = self._core.partial_attention(q[h:h + 1], self._ikeys[kv[h]][None, sel], self._ivalues[kv[h]][None, sel])
+                out[h], lse[h] = o[0], l[0]
+        return out, lse
+
+    def _record(self, hq, scanned, meta, attended):
+        d = self.head_dim
+        keys_scored = int(np.sum(scanned))
+        self.last_stats = {
+            "keys_scored": keys_scored,
+            "meta_scored": int(meta),
+            "tokens_attended": int(attended),
+            "bytes_read": 4 * d * (keys_scored + int(meta)) + 8 * d * int(attended),
+            "density": attended / max(1, hq * self.n_tokens),
+        }
