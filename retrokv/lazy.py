@@ -1,0 +1,316 @@
+"""LazyAttention (arXiv 2606.04302): a document KV store reused at any position, by deferred RoPE.
+
+A :class:`DocumentStore` holds ONE physical KV copy per document, prefilled alone from position 0
+(document-local RoPE), in a paged pool of B-token blocks (§4; B = 16). :meth:`DocumentStore.request`
+lays documents out one after another (document ``d`` at logical offset ``S_d = start + sum_{e<d} L_e``,
+the question after them) and returns a :class:`LazyRequest`: a block table and the offsets. The same
+physical blocks serve every order and every position; attention re-positions them on the fly
+(:meth:`~DocumentStore.prefill_attention` rotates K blocks by ``+S_d`` inside the kernel,
+:meth:`~DocumentStore.decode_attention` de-rotates the query by ``-S_d`` once per document).
+:meth:`~DocumentStore.block_attention` is the Block-Attention baseline (materialised re-rotated copies).
+"""
+from __future__ import annotations
+
+import importlib
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _validate as V
+from .backend import resolve
+
+__all__ = ["LazyConfig", "Document", "LazyRequest", "StoreStats", "DocumentStore"]
+
+
+@dataclass(frozen=True)
+class LazyConfig:
+    """Store settings. ``block``: tokens per physical block (the paper's B = 16; documents are padded
+    to whole blocks). ``theta``/``convention``: the model's RoPE (HF Llama: ``"half"``; SmolLM2 theta 1e5).
+    ``capacity_tokens``: pool budget in tokens (whole blocks); least-recently-used documents are evicted
+    beyond it. ``None``: unbounded."""
+
+    block: int = 16
+    theta: float = 10000.0
+    convention: str = "half"
+    capacity_tokens: int | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.block, int) or self.block <= 0:
+            raise ValueError(f"block must be a positive int, got {self.block!r}")
+        if not (isinstance(self.theta, (int, float)) and self.theta > 1):
+            raise ValueError(f"theta must be a number > 1, got {self.theta!r}")
+        V.check_convention(self.convention)
+        if self.capacity_tokens is not None and (not isinstance(self.capacity_tokens, int) or self.capacity_tokens < self.block):
+            raise ValueError(f"capacity_tokens must be None or an int >= block ({self.block}), got {self.capacity_tokens!r}")
+
+
+@dataclass(frozen=True)
+class Document:
+    """One stored document: its key (the token tuple, by default), length and physical blocks."""
+
+    key: tuple
+    length: int
+    blocks: tuple                       # physical block ids, in token order
+
+
+@dataclass(frozen=True)
+class LazyRequest:
+    """A request's layout: documents in order, their logical offsets, the block table.
+
+    ``table`` rows are ``(physical block, valid tokens, document index)`` in logical order;
+    ``question_start`` is the logical position of the first token after the documents;
+    ``rotations`` is what attention rotates each document by: its offset, or 0 for a ``positioned``
+    request whose stored keys already sit at their final positions.
+    """
+
+    documents: tuple
+    offsets: np.ndarray                 # (n_docs,) int64
+    table: np.ndarray                   # (nb, 3) int64
+    question_start: int
+    rotations: np.ndarray               # (n_docs,) int64
+
+
+@dataclass
+class StoreStats:
+    """Counters: documents stored, ``put`` calls answered from the store, evictions, bytes of KV written
+    into the pool and bytes materialised by the Block-Attention baseline."""
+
+    puts: int = 0
+    reused: int = 0
+    evictions: int = 0
+    bytes_written: int = 0
+    bytes_materialized: int = 0
+
+
+class DocumentStore:
+    """Position-agnostic document KV (LazyAttention §3-4): one physical copy per document.
+
+    Args:
+        config: :class:`LazyConfig`.
+        backend: ``"reference"`` or ``"fast"`` (default: :func:`retrokv.get_backend`).
+
+    The pool's shape (layers, KV heads, head_dim) is fixed by the first :meth:`put`.
+    """
+
+    def __init__(self, config: LazyConfig | None = None, backend: str | None = None):
+        if config is None:
+            config = LazyConfig()
+        if not isinstance(config, LazyConfig):
+            raise TypeError(f"config must be a LazyConfig, got {type(config).__name__}")
+        self.config = config
+        self.backend = resolve(backend)
+        self._impl = importlib.import_module(f"retrokv.{self.backend}.lazy")
+        self._docs: OrderedDict = OrderedDict()          # key -> Document, least recently used first
+        self._free: list = []
+        self._k = self._v = None                         # (layers, Hkv, n_blocks * B, d)
+        self.stats = StoreStats()
+
+    # ---- storage -------------------------------------------------------------------------------
+    @staticmethod
+    def _key(tokens):
+        if isinstance(tokens, Document):
+            return tokens.key
+        if isinstance(tokens, tuple):
+            return tokens                                # the token tuple itself, or a caller's own key
+        arr = np.asarray(tokens)
+        if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+            raise TypeError(f"tokens must be a 1-D sequence of ints, got {arr.dtype} array of shape {arr.shape}")
+        return tuple(int(t) for t in arr)
+
+    def _check_kv(self, keys, values):
+        keys, values = V.as_array(keys, "keys"), V.as_array(values, "values")
+        keys = np.asarray(keys, np.float32)
+        values = np.asarray(values, np.float32)
+        if keys.ndim == 3 and values.ndim == 3:          # one layer
+            keys, values = keys[None], values[None]
+        V.check_rank(keys, "keys", (4,), "(layers, Hkv, L, d) or (Hkv, L, d)")
+        V.check_rank(values, "values", (4,), "(layers, Hkv, L, dv) like keys")
+        if keys.shape[:3] != values.shape[:3]:
+            raise ValueError(f"keys and values must agree on (layers, Hkv, L): got {keys.shape[:3]} and {values.shape[:3]}")
+        if keys.shape[-1] % 2:
+            raise ValueError(f"keys must have an even head_dim for RoPE, got {keys.shape[-1]}")
+        V.check_finite(keys, "keys")
+        V.check_finite(values, "values")
+        if self._k is not None:
+            want = (self._k.shape[0], self._k.shape[1], self._k.shape[3], self._v.shape[3])
+            got = (keys.shape[0], keys.shape[1], keys.shape[3], values.shape[3])
+            if got != want:
+                raise ValueError(f"(layers, Hkv, d, dv) = {got} differs from the store's {want}")
+        return keys, values
+
+    def _allocate(self, n_blocks, shape):
+        """Take ``n_blocks`` free physical blocks, evicting LRU documents or growing the pool."""
+        cap = self.config.capacity_tokens
+        limit = None if cap is None else cap // self.config.block
+        if limit is not None and n_blocks > limit:
+            raise ValueError(f"a document of {n_blocks} blocks exceeds capacity_tokens={cap}")
+        while limit is not None and self.n_blocks_used + n_blocks > limit:
+            _, old = self._docs.popitem(last=False)
+            self._free.extend(old.blocks)
+            self.stats.evictions += 1
+        if len(self._free) < n_blocks:
+            have = 0 if self._k is None else self._k.shape[2] // self.config.block
+            new = max(2 * have, have + n_blocks - len(self._free), 4)
+            if limit is not None:
+                new = max(min(new, limit), have + n_blocks - len(self._free))
+            self._grow(new, shape)
+        self._free.sort(reverse=True)                    # low block ids first: a fresh pool stays contiguous
+        return tuple(self._free.pop() for _ in range(n_blocks))
+
+    def _grow(self, n_blocks, shape):
+        layers, hkv, d, dv = shape
+        rows = n_blocks * self.config.block
+        k = np.zeros((layers, hkv, rows, d), np.float32)
+        v = np.zeros((layers, hkv, rows, dv), np.float32)
+        have = 0
+        if self._k is not None:
+            have = self._k.shape[2]
+            k[:, :, :have], v[:, :, :have] = self._k, self._v
+        self._free.extend(range(have // self.config.block, n_blocks))
+        self._k, self._v = k, v
+
+    def put(self, tokens, keys, values, key=None) -> Document:
+        """Store a document prefilled alone from position 0; a document already stored is reused as is.
+
+        Args:
+            tokens: the document's token ids (its identity; ``len(tokens)`` must equal L).
+            keys: ``(layers, Hkv, L, d)`` or ``(Hkv, L, d)`` post-RoPE keys at positions ``0 .. L-1``.
+            values: same shape as ``keys`` (last axis ``dv``).
+            key: an optional hashable identity to use instead of the token tuple.
+        """
+        key = self._key(tokens) if key is None else key
+        self.stats.puts += 1
+        if key in self._docs:
+            self.stats.reused += 1
+            self._docs.move_to_end(key)
+            return self._docs[key]
+        keys, values = self._check_kv(keys, values)
+        length = keys.shape[2]
+        if len(np.asarray(tokens).reshape(-1)) != length:
+            raise ValueError(f"keys hold L={length} tokens but tokens has {len(np.asarray(tokens).reshape(-1))}")
+        b = self.config.block
+        blocks = self._allocate(-(-length // b), (keys.shape[0], keys.shape[1], keys.shape[3], values.shape[3]))
+        for i, phys in enumerate(blocks):
+            n = min(b, length - i * b)
+            self._k[:, :, phys * b:phys * b + n] = keys[:, :, i * b:i * b + n]
+            self._v[:, :, phys * b:phys * b + n] = values[:, :, i * b:i * b + n]
+        doc = Document(key=key, length=length, blocks=blocks)
+        self._docs[key] = doc
+        self.stats.bytes_written += keys.nbytes + values.nbytes
+        return doc
+
+    def get(self, tokens):
+        """The stored :class:`Document` for ``tokens`` (or a key), or ``None``; marks it recently used."""
+        key = self._key(tokens)
+        doc = self._docs.get(key)
+        if doc is not None:
+            self._docs.move_to_end(key)
+        return doc
+
+    def __contains__(self, tokens):
+        return self._key(tokens) in self._docs
+
+    def __len__(self):
+        return len(self._docs)
+
+    @property
+    def n_blocks_used(self):
+        return sum(len(d.blocks) for d in self._docs.values())
+
+    @property
+    def nbytes(self):
+        """Bytes of KV held for the stored documents (valid tokens only, all layers, K and V)."""
+        if self._k is None:
+            return 0
+        per_token = self._k.shape[0] * self._k.shape[1] * (self._k.shape[3] + self._v.shape[3]) * 4
+        return per_token * sum(d.length for d in self._docs.values())
+
+    def position_aware_nbytes(self, requests):
+        """Bytes a position-aware cache (one copy per distinct (document, offset)) needs to serve ``requests``."""
+        if self._k is None:
+            return 0
+        per_token = self._k.shape[0] * self._k.shape[1] * (self._k.shape[3] + self._v.shape[3]) * 4
+        seen = {(d.key, int(o)): d.length for r in requests for d, o in zip(r.documents, r.offsets)}
+        return per_token * sum(seen.values())
+
+    # ---- requests and attention ------------------------------------------------------------------
+    def request(self, documents, start=0, positioned=False) -> LazyRequest:
+        """Lay out stored documents in order from logical position ``start`` (e.g. after a preamble).
+
+        ``documents``: token sequences, keys or :class:`Document` objects, all stored. With
+        ``positioned=True`` the stored keys already carry their final positions (a position-aware
+        cache of materialised copies): offsets are still reported but no rotation is applied.
+        """
+        if not isinstance(start, (int, np.integer)) or start < 0:
+            raise ValueError(f"start must be a non-negative int, got {start!r}")
+        docs, offsets, rows = [], [], []
+        pos = int(start)
+        for i, item in enumerate(documents):
+            doc = self.get(item)
+            if doc is None:
+                raise KeyError(f"documents[{i}] is not in the store (put it first)")
+            docs.append(doc)
+            offsets.append(pos)
+            b = self.config.block
+            rows += [(phys, min(b, doc.length - j * b), i) for j, phys in enumerate(doc.blocks)]
+            pos += doc.length
+        table = np.asarray(rows, dtype=np.int64).reshape(-1, 3)
+        offs = np.asarray(offsets, dtype=np.int64)
+        return LazyRequest(documents=tuple(docs), offsets=offs, table=table, question_start=pos,
+                           rotations=np.zeros_like(offs) if positioned else offs)
+
+    def _run(self, fn, request, q, k, v, layer, decode):
+        if not isinstance(request, LazyRequest):
+            raise TypeError(f"request must be a LazyRequest from DocumentStore.request, got {type(request).__name__}")
+        q, k, v = V.check_qkv(q, k, v)
+        if (q.ndim == 2) != decode:
+            raise ValueError(f"q must have shape {'(Hq, d)' if decode else '(Hq, T, d)'}, got {tuple(q.shape)}")
+        if not decode and q.shape[1] > k.shape[1]:
+            raise ValueError(f"the tail must hold the T={q.shape[1]} query tokens, got M={k.shape[1]} keys")
+        c = self.config
+        if self._k is None:                              # nothing stored yet: the tail alone
+            if len(request.table):
+                raise ValueError("request refers to documents but the store is empty")
+            pool_k = np.zeros((k.shape[0], 0, k.shape[2]), np.float32)
+            pool_v = np.zeros((v.shape[0], 0, v.shape[2]), np.float32)
+        else:
+            if not isinstance(layer, (int, np.integer)) or not 0 <= layer < self._k.shape[0]:
+                raise ValueError(f"layer must be in [0, {self._k.shape[0]}), got {layer!r}")
+            if (k.shape[0], k.shape[2], v.shape[2]) != (self._k.shape[1], self._k.shape[3], self._v.shape[3]):
+                raise ValueError(f"k/v (Hkv, d, dv) = {(k.shape[0], k.shape[2], v.shape[2])} differ from the "
+                                 f"store's {(self._k.shape[1], self._k.shape[3], self._v.shape[3])}")
+            pool_k, pool_v = self._k[layer], self._v[layer]
+        return fn(np.asarray(q, np.float32), np.asarray(k, np.float32), np.asarray(v, np.float32),
+                  pool_k, pool_v, request.table, request.rotations, c.block, c.theta, c.convention)
+
+    def prefill_attention(self, request, q, k, v, layer=0):
+        """Lazy prefill: ``q (Hq, T, d)`` at logical positions attends to every document (keys rotated
+        by their offset inside the loop, §4) and causally to the tail ``k, v (Hkv, M, d)``, M >= T,
+        whose last T tokens are the queries. Returns ``(Hq, T, dv)``."""
+        return self._run(self._impl.lazy_prefill_attention, request, q, k, v, layer, False)[0]
+
+    def decode_attention(self, request, q, k, v, layer=0):
+        """Lazy decode: ``q (Hq, d)`` de-rotated once per document (``R(-S_d) q``, §4) against the stored
+        keys, plus every tail token ``k, v (Hkv, M, d)`` (M may be 0). Returns ``(Hq, dv)``."""
+        return self._run(self._impl.lazy_decode_attention, request, q, k, v, layer, True)[0]
+
+    def block_attention(self, request, q, k, v, layer=0):
+        """Block-Attention baseline: materialise re-rotated copies, then ordinary attention; ``q`` is
+        ``(Hq, T, d)`` (causal tail) or ``(Hq, d)``. Equal to the lazy methods up to float rounding."""
+        self.stats.bytes_materialized += self._materialized_bytes(request)
+        return self._run(self._impl.block_attention, request, q, k, v, layer, np.ndim(q) == 2)[0]
+
+    def materialize(self, request, layer=0):
+        """Block-Attention's copies for one layer: ``(k (Hkv, L, d), v (Hkv, L, dv))`` at logical positions."""
+        if self._k is None or not 0 <= layer < self._k.shape[0]:
+            raise ValueError(f"layer must index a stored layer, got {layer!r}")
+        self.stats.bytes_materialized += self._materialized_bytes(request)
+        c = self.config
+        offsets = request.rotations
+        return self._impl.materialize(self._k[layer], self._v[layer], request.table, offsets, c.block,
+                                      c.theta, c.convention)
+
+    def _materialized_bytes(self, request):
+        n = int(request.table[:, 1].sum()) if len(request.table) else 0
+        return 0 if self._k is None else n * self._k.shape[1] * (self._k.shape[3] + self._v.shape[3]) * 4
