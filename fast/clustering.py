@@ -1,0 +1,111 @@
+"""Segmented spherical k-means, fast path: same names, same clusters as ``reference/clustering.py``.
+
+The assignment step is a matrix product (keys x centroids), so it stays on NumPy's BLAS ``sgemm``
+with exactly the shapes the reference uses (which is also why the clusters match bit for bit). What
+Numba replaces is everything around it, which in NumPy is single-threaded and memory-bound:
+
+* the row-wise argmax of the score matrix (parallel over rows);
+* the centroid update: a counting sort of the tokens by cluster (the inverted lists come out of it
+  for free), then float64 sums per cluster in token order, parallel over clusters;
+* the final pass's key sums, value sums and sizes in one sweep.
+
+``plan_clusters``, ``segment_bounds``, ``kmeans_flops`` and the small (clusters x d) normalisation
+are not hot and are imported from the reference.
+"""
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+
+from retrokv.reference.clustering import (Clusters, _normalise, kmeans_flops, plan_clusters,  # not hot
+                                          segment_bounds)
+
+from ._dispatch import require_numpy
+
+__all__ = ["Clusters", "plan_clusters", "segment_bounds", "segmented_kmeans", "kmeans_flops"]
+
+
+@nb.njit(parallel=True, cache=True)
+def _argmax_rows(s):
+    """First index of each row's maximum, as ``np.argmax(s, axis=1)``."""
+    n, c = s.shape
+    out = np.empty(n, dtype=np.int64)
+    for i in nb.prange(n):
+        best = 0
+        bv = s[i, 0]
+        for j in range(1, c):
+            if s[i, j] > bv:
+                bv = s[i, j]
+                best = j
+        out[i] = best
+    return out
+
+
+@nb.njit(cache=True)
+def _counting_sort(assign, n_clusters):
+    """Stable counting sort of tokens by cluster: ``(order, offsets, counts)``."""
+    counts = np.zeros(n_clusters, dtype=np.int64)
+    for a in assign:
+        counts[a] += 1
+    offsets = np.zeros(n_clusters + 1, dtype=np.int64)
+    for i in range(n_clusters):
+        offsets[i + 1] = offsets[i] + counts[i]
+    fill = offsets[:-1].copy()
+    order = np.empty(assign.shape[0], dtype=np.int64)
+    for t in range(assign.shape[0]):
+        a = assign[t]
+        order[fill[a]] = t
+        fill[a] += 1
+    return order, offsets, counts
+
+
+@nb.njit(parallel=True, cache=True)
+def _sums_by_cluster(x, order, offsets):
+    """Float64 sum of the rows of each cluster, members in token order (matches a scatter-add)."""
+    c = offsets.shape[0] - 1
+    d = x.shape[1]
+    sums = np.zeros((c, d), dtype=np.float64)
+    for i in nb.prange(c):
+        for p in range(offsets[i], offsets[i + 1]):
+            t = order[p]
+            for j in range(d):
+                sums[i, j] += np.float64(x[t, j])
+    return sums
+
+
+def segmented_kmeans(keys, values, n_clusters, n_segments, iters=10):
+    """Same contract and results as :func:`retrokv.reference.clustering.segmented_kmeans`."""
+    require_numpy("segmented_kmeans", keys, values)
+    keys = np.ascontiguousarray(keys, dtype=np.float32)
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    m, d = keys.shape
+    dv = values.shape[1]
+    if m == 0 or n_clusters == 0:
+        return Clusters(np.zeros((0, d), np.float32), np.zeros((0, dv), np.float32), np.zeros(0, np.int64),
+                        np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64))
+    per_seg = n_clusters // n_segments
+    mean = keys.astype(np.float64).mean(axis=0).astype(np.float32)   # (d,)
+    x = keys - mean                                                   # (M, d) centred keys
+    bounds = segment_bounds(m, n_segments)
+
+    cents = []
+    for s in range(n_segments):
+        xs = x[bounds[s]:bounds[s + 1]]                               # (L, d)
+        init = (np.arange(per_seg) * len(xs)) // per_seg
+        c = _normalise(xs[init].astype(np.float64), xs[init])          # (c, d)
+        for _ in range(iters - 1):
+            a = _argmax_rows(xs @ c.T)                                 # BLAS scores, parallel argmax
+            order, offsets, counts = _counting_sort(a, per_seg)
+            sums = _sums_by_cluster(xs, order, offsets)
+            c = np.where(counts[:, None] > 0, _normalise(sums, c), c)
+        cents.append(c)
+    cent = np.concatenate(cents)                                      # (C, d)
+
+    assign = np.concatenate([_argmax_rows(x[bounds[s]:bounds[s + 1]] @ cent.T)
+                             for s in range(n_segments)])             # (M,)
+    order, offsets, sizes = _counting_sort(assign, n_clusters)
+    key_sums = _sums_by_cluster(keys, order, offsets)
+    value_sums = _sums_by_cluster(values, order, offsets)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        centroids = np.where(sizes[:, None] > 0, key_sums / sizes[:, None], 0.0).astype(np.float32)
+    return Clusters(centroids, value_sums.astype(np.float32), sizes, offsets, order, assign)
