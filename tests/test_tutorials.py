@@ -1,0 +1,22 @@
+"""Every tutorial runs, top to bottom, at small size; the executed notebooks feed the docs build."""
+from __future__ import annotations
+
+import glob
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tutorials"))
+TUTORIALS = sorted(glob.glob(os.path.join(ROOT, "tutorials", "[0-9]*.py")))
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("path", TUTORIALS, ids=[os.path.basename(p) for p in TUTORIALS])
+def test_tutorial_runs(path):
+    pytest.importorskip("nbclient")
+    from run import execute
+
+    out = execute(path, os.path.join(ROOT, "docs", "tutorials"), small=True)
+    assert os.path.getsize(out) > 0
