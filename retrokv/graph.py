@@ -1,0 +1,145 @@
+"""RetrievalAttention (arXiv 2409.10516): the attention-aware graph index, as a decode-time KV index.
+
+::
+
+    graph = GraphIndex.build(keys, values, prefill_queries, config=GraphConfig(), backend="fast")
+    ids, n_scanned = graph.search(q, k=100)     # (Hq, k) token positions, keys scored per head
+    out = graph.attend(q)                       # static tokens + top-k retrieved, merged by LSE
+    graph.append(k, v)                          # generated tokens join the static window
+
+One graph per query head (RA §3.2: the heads of a GQA group have different query distributions)
+over the keys its KV head shares with the group. The first ``n_sink`` and last ``n_recent`` prompt
+tokens are static (attended exactly, RA §3.3: 128 + 512) and not indexed. Algorithms:
+:mod:`retrokv.reference.graph_index` (readable) and :mod:`retrokv.fast.graph_index` (Numba).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _validate as V
+from ._sparse import SparseIndex, check_int, check_kv
+
+__all__ = ["GraphConfig", "GraphIndex"]
+
+
+@dataclass(frozen=True)
+class GraphConfig:
+    """Parameters of the graph index. Paper defaults where given, RoarGraph's otherwise.
+
+    Attributes:
+        n_sink, n_recent: static tokens, attended exactly (RA §3.3: 128 initial + 512 recent).
+        top_k: keys retrieved per head at decode (RA §4: 100).
+        n_query_neighbors: exact nearest keys per prefill query used by the projection (RoarGraph: 100).
+        max_degree: out-degree bound M (RoarGraph: 35).
+        pool_cap: candidates considered per target before pruning (RoarGraph's build list L: 500).
+        search_L: candidate-list length of the beam search (at least ``top_k``); chosen by
+            ``benchmarks/ood_recall.py`` for recall@100 >= 0.95 on SmolLM2 (see docs/graph_index.md).
+        metric: distance used by the occlusion pruning, ``"ip"`` (negative inner product, the MIPS
+            metric RoarGraph uses for inner-product data) or ``"l2"``.
+        enhance: add nearest-key edges to free slots (RoarGraph's connectivity enhancement).
+    """
+    n_sink: int = 128
+    n_recent: int = 512
+    top_k: int = 100
+    n_query_neighbors: int = 100
+    max_degree: int = 35
+    pool_cap: int = 500
+    search_L: int = 150
+    metric: str = "ip"
+    enhance: bool = True
+
+    def __post_init__(self):
+        for name in ("top_k", "n_query_neighbors", "max_degree", "pool_cap", "search_L"):
+            check_int(getattr(self, name), f"GraphConfig.{name}", 1)
+        for name in ("n_sink", "n_recent"):
+            check_int(getattr(self, name), f"GraphConfig.{name}", 0)
+        if self.n_query_neighbors < 2:
+            raise ValueError(f"GraphConfig.n_query_neighbors must be >= 2 (a target and a candidate), "
+                             f"got {self.n_query_neighbors}")
+        if self.metric not in ("ip", "l2"):
+            raise ValueError(f"GraphConfig.metric must be 'ip' or 'l2', got {self.metric!r}")
+        if not isinstance(self.enhance, bool):
+            raise TypeError(f"GraphConfig.enhance must be a bool, got {type(self.enhance).__name__}")
+
+
+class GraphIndex(SparseIndex):
+    """RetrievalAttention's index for one layer: ``adj (Hq, n, M)`` graphs over the indexed keys.
+
+    Attributes: ``adj`` (``-1``-padded out-neighbours, local ids), ``entry (Hq,)``, ``config``,
+    ``lo``/``hi`` (indexed positions ``[lo, hi)``), ``last_stats`` (see :mod:`retrokv._sparse`).
+    """
+
+    _IMPL = "graph_index"
+
+    @classmethod
+    def build(cls, keys, values, prefill_queries, config=None, backend=None, **overrides):
+        """Build from one layer's ``keys``/``values (Hkv, N, d)`` and ``prefill_queries (Hq, Tq, d)``.
+
+        ``config`` fields may be overridden by keyword (``GraphIndex.build(k, v, q, search_L=200)``).
+        """
+        if config is None:
+            config = GraphConfig()
+        elif not isinstance(config, GraphConfig):
+            raise TypeError(f"config must be a GraphConfig, got {type(config).__name__}")
+        if overrides:
+            names = {f.name for f in dataclasses.fields(GraphConfig)}
+            if set(overrides) - names:
+                raise TypeError(f"unknown GraphConfig field(s) {sorted(set(overrides) - names)}")
+            config = dataclasses.replace(config, **overrides)
+        keys, values = check_kv(keys, values)
+        pq = V.as_array(prefill_queries, "prefill_queries")
+        V.check_rank(pq, "prefill_queries", (3,), "(Hq, Tq, d)")
+        hkv, _, d = keys.shape
+        if pq.shape[2] != d or pq.shape[0] == 0 or pq.shape[0] % hkv:
+            raise ValueError(f"prefill_queries must have shape (Hq, Tq, {d}) with Hq a positive multiple of "
+                             f"Hkv={hkv}, got {tuple(pq.shape)}")
+        V.check_finite(pq, "prefill_queries")
+        pq = np.ascontiguousarray(pq, dtype=np.float32)
+
+        self = cls(keys, values, config.n_sink, config.n_recent, config.top_k, backend)
+        self.config = config
+        self.search_L = config.search_L
+        hq, m = pq.shape[0], config.max_degree
+        g = hq // hkv
+        n = self.n_indexed
+        self.adj = np.full((hq, n, m), -1, dtype=np.int64)                      # (Hq, n, M)
+        self.entry = np.zeros(hq, dtype=np.int64)
+        impl = self._impl
+        for kv in range(hkv if n else 0):
+            knbrs = impl.key_neighbors(self._ikeys[kv], m)                       # shared by the group
+            for h in range(kv * g, (kv + 1) * g):
+                self.adj[h], self.entry[h] = impl.build_graph(
+                    pq[h], self._ikeys[kv], config.n_query_neighbors, m, config.pool_cap, config.metric,
+                    enhance_edges=config.enhance, knbrs=knbrs)
+        return self
+
+    @property
+    def n_query_heads(self):
+        return self.adj.shape[0]
+
+    def degrees(self):
+        """Out-degree of every node of every head's graph: ``(Hq, n)``."""
+        return (self.adj >= 0).sum(-1)
+
+    def search(self, q, k=None, L=None):
+        """Greedy beam search (RA §3.3) with candidate list ``L`` (default ``config.search_L``).
+
+        ``q (Hq, d)`` or ``(Hq, B, d)``; returns ``(ids, n_scanned)`` as :meth:`SparseIndex.search`.
+        """
+        saved = self.search_L
+        if L is not None:
+            self.search_L = check_int(L, "L", 1)
+        try:
+            return super().search(q, k)
+        finally:
+            self.search_L = saved
+
+    def _search(self, q3, k):
+        if q3.shape[0] != self.n_query_heads:
+            raise ValueError(f"q has {q3.shape[0]} heads but the index was built with {self.n_query_heads} "
+                             "query heads (one graph per query head)")
+        ids, scanned = self._impl.graph_search(q3, self._ikeys, self.adj, self.entry, k, max(self.search_L, k))
+        return ids, scanned, 0
