@@ -1,0 +1,231 @@
+"""RetroInfer's wave index, fast path: same names and results as ``reference/wave_index.py``.
+
+One decode step touches a small fraction of the KV cache, so every stage is written to read as
+little memory as possible, once:
+
+* centroid scoring: a matmul-like kernel over the contiguous ``(Hkv, C, d)`` centroid array, the
+  G query heads of a group sharing each centroid load; empty clusters get ``-inf``;
+* ranking: softmax per query head summed over the group, then ``argpartition`` (linear time)
+  instead of a full sort; only the selected clusters are sorted, to keep the rank order;
+* retrieval: the clusters are contiguous ranges of the cluster-sorted KV copy, so filling the
+  execution buffer ``[steady | retrieved]`` is a parallel block copy; the exact attention over it
+  is the core's :func:`partial_attention`;
+* estimation: one weighted pass over the chosen centroid scores and value sums (the size weights
+  only the denominator), producing an ``(out, lse)`` partial merged by :func:`merge_partials`.
+
+Building the index (clustering, layout) is in :mod:`retrokv.fast.clustering`; the small
+bookkeeping helpers (``empty_meta``, ``concat_meta``, ``estimation_as_pseudo_tokens``) are not hot and
+are imported from the reference.
+"""
+from __future__ import annotations
+
+import math
+
+import numba as nb
+import numpy as np
+
+from retrokv.reference.wave_index import (ExecBuffer, MetaIndex, Zones, concat_meta, empty_meta,  # not hot
+                                          estimation_as_pseudo_tokens)
+
+from ._dispatch import require_numpy
+from .attention import merge_partials, partial_attention
+from .clustering import segmented_kmeans
+
+__all__ = ["MetaIndex", "ExecBuffer", "Zones", "empty_meta", "build_meta_index", "concat_meta",
+           "rank_clusters", "select_zones", "gather_execution_buffer", "estimate_partial",
+           "estimation_as_pseudo_tokens", "tripartite_attention"]
+
+_FLAGS = {"reassoc", "contract", "nsz", "arcp"}   # vectorise dot products; keep inf semantics
+_CHUNK = 256                                      # centroids per work item
+
+
+@nb.njit(parallel=True, cache=True)
+def _take_rows(x, order):
+    """``x[order]`` for a 2-D float32 array, in parallel (the cluster-sorted KV copy)."""
+    out = np.empty((order.shape[0], x.shape[1]), dtype=x.dtype)
+    for i in nb.prange(order.shape[0]):
+        out[i] = x[order[i]]
+    return out
+
+
+def build_meta_index(keys, values, positions, n_clusters, n_segments, iters=10):
+    """Same contract as :func:`retrokv.reference.wave_index.build_meta_index`."""
+    require_numpy("build_meta_index", keys, values)
+    hkv, m, d = keys.shape
+    dv = values.shape[2]
+    if m == 0 or n_clusters == 0:
+        return empty_meta(hkv, d, dv)
+    positions = np.asarray(positions, dtype=np.int64)
+    cent, vs, sizes, offs, sk, sv, ids = [], [], [], [], [], [], []
+    for h in range(hkv):
+        kh, vh = np.ascontiguousarray(keys[h], np.float32), np.ascontiguousarray(values[h], np.float32)
+        c = segmented_kmeans(kh, vh, n_clusters, n_segments, iters)
+        cent.append(c.centroids), vs.append(c.value_sums), sizes.append(c.sizes), offs.append(c.offsets)
+        sk.append(_take_rows(kh, c.order)), sv.append(_take_rows(vh, c.order)), ids.append(positions[c.order])
+    return MetaIndex(*(np.stack(x) for x in (cent, vs, sizes, offs, sk, sv, ids)))
+
+
+@nb.njit(parallel=True, cache=True, fastmath=_FLAGS)
+def _centroid_scores(qb, cent, sizes, scale):
+    hkv, g, d = qb.shape
+    c = cent.shape[1]
+    scores = np.empty((hkv, g, c), dtype=np.float32)
+    n_chunks = (c + _CHUNK - 1) // _CHUNK
+    for item in nb.prange(hkv * n_chunks):
+        h = item // n_chunks
+        c0 = (item % n_chunks) * _CHUNK
+        acc = np.empty(g, dtype=np.float32)
+        for i in range(c0, min(c0 + _CHUNK, c)):
+            if sizes[h, i] == 0:
+                for r in range(g):
+                    scores[h, r, i] = -np.inf
+                continue
+            for r in range(g):
+                acc[r] = 0.0
+            for x in range(d):
+                cx = cent[h, i, x]          # one load serves the whole GQA group
+                for r in range(g):
+                    acc[r] += qb[h, r, x] * cx
+            for r in range(g):
+                scores[h, r, i] = acc[r] * scale
+    return scores
+
+
+@nb.njit(parallel=True, cache=True)
+def _gqa_rank(scores):
+    hkv, g, c = scores.shape
+    rank = np.zeros((hkv, c), dtype=np.float32)
+    for h in nb.prange(hkv):
+        for r in range(g):
+            m = -np.inf
+            for i in range(c):
+                m = max(m, scores[h, r, i])
+            if m == -np.inf:
+                continue
+            z = 0.0
+            for i in range(c):
+                z += math.exp(scores[h, r, i] - m)
+            inv = 1.0 / z
+            for i in range(c):
+                rank[h, i] += np.float32(math.exp(scores[h, r, i] - m) * inv)
+    return rank
+
+
+def rank_clusters(q, centroids, sizes, scale):
+    """Same contract as :func:`retrokv.reference.wave_index.rank_clusters`; Numba kernels."""
+    hkv, c, d = centroids.shape
+    qb = np.ascontiguousarray(q.reshape(hkv, -1, d), dtype=np.float32)   # (Hkv, G, d)
+    scores = _centroid_scores(qb, centroids, sizes, np.float32(scale))    # (Hkv, G, C)
+    return scores, _gqa_rank(scores)
+
+
+def select_zones(rank, n_retrieve, n_estimate):
+    """Same contract as the reference: top ``n_retrieve + n_estimate`` by partition, then sorted."""
+    hkv, c = rank.shape
+    top = min(c, n_retrieve + n_estimate)
+    if top == 0:
+        return np.zeros((hkv, 0), np.int64), np.zeros((hkv, 0), np.int64)
+    cand = np.argpartition(-rank, top - 1, axis=1)[:, :top] if top < c else np.tile(np.arange(c), (hkv, 1))
+    cand = np.sort(cand, axis=1)                      # ties then resolve by cluster id, as a stable sort does
+    order = np.argsort(-np.take_along_axis(rank, cand, axis=1), axis=1, kind="stable")
+    best = np.take_along_axis(cand, order, axis=1).astype(np.int64)
+    return best[:, :n_retrieve], best[:, n_retrieve:top]
+
+
+@nb.njit(parallel=True, cache=True)
+def _fill(bk, bv, bids, steady_k, steady_v, steady_ids, mk, mv, mids, offsets, retrieval, starts):
+    hkv, s = steady_k.shape[0], steady_k.shape[1]
+    r = retrieval.shape[1]
+    for item in nb.prange(hkv * (r + 1)):
+        h = item // (r + 1)
+        j = item % (r + 1)
+        if j == r:                                    # the steady zone
+            for t in range(s):
+                bk[h, t] = steady_k[h, t]
+                bv[h, t] = steady_v[h, t]
+                bids[h, t] = steady_ids[t]
+            continue
+        i = retrieval[h, j]
+        a, b = offsets[h, i], offsets[h, i + 1]
+        dst = starts[h, j]
+        for t in range(a, b):
+            bk[h, dst + t - a] = mk[h, t]
+            bv[h, dst + t - a] = mv[h, t]
+            bids[h, dst + t - a] = mids[h, t]
+
+
+def gather_execution_buffer(meta, steady_k, steady_v, steady_ids, retrieval):
+    """Same contract as the reference; the clusters are copied as contiguous blocks in parallel."""
+    hkv, s, d = steady_k.shape
+    dv = steady_v.shape[2]
+    sizes = np.take_along_axis(meta.sizes, retrieval, axis=1)              # (Hkv, r)
+    ends = s + np.cumsum(sizes, axis=1)
+    starts = np.ascontiguousarray(ends - sizes)
+    lengths = (ends[:, -1] if retrieval.shape[1] else np.full(hkv, s)).astype(np.int64)
+    width = int(lengths.max(initial=0))
+    bk = np.zeros((hkv, width, d), np.float32)
+    bv = np.zeros((hkv, width, dv), np.float32)
+    bids = np.zeros((hkv, width), np.int64)
+    _fill(bk, bv, bids, steady_k, steady_v, steady_ids, meta.keys, meta.values, meta.ids, meta.offsets,
+          np.ascontiguousarray(retrieval), starts)
+    return ExecBuffer(bk, bv, bids, lengths)
+
+
+@nb.njit(parallel=True, cache=True, fastmath=_FLAGS)
+def _estimate(scores, sizes, value_sums, est):
+    hkv, g, _ = scores.shape
+    dv = value_sums.shape[2]
+    e = est.shape[1]
+    out = np.zeros((hkv, g, dv), dtype=np.float32)
+    lse = np.full((hkv, g), -np.inf, dtype=np.float32)
+    for h in nb.prange(hkv):
+        m = np.full(g, -np.inf, dtype=np.float32)
+        for j in range(e):
+            for r in range(g):
+                m[r] = max(m[r], scores[h, r, est[h, j]])
+        den = np.zeros(g, dtype=np.float32)
+        w = np.empty(g, dtype=np.float32)
+        for j in range(e):
+            i = est[h, j]
+            if sizes[h, i] == 0:
+                continue
+            for r in range(g):
+                w[r] = np.float32(math.exp(scores[h, r, i] - m[r]))
+                den[r] += w[r] * np.float32(sizes[h, i])   # the size weights the denominator only
+            for x in range(dv):
+                vx = value_sums[h, i, x]
+                for r in range(g):
+                    out[h, r, x] += w[r] * vx
+        for r in range(g):
+            if den[r] > 0:
+                for x in range(dv):
+                    out[h, r, x] /= den[r]
+                lse[h, r] = m[r] + np.float32(math.log(den[r]))
+    return out, lse
+
+
+def estimate_partial(scores, sizes, value_sums, estimation):
+    """Same contract as :func:`retrokv.reference.wave_index.estimate_partial`; one weighted pass."""
+    hkv, g, _ = scores.shape
+    out, lse = _estimate(scores, sizes, value_sums, np.ascontiguousarray(estimation, dtype=np.int64))
+    return out.reshape(hkv * g, -1), lse.reshape(hkv * g)
+
+
+def tripartite_attention(q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_estimate, scale=None,
+                         gather=None):
+    """Same contract as :func:`retrokv.reference.wave_index.tripartite_attention`."""
+    require_numpy("tripartite_attention", q, steady_k, steady_v)
+    hkv, _, d = steady_k.shape
+    g = q.shape[0] // hkv
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    scores, rank = rank_clusters(q, meta.centroids, meta.sizes, scale)      # (Hkv, G, C), (Hkv, C)
+    retrieval, estimation = select_zones(rank, n_retrieve, n_estimate)
+    buf = gather(retrieval) if gather is not None else \
+        gather_execution_buffer(meta, steady_k, steady_v, steady_ids, retrieval)
+    exact = [partial_attention(q[h * g:(h + 1) * g], buf.keys[h:h + 1, :buf.lengths[h]],
+                               buf.values[h:h + 1, :buf.lengths[h]], scale=scale) for h in range(hkv)]
+    exact = (np.concatenate([o for o, _ in exact]), np.concatenate([l for _, l in exact]))   # (Hq, dv), (Hq,)
+    est = estimate_partial(scores, meta.sizes, meta.value_sums, estimation)
+    out, lse = merge_partials([exact, est])
+    zones = Zones(retrieval, estimation, [buf.ids[h, :buf.lengths[h]] for h in range(hkv)])
+    return out, lse, zones

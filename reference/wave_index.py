@@ -1,0 +1,227 @@
+"""RetroInfer's wave index: meta index, tripartite attention and accuracy-bounded estimation (NumPy).
+
+RetroInfer (arXiv 2505.02922, §4.1-4.2) splits the context of every KV head into three zones for
+one decode query ``q``:
+
+* **steady zone**: the first 4 tokens (attention sinks) and the recent window; always exact;
+* **retrieval zone**: the clusters whose centroids score highest (1.8% of the clusters); their
+  keys and values are read in full and attended exactly;
+* **estimation zone**: the next 23.2% of clusters; each one's contribution is *estimated* from its
+  centroid ``C_i``, size ``s_i`` and value sum ``VS_i`` alone (Eq. 2):
+
+      a~_i = exp(q.C_i) / (sum_exact exp(q.k_j) + sum_est s_j exp(q.C_j)),    o_est = sum_i a~_i VS_i
+
+  so the cluster size weights only the denominator. Because ``C_i`` is the plain mean of the
+  cluster's keys, Jensen's inequality gives ``s_i exp(q.C_i) <= sum_{j in i} exp(q.k_j)`` (Eq. 3):
+  the estimate never over-counts a cluster's exp-mass.
+
+Clusters outside both zones are dropped. Clusters are ranked by the softmax of the centroid scores,
+summed over the query heads of a GQA group (one ranking, hence one set of zones, per KV head).
+The exact part (steady + retrieval) and the estimate are combined by the log-sum-exp merge
+(RetroInfer's weighted flash-decoding; RetrievalAttention App. B).
+
+Layout (the wave buffer's host tier uses the same one): every KV head keeps a copy of its indexed
+keys and values *sorted by cluster*, so cluster ``i`` is the contiguous range
+``offsets[i]:offsets[i + 1]``; ``ids`` maps each row back to its token position.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from .attention import merge_partials, partial_attention
+from .clustering import segmented_kmeans
+
+__all__ = ["MetaIndex", "ExecBuffer", "Zones", "empty_meta", "build_meta_index", "concat_meta",
+           "rank_clusters", "select_zones", "gather_execution_buffer", "estimate_partial",
+           "estimation_as_pseudo_tokens", "tripartite_attention"]
+
+
+class MetaIndex(NamedTuple):
+    """The wave index of all KV heads: per-cluster metadata plus the cluster-sorted KV copy."""
+
+    centroids: np.ndarray    # (Hkv, C, d) float32, plain mean of each cluster's keys
+    value_sums: np.ndarray   # (Hkv, C, dv) float32
+    sizes: np.ndarray        # (Hkv, C) int64 (0 = empty cluster, never ranked)
+    offsets: np.ndarray      # (Hkv, C + 1) int64 into the sorted arrays
+    keys: np.ndarray         # (Hkv, M, d) float32, sorted by cluster
+    values: np.ndarray       # (Hkv, M, dv) float32, sorted by cluster
+    ids: np.ndarray          # (Hkv, M) int64 token position of each sorted row
+
+
+class ExecBuffer(NamedTuple):
+    """The execution buffer ``[steady | retrieved clusters]`` per KV head; head h uses rows ``:lengths[h]``."""
+
+    keys: np.ndarray         # (Hkv, L, d)
+    values: np.ndarray       # (Hkv, L, dv)
+    ids: np.ndarray          # (Hkv, L) int64 token positions
+    lengths: np.ndarray      # (Hkv,) int64
+
+
+class Zones(NamedTuple):
+    """What one decode step did: clusters per zone in rank order and the tokens attended exactly."""
+
+    retrieval: np.ndarray    # (Hkv, r) int64 cluster ids, best first
+    estimation: np.ndarray   # (Hkv, e) int64 cluster ids, best first
+    exact_ids: list          # Hkv arrays of token positions attended exactly (steady + retrieved)
+
+
+def empty_meta(hkv, d, dv):
+    """A wave index with no clusters (short inputs: everything lives in the steady zone)."""
+    z = np.zeros
+    return MetaIndex(z((hkv, 0, d), np.float32), z((hkv, 0, dv), np.float32), z((hkv, 0), np.int64),
+                     z((hkv, 1), np.int64), z((hkv, 0, d), np.float32), z((hkv, 0, dv), np.float32),
+                     z((hkv, 0), np.int64))
+
+
+def build_meta_index(keys, values, positions, n_clusters, n_segments, iters=10):
+    """Cluster each KV head's ``keys (Hkv, M, d)`` and lay out the meta index and sorted KV copy.
+
+    ``positions (M,)`` are the tokens' positions in the sequence (stored as ``ids``).
+    """
+    hkv, m, d = keys.shape
+    dv = values.shape[2]
+    if m == 0 or n_clusters == 0:
+        return empty_meta(hkv, d, dv)
+    heads = [segmented_kmeans(keys[h], values[h], n_clusters, n_segments, iters) for h in range(hkv)]
+    positions = np.asarray(positions, dtype=np.int64)
+    return MetaIndex(
+        centroids=np.stack([c.centroids for c in heads]),
+        value_sums=np.stack([c.value_sums for c in heads]),
+        sizes=np.stack([c.sizes for c in heads]),
+        offsets=np.stack([c.offsets for c in heads]),
+        keys=np.stack([keys[h][c.order] for h, c in enumerate(heads)]),
+        values=np.stack([values[h][c.order] for h, c in enumerate(heads)]),
+        ids=np.stack([positions[c.order] for c in heads]),
+    )
+
+
+def concat_meta(a, b):
+    """Append the clusters of ``b`` after those of ``a`` (index update, RetroInfer §4.2)."""
+    m = a.keys.shape[1]
+    return MetaIndex(
+        np.concatenate([a.centroids, b.centroids], axis=1), np.concatenate([a.value_sums, b.value_sums], axis=1),
+        np.concatenate([a.sizes, b.sizes], axis=1), np.concatenate([a.offsets, b.offsets[:, 1:] + m], axis=1),
+        np.concatenate([a.keys, b.keys], axis=1), np.concatenate([a.values, b.values], axis=1),
+        np.concatenate([a.ids, b.ids], axis=1))
+
+
+def rank_clusters(q, centroids, sizes, scale):
+    """Centroid scores ``(Hkv, G, C)`` and the GQA ranking ``(Hkv, C)`` of RetroInfer §4.2.
+
+    ``scores[h, g, i] = q_{hG+g} . C_i * scale`` (``-inf`` for empty clusters); ``rank[h, i]`` is
+    the softmax over clusters of each query head's scores, summed over the G heads of the group.
+    """
+    hkv, c, d = centroids.shape
+    qb = q.reshape(hkv, -1, d)                                          # (Hkv, G, d)
+    scores = (qb @ centroids.transpose(0, 2, 1)) * np.float32(scale)   # (Hkv, G, C)
+    scores = np.where(sizes[:, None, :] > 0, scores, -np.inf).astype(np.float32)
+    if c == 0:
+        return scores, np.zeros((hkv, 0), np.float32)
+    m = scores.max(axis=2, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    p = np.exp(scores - m)                                             # (Hkv, G, C)
+    z = p.sum(axis=2, keepdims=True)
+    rank = (p / np.where(z > 0, z, 1.0)).sum(axis=1).astype(np.float32)   # (Hkv, C)
+    return scores, rank
+
+
+def select_zones(rank, n_retrieve, n_estimate):
+    """Sort clusters by rank (stable, best first): the first ``n_retrieve`` are retrieved, the next ``n_estimate`` estimated."""
+    order = np.argsort(-rank, axis=1, kind="stable")                   # (Hkv, C)
+    return order[:, :n_retrieve].astype(np.int64), order[:, n_retrieve:n_retrieve + n_estimate].astype(np.int64)
+
+
+def gather_execution_buffer(meta, steady_k, steady_v, steady_ids, retrieval):
+    """Copy ``[steady | retrieved clusters in rank order]`` per KV head into one padded buffer."""
+    hkv = steady_k.shape[0]
+    heads = []
+    for h in range(hkv):
+        rows = np.concatenate([np.arange(meta.offsets[h, i], meta.offsets[h, i + 1]) for i in retrieval[h]]
+                              + [np.zeros(0, np.int64)]).astype(np.int64)          # sorted-array rows
+        heads.append((np.concatenate([steady_k[h], meta.keys[h][rows]]),
+                      np.concatenate([steady_v[h], meta.values[h][rows]]),
+                      np.concatenate([steady_ids, meta.ids[h][rows]])))
+    lengths = np.array([len(ids) for _, _, ids in heads], dtype=np.int64)
+    width = int(lengths.max(initial=0))
+
+    def pad(x):
+        return np.pad(x, [(0, width - len(x))] + [(0, 0)] * (x.ndim - 1))
+    return ExecBuffer(np.stack([pad(k) for k, _, _ in heads]), np.stack([pad(v) for _, v, _ in heads]),
+                      np.stack([pad(i) for _, _, i in heads]), lengths)
+
+
+def estimate_partial(scores, sizes, value_sums, estimation):
+    """Accuracy-bounded estimation (RetroInfer Eq. 2) as a partial ``(out (Hq, dv), lse (Hq,))``.
+
+    For query head ``(h, g)`` over the estimation clusters ``E_h``:
+    ``lse = log sum_{i in E} s_i exp(score_i)`` (the size weights the denominator only) and
+    ``out = sum_{i in E} exp(score_i) VS_i / exp(lse)``. Merging it with the exact partial by
+    log-sum-exp gives exactly Eq. 2's ``a~_i`` weights. An empty zone gives ``(0, -inf)``.
+    """
+    hkv, g, _ = scores.shape
+    dv = value_sums.shape[2]
+    s = np.take_along_axis(scores, estimation[:, None, :], axis=2)      # (Hkv, G, e)
+    sz = np.take_along_axis(sizes, estimation, axis=1).astype(np.float32)   # (Hkv, e)
+    vs = np.take_along_axis(value_sums, estimation[:, :, None], axis=1)   # (Hkv, e, dv)
+    m = s.max(axis=2, keepdims=True) if s.shape[2] else np.full((hkv, g, 1), -np.inf, np.float32)
+    m = np.where(np.isfinite(m), m, 0.0).astype(np.float32)
+    w = np.exp(s - m)                                                  # (Hkv, G, e)
+    den = (w * sz[:, None, :]).sum(axis=2)                              # (Hkv, G)
+    num = w @ vs                                                       # (Hkv, G, dv)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.where(den[..., None] > 0, num / den[..., None], 0.0)
+        lse = np.log(den) + m[..., 0]                                  # log 0 = -inf: empty zone
+    return out.reshape(hkv * g, dv).astype(np.float32), lse.reshape(hkv * g).astype(np.float32)
+
+
+def estimation_as_pseudo_tokens(q, centroids, sizes, value_sums, estimation, scale):
+    """The same estimate through plain attention: a cluster acts as ``s_i`` copies of its centroid.
+
+    Each estimated cluster becomes one pseudo-token with key ``[C_i, log(s_i) / scale]`` against
+    the query ``[q, 1]`` (the extra coordinate adds ``log s_i`` to its score) and value ``VS_i / s_i`` (the mean value);
+    :func:`partial_attention` over these pseudo-tokens equals :func:`estimate_partial`. Used by the
+    tests and the tutorial to show that the weighted flash-decoding is ordinary attention in disguise.
+    """
+    hkv, _, d = centroids.shape
+    g = q.shape[0] // hkv
+    outs, lses = [], []
+    for h in range(hkv):
+        e = estimation[h]
+        e = e[sizes[h, e] > 0]                                         # an empty cluster has no mass
+        k = np.concatenate([centroids[h, e], (np.log(sizes[h, e]) / scale)[:, None]], axis=1)   # (e, d+1)
+        v = value_sums[h, e] / sizes[h, e][:, None]
+        qh = np.concatenate([q[h * g:(h + 1) * g], np.ones((g, 1), np.float32)], axis=1)       # (G, d+1)
+        o, l = partial_attention(qh, k[None].astype(np.float32), v[None].astype(np.float32), scale=scale)
+        outs.append(o)
+        lses.append(l)
+    return np.concatenate(outs), np.concatenate(lses)
+
+
+def tripartite_attention(q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_estimate, scale=None,
+                         gather=None):
+    """One decode step of RetroInfer's tripartite attention: returns ``(out (Hq, dv), lse (Hq,), Zones)``.
+
+    ``q (Hq, d)``; ``steady_k/v (Hkv, S, d)`` and ``steady_ids (S,)`` hold the sinks and the recent
+    window. ``gather(retrieval) -> ExecBuffer`` may replace the default copy from the sorted arrays
+    (the wave buffer does, to read hits from its cache); it must not change what is attended.
+    """
+    hkv, _, d = steady_k.shape
+    g = q.shape[0] // hkv
+    scale = 1.0 / np.sqrt(d) if scale is None else scale
+    # 1. rank clusters by the GQA-summed softmax of centroid scores; split into zones
+    scores, rank = rank_clusters(q, meta.centroids, meta.sizes, scale)   # (Hkv, G, C), (Hkv, C)
+    retrieval, estimation = select_zones(rank, n_retrieve, n_estimate)
+    # 2. exact attention over the execution buffer [steady | retrieved], one KV head at a time
+    #    (heads retrieve different numbers of tokens)
+    buf = gather(retrieval) if gather is not None else \
+        gather_execution_buffer(meta, steady_k, steady_v, steady_ids, retrieval)
+    exact = [partial_attention(q[h * g:(h + 1) * g], buf.keys[h:h + 1, :buf.lengths[h]],
+                               buf.values[h:h + 1, :buf.lengths[h]], scale=scale) for h in range(hkv)]
+    exact = (np.concatenate([o for o, _ in exact]), np.concatenate([l for _, l in exact]))   # (Hq, dv), (Hq,)
+    # 3. estimation zone from centroids, sizes and value sums; 4. log-sum-exp merge
+    est = estimate_partial(scores, meta.sizes, meta.value_sums, estimation)
+    out, lse = merge_partials([exact, est])
+    zones = Zones(retrieval, estimation, [buf.ids[h, :buf.lengths[h]] for h in range(hkv)])
+    return out, lse, zones

@@ -1,0 +1,283 @@
+"""RetroInfer's wave index, public face: :class:`WaveConfig` and :class:`WaveIndex`.
+
+``index = WaveIndex.build(keys, values)`` clusters the context (segmented spherical k-means,
+RetroInfer §4.2), ``index.attend(q)`` runs one decode step of tripartite attention (steady zone
+exact, retrieval zone exact, estimation zone from centroids, the rest dropped; §4.1 and Eq. 2), and
+``index.append(k, v)`` adds generated tokens to the steady window, clustering every
+``update_every`` tokens that leave it into ``update_clusters`` new clusters. The algorithms live in
+``retrokv.reference.wave_index`` / ``retrokv.fast.wave_index``; this module holds the state,
+validates inputs and picks the backend.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import asdict, dataclass
+from numbers import Integral, Real
+
+import numpy as np
+
+from . import _validate as V
+from .backend import resolve
+
+__all__ = ["WaveConfig", "WaveIndex", "WaveStats"]
+
+
+def _impl(backend, name):
+    """``retrokv.<backend>.<name>``, e.g. the reference or fast ``wave_index`` module."""
+    return importlib.import_module(f"retrokv.{resolve(backend)}.{name}")
+
+
+def _budget_ok(x):
+    return not isinstance(x, bool) and ((isinstance(x, Integral) and x >= 0)
+                                        or (isinstance(x, Real) and not isinstance(x, Integral) and 0.0 <= x <= 1.0))
+
+
+@dataclass(frozen=True)
+class WaveConfig:
+    """Wave index settings; the defaults are RetroInfer's (§4.2, §5.1 and its released code).
+
+    Budgets are fractions of the clusters when given as a float in ``[0, 1]`` (recomputed as the
+    index grows, which reproduces the paper's "+1 retrieval, +15 estimation clusters per 64 new
+    clusters") or fixed cluster counts when given as an int. ``estimation=False`` drops the
+    estimation zone (the ablation of RetroInfer Fig. 19a).
+    """
+
+    n_sink: int = 4                      # attention-sink tokens, always exact
+    n_local: int = 64                    # recent window, always exact
+    tokens_per_cluster: int = 16         # ~1 centroid per 16 keys
+    segment_tokens: int = 8192           # k-means segment length
+    kmeans_iters: int = 10               # per-segment rounds + the final global pass
+    retrieval_budget: float | int = 0.018   # top 1.8% of clusters, attended exactly
+    estimation_budget: float | int = 0.232  # next 23.2% of clusters, estimated
+    update_every: int = 1024             # tokens leaving the window that trigger an index update
+    update_clusters: int = 64            # clusters made from each update
+    estimation: bool = True              # False: no estimation zone (ablation)
+    scale: float | None = None           # score scale, default 1/sqrt(d)
+
+    def __post_init__(self):
+        ints = {"n_sink": 0, "n_local": 0, "tokens_per_cluster": 1, "segment_tokens": 1, "kmeans_iters": 1,
+                "update_every": 1, "update_clusters": 1}
+        for name, low in ints.items():
+            x = getattr(self, name)
+            if isinstance(x, bool) or not isinstance(x, Integral) or x < low:
+                raise ValueError(f"WaveConfig.{name} must be an int >= {low}, got {x!r}")
+        for name in ("retrieval_budget", "estimation_budget"):
+            if not _budget_ok(getattr(self, name)):
+                raise ValueError(f"WaveConfig.{name} must be a float fraction in [0, 1] or an int count >= 0, "
+                                 f"got {getattr(self, name)!r}")
+        if not isinstance(self.estimation, bool):
+            raise TypeError(f"WaveConfig.estimation must be a bool, got {type(self.estimation).__name__}")
+        V.check_scale(self.scale)
+
+    def n_retrieve(self, n_clusters):
+        """Clusters in the retrieval zone when the index holds ``n_clusters``."""
+        return _count(self.retrieval_budget, n_clusters)
+
+    def n_estimate(self, n_clusters):
+        """Clusters in the estimation zone (never overlapping the retrieval zone)."""
+        if not self.estimation:
+            return 0
+        return min(_count(self.estimation_budget, n_clusters), n_clusters - self.n_retrieve(n_clusters))
+
+
+def _count(budget, n_clusters):
+    if isinstance(budget, Integral):
+        return int(min(budget, n_clusters))
+    if budget <= 0 or n_clusters == 0:
+        return 0
+    return int(min(n_clusters, max(1, math.floor(budget * n_clusters + 1e-9))))
+
+
+@dataclass(frozen=True)
+class WaveStats:
+    """What one :meth:`WaveIndex.attend` did. Per-head arrays are ``(Hkv,)``; zone members in rank order."""
+
+    n_tokens: int                     # context length
+    steady_tokens: int                # sinks + recent window (+ tokens waiting for an index update)
+    retrieval_clusters: np.ndarray    # (Hkv, r) cluster ids
+    estimation_clusters: np.ndarray   # (Hkv, e) cluster ids
+    dropped_clusters: int             # per head: clusters in neither zone
+    retrieval_tokens: np.ndarray      # (Hkv,) tokens attended exactly from retrieved clusters
+    estimation_tokens: np.ndarray     # (Hkv,) tokens covered by estimated clusters
+    dropped_tokens: np.ndarray        # (Hkv,) tokens not looked at
+    exact_ids: list                   # Hkv arrays: token positions attended exactly
+    keys_scored: int                  # vectors scored per GQA group, summed over KV heads: centroids + exact keys
+    bytes_read: int                   # exact KV + centroids + value sums + sizes read this step
+    density: float                    # mean fraction of tokens whose KV was read exactly
+
+    def as_dict(self):
+        return asdict(self)
+
+
+class WaveIndex:
+    """RetroInfer's wave index over one sequence's KV cache ``(Hkv, N, d)``; build with :meth:`build`."""
+
+    def __init__(self, meta, steady_k, steady_v, steady_ids, n_tokens, n_sink, config, backend):
+        self.config, self.backend = config, backend
+        self._meta = meta
+        self._sk, self._sv, self._sids = steady_k, steady_v, steady_ids   # (Hkv, S, d), (Hkv, S, dv), (S,)
+        self._n, self._n_sink = n_tokens, n_sink
+        self.last_stats = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def build(cls, keys, values, config=None, backend=None, check_finite=True):
+        """Index ``keys``/``values`` ``(Hkv, N, d)``: sinks and the last ``n_local`` tokens stay exact,
+        the middle is clustered. Fewer than ``tokens_per_cluster`` middle tokens: no clusters yet."""
+        config = WaveConfig() if config is None else config
+        if not isinstance(config, WaveConfig):
+            raise TypeError(f"config must be a WaveConfig, got {type(config).__name__}")
+        backend = resolve(backend)
+        keys, values = _check_kv(keys, values, "keys", "values", check_finite)
+        hkv, n, d = keys.shape
+        mod = _impl(backend, 'wave_index')
+        n_sink = min(config.n_sink, n)
+        end = n - config.n_local
+        if end - n_sink >= config.tokens_per_cluster:
+            c, s = _impl(backend, 'clustering').plan_clusters(end - n_sink, config.tokens_per_cluster,
+                                                            config.segment_tokens)
+            meta = mod.build_meta_index(keys[:, n_sink:end], values[:, n_sink:end], np.arange(n_sink, end),
+                                        c, s, config.kmeans_iters)
+        else:
+            end = n_sink
+            meta = mod.empty_meta(hkv, d, values.shape[2])
+        ids = np.concatenate([np.arange(n_sink), np.arange(end, n)]).astype(np.int64)
+        sk = np.ascontiguousarray(np.concatenate([keys[:, :n_sink], keys[:, end:]], axis=1))
+        sv = np.ascontiguousarray(np.concatenate([values[:, :n_sink], values[:, end:]], axis=1))
+        return cls(meta, sk, sv, ids, n, n_sink, config, backend)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def meta(self):
+        """The :class:`~retrokv.reference.wave_index.MetaIndex` (centroids, value sums, sizes, sorted KV)."""
+        return self._meta
+
+    @property
+    def n_tokens(self):
+        return self._n
+
+    @property
+    def n_clusters(self):
+        return self._meta.centroids.shape[1]
+
+    @property
+    def n_retrieve(self):
+        return self.config.n_retrieve(self.n_clusters)
+
+    @property
+    def n_estimate(self):
+        return self.config.n_estimate(self.n_clusters)
+
+    @property
+    def steady(self):
+        """``(keys (Hkv, S, d), values (Hkv, S, dv), ids (S,))`` of the steady zone."""
+        return self._sk, self._sv, self._sids
+
+    @property
+    def shape(self):
+        """``(Hkv, d, dv)``."""
+        return self._sk.shape[0], self._sk.shape[2], self._sv.shape[2]
+
+    # ------------------------------------------------------------------ decode
+    def attend(self, q, buffer=None, return_lse=False, check_finite=True):
+        """One decode step: ``q (Hq, d) -> out (Hq, dv)`` (and ``lse (Hq,)`` with ``return_lse``).
+
+        ``buffer``: a :class:`retrokv.WaveBuffer` over this index; it changes where the retrieved
+        KV is read from, never the result. Sets :attr:`last_stats` (a :class:`WaveStats`).
+        """
+        q = V.as_array(q, "q")
+        hkv, d, dv = self.shape
+        if q.ndim != 2 or q.shape[1] != d or q.shape[0] == 0 or q.shape[0] % hkv:
+            raise ValueError(f"q must have shape (Hq, {d}) with Hq a positive multiple of Hkv={hkv}, "
+                             f"got shape {tuple(q.shape)}")
+        if check_finite:
+            V.check_finite(q, "q")
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        gather = None
+        if buffer is not None:
+            if getattr(buffer, "index", None) is not self:
+                raise ValueError("buffer must be a WaveBuffer built over this index")
+            gather = buffer.gather
+        mod = _impl(self.backend, 'wave_index')
+        out, lse, zones = mod.tripartite_attention(q, self._meta, self._sk, self._sv, self._sids,
+                                                   self.n_retrieve, self.n_estimate, self.config.scale, gather)
+        self.last_stats = self._stats(zones)
+        return (out, lse) if return_lse else out
+
+    def _stats(self, zones):
+        meta, (hkv, d, dv) = self._meta, self.shape
+        sizes = meta.sizes
+        r_tok = np.take_along_axis(sizes, zones.retrieval, axis=1).sum(axis=1)
+        e_tok = np.take_along_axis(sizes, zones.estimation, axis=1).sum(axis=1)
+        indexed = sizes.sum(axis=1)
+        steady = len(self._sids)
+        exact = steady + r_tok
+        e = zones.estimation.shape[1]
+        bytes_read = int(4 * (exact.sum() * (d + dv) + hkv * self.n_clusters * d + hkv * e * dv)
+                         + 8 * hkv * self.n_clusters)
+        return WaveStats(
+            n_tokens=self._n, steady_tokens=steady, retrieval_clusters=zones.retrieval,
+            estimation_clusters=zones.estimation,
+            dropped_clusters=self.n_clusters - zones.retrieval.shape[1] - e,
+            retrieval_tokens=r_tok, estimation_tokens=e_tok, dropped_tokens=indexed - r_tok - e_tok,
+            exact_ids=zones.exact_ids, keys_scored=int(hkv * self.n_clusters + exact.sum()),
+            bytes_read=bytes_read, density=float(exact.mean() / max(self._n, 1)))
+
+    # ------------------------------------------------------------------ update
+    def append(self, k, v, check_finite=True):
+        """Add generated tokens ``k, v`` of shape ``(Hkv, d)`` (one token) or ``(Hkv, n, d)``.
+
+        They join the steady window; whenever ``n_local + update_every`` tokens wait there, the
+        oldest ``update_every`` are clustered into ``update_clusters`` new clusters (RetroInfer §4.2).
+        Returns the number of clusters added.
+        """
+        k, v = V.as_array(k, "k"), V.as_array(v, "v")
+        if k.ndim == 2 and v.ndim == 2:
+            k, v = k[:, None], v[:, None]
+        k, v = _check_kv(k, v, "k", "v", check_finite)
+        hkv, d, dv = self.shape
+        if k.shape[0] != hkv or k.shape[2] != d or v.shape[2] != dv:
+            raise ValueError(f"k, v must have shapes (Hkv={hkv}, [n,] {d}) and (Hkv={hkv}, [n,] {dv}), "
+                             f"got {tuple(k.shape)} and {tuple(v.shape)}")
+        n = k.shape[1]
+        self._sk = np.concatenate([self._sk, k], axis=1)
+        self._sv = np.concatenate([self._sv, v], axis=1)
+        self._sids = np.concatenate([self._sids, np.arange(self._n, self._n + n, dtype=np.int64)])
+        self._n += n
+        added = 0
+        cfg, mod = self.config, _impl(self.backend, 'wave_index')
+        while len(self._sids) - self._n_sink >= cfg.n_local + cfg.update_every:
+            lo, hi = self._n_sink, self._n_sink + cfg.update_every
+            c = min(cfg.update_clusters, cfg.update_every)
+            new = mod.build_meta_index(self._sk[:, lo:hi], self._sv[:, lo:hi], self._sids[lo:hi], c, 1,
+                                       cfg.kmeans_iters)
+            self._meta = mod.concat_meta(self._meta, new)
+            keep = np.r_[0:lo, hi:len(self._sids)]
+            self._sk = np.ascontiguousarray(self._sk[:, keep])
+            self._sv = np.ascontiguousarray(self._sv[:, keep])
+            self._sids = self._sids[keep]
+            added += c
+        return added
+
+    def __repr__(self):
+        hkv, d, dv = self.shape
+        return (f"WaveIndex(Hkv={hkv}, d={d}, tokens={self._n}, clusters={self.n_clusters}, "
+                f"steady={len(self._sids)}, retrieve={self.n_retrieve}, estimate={self.n_estimate}, "
+                f"backend={self.backend!r})")
+
+
+def _check_kv(k, v, kn, vn, finite):
+    k, v = V.as_array(k, kn), V.as_array(v, vn)
+    V.check_rank(k, kn, (3,), "(Hkv, N, d)")
+    V.check_rank(v, vn, (3,), "(Hkv, N, dv)")
+    if k.shape[:2] != v.shape[:2]:
+        raise ValueError(f"{kn} and {vn} must agree on (Hkv, N): {kn} has {tuple(k.shape[:2])}, "
+                         f"{vn} has {tuple(v.shape[:2])}")
+    if k.shape[0] == 0 or k.shape[2] == 0:
+        raise ValueError(f"{kn} must have at least one head and a positive head_dim, got shape {tuple(k.shape)}")
+    if finite:
+        V.check_finite(k, kn)
+        V.check_finite(v, vn)
+    return (np.ascontiguousarray(np.asarray(k), dtype=np.float32),
+            np.ascontiguousarray(np.asarray(v), dtype=np.float32))

@@ -1,0 +1,219 @@
+"""RetroInfer wave index: zones partition the tokens, the estimate is a lower bound, budget 100% is exact,
+the estimation equals Eq. 2, fast == reference, real-model accuracy beats StreamingLLM."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+import retrokv as rk
+from retrokv.reference import wave_index as ref_wi
+from retrokv.wave import WaveConfig, WaveIndex
+
+SMALL = dict(n_sink=2, n_local=5, tokens_per_cluster=4, segment_tokens=40, kmeans_iters=3,
+             update_every=12, update_clusters=3)
+
+
+@st.composite
+def cases(draw):
+    hkv = draw(st.integers(1, 3))
+    g = draw(st.integers(1, 3))
+    d = draw(st.sampled_from([2, 7, 16]))
+    n = draw(st.integers(0, 160))
+    extra = draw(st.integers(0, 30))                       # generated tokens appended after the build
+    r = draw(st.sampled_from([0.1, 0.5, 1, 3]))
+    e = draw(st.sampled_from([0.0, 0.3, 1.0, 2]))
+    est = draw(st.booleans())
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    k = (rng.standard_normal((hkv, n + extra, d)) + 1.0).astype(np.float32)
+    v = rng.standard_normal((hkv, n + extra, d)).astype(np.float32)
+    q = (rng.standard_normal((hkv * g, d)) * 1.5).astype(np.float32)
+    cfg = WaveConfig(**SMALL, retrieval_budget=r, estimation_budget=e, estimation=est)
+    return k, v, q, n, cfg
+
+
+def grow(k, v, n, cfg, backend, bulk=False):
+    idx = WaveIndex.build(k[:, :n], v[:, :n], cfg, backend=backend)
+    if bulk and k.shape[1] > n:
+        idx.append(k[:, n:], v[:, n:])
+    for t in range(n, k.shape[1]) if not bulk else ():
+        idx.append(k[:, t], v[:, t])
+    return idx
+
+
+@given(cases(), st.booleans())
+def test_zones_partition_the_tokens(case, bulk):
+    k, v, q, n, cfg = case
+    idx = grow(k, v, n, cfg, "reference", bulk)
+    idx.attend(q)
+    s, meta = idx.last_stats, idx.meta
+    total = k.shape[1]
+    assert s.n_tokens == total and meta.sizes.sum(axis=1).tolist() == [total - s.steady_tokens] * k.shape[0]
+    for h in range(k.shape[0]):
+        def tokens(clusters):
+            return [meta.ids[h, meta.offsets[h, i]:meta.offsets[h, i + 1]] for i in clusters]
+        used = set(s.retrieval_clusters[h]) | set(s.estimation_clusters[h])
+        dropped = [i for i in range(idx.n_clusters) if i not in used]
+        assert len(used) == s.retrieval_clusters.shape[1] + s.estimation_clusters.shape[1]   # zones disjoint
+        parts = [s.exact_ids[h], *tokens(s.estimation_clusters[h]), *tokens(dropped)]
+        assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(total))          # exact partition
+        assert s.retrieval_tokens[h] + s.estimation_tokens[h] + s.dropped_tokens[h] + s.steady_tokens == total
+        assert len(s.exact_ids[h]) == s.steady_tokens + s.retrieval_tokens[h]
+
+
+@given(cases())
+def test_estimate_is_a_lower_bound_per_cluster(case):
+    """RetroInfer Eq. 3 on the built index: size * exp(q.C) <= sum_{k in cluster} exp(q.k) for every query head."""
+    k, v, q, n, cfg = case
+    idx = grow(k, v, n, cfg, "reference")
+    meta, hkv, g = idx.meta, k.shape[0], q.shape[0] // k.shape[0]
+    for h in range(hkv):
+        for i in np.flatnonzero(meta.sizes[h]):
+            keys = meta.keys[h, meta.offsets[h, i]:meta.offsets[h, i + 1]].astype(np.float64)
+            for qq in q[h * g:(h + 1) * g].astype(np.float64):
+                sc = keys @ qq
+                m = sc.max()
+                assert meta.sizes[h, i] * np.exp(meta.centroids[h, i] @ qq - m) <= np.exp(sc - m).sum() * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "fast"])
+@given(case=cases())
+def test_full_budget_is_full_attention(backend, case):
+    k, v, q, n, cfg = case
+    cfg = WaveConfig(**SMALL, retrieval_budget=1.0)
+    idx = grow(k, v, n, cfg, backend)
+    out, lse = idx.attend(q, return_lse=True)
+    want, want_lse = rk.partial_attention(q, k, v, backend="reference")
+    np.testing.assert_allclose(out, want, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(lse, want_lse, atol=1e-5, rtol=1e-5)
+    assert idx.last_stats.density == (1.0 if k.shape[1] else 0.0)
+
+
+@given(cases())
+def test_merge_equals_equation_2(case):
+    """The merged output is Eq. 2 written out in float64: exact exp-mass + size-weighted centroid mass."""
+    k, v, q, n, cfg = case
+    idx = grow(k, v, n, cfg, "reference")
+    out = idx.attend(q)
+    s, meta = idx.last_stats, idx.meta
+    hkv, d = k.shape[0], k.shape[2]
+    g = q.shape[0] // hkv
+    for h in range(hkv):
+        pos = s.exact_ids[h]
+        est = [i for i in s.estimation_clusters[h] if meta.sizes[h, i] > 0]
+        for r in range(g):
+            qq = q[h * g + r].astype(np.float64) / np.sqrt(d)
+            se = k[h, pos].astype(np.float64) @ qq
+            sc = meta.centroids[h, est].astype(np.float64) @ qq
+            m = max(se.max(initial=-np.inf), sc.max(initial=-np.inf))
+            if m == -np.inf:
+                assert not out[h * g + r].any()
+                continue
+            num = np.exp(se - m) @ v[h, pos] + np.exp(sc - m) @ meta.value_sums[h, est].astype(np.float64)
+            den = np.exp(se - m).sum() + (meta.sizes[h, est] * np.exp(sc - m)).sum()
+            np.testing.assert_allclose(out[h * g + r], num / den, atol=1e-5, rtol=1e-4)
+
+
+@given(cases())
+def test_estimation_is_attention_over_pseudo_tokens(case):
+    k, v, q, n, cfg = case
+    idx = grow(k, v, n, cfg, "reference")
+    meta, scale = idx.meta, 1 / np.sqrt(k.shape[2])
+    scores, rank = ref_wi.rank_clusters(q, meta.centroids, meta.sizes, scale)
+    _, est = ref_wi.select_zones(rank, idx.n_retrieve, idx.n_estimate)
+    o1, l1 = ref_wi.estimate_partial(scores, meta.sizes, meta.value_sums, est)
+    o2, l2 = ref_wi.estimation_as_pseudo_tokens(q, meta.centroids, meta.sizes, meta.value_sums, est, scale)
+    np.testing.assert_allclose(o1, o2, atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(l1, l2, atol=1e-5, rtol=1e-5)
+
+
+@given(cases(), st.booleans())
+def test_fast_equals_reference(case, bulk):
+    k, v, q, n, cfg = case
+    a, b = grow(k, v, n, cfg, "reference", bulk), grow(k, v, n, cfg, "fast", bulk)
+    for name, x, y in zip(a.meta._fields, a.meta, b.meta):
+        assert np.array_equal(x, y), name                   # same clusters, same layout
+    oa, la = a.attend(q, return_lse=True)
+    ob, lb = b.attend(q, return_lse=True)
+    sa, sb = a.last_stats, b.last_stats
+    assert np.array_equal(sa.retrieval_clusters, sb.retrieval_clusters)
+    assert np.array_equal(sa.estimation_clusters, sb.estimation_clusters)
+    assert all(np.array_equal(x, y) for x, y in zip(sa.exact_ids, sb.exact_ids))
+    np.testing.assert_allclose(ob, oa, atol=2e-5, rtol=1e-4)
+    np.testing.assert_allclose(lb, la, atol=2e-5, rtol=1e-5)
+
+
+def test_short_input_is_exact_and_updates_grow_the_index(rng):
+    cfg = WaveConfig(n_sink=4, n_local=64, update_every=32, update_clusters=4)
+    k = rng.standard_normal((2, 200, 8)).astype(np.float32)
+    v = rng.standard_normal((2, 200, 8)).astype(np.float32)
+    q = rng.standard_normal((4, 8)).astype(np.float32)
+    idx = WaveIndex.build(k[:, :70], v[:, :70], cfg)               # 2 middle tokens < 16: no clusters
+    assert idx.n_clusters == 0
+    np.testing.assert_allclose(idx.attend(q), rk.full_attention(q, k[:, :70], v[:, :70]), atol=1e-6)
+    added = sum(idx.append(k[:, t], v[:, t]) for t in range(70, 200))
+    assert added == idx.n_clusters == 4 * ((200 - 4 - 64) // 32)   # an update per 32 tokens leaving the window
+    assert idx.steady[0].shape[1] - 4 - 64 < 32
+    assert WaveConfig().n_retrieve(8192) == 147 and WaveConfig().n_estimate(8192) == 1900
+    assert WaveConfig().n_retrieve(8192 + 64) == 148 and WaveConfig().n_estimate(8192 + 64) == 1915  # +1, +15
+
+
+def test_validation(rng):
+    k = rng.standard_normal((2, 100, 8)).astype(np.float32)
+    with pytest.raises(ValueError, match="retrieval_budget"):
+        WaveConfig(retrieval_budget=1.5)
+    with pytest.raises(ValueError, match="n_local"):
+        WaveConfig(n_local=-1)
+    with pytest.raises(ValueError, match="estimation_budget"):
+        WaveConfig(estimation_budget=True)
+    with pytest.raises(TypeError, match="config"):
+        WaveIndex.build(k, k, config={"n_sink": 4})
+    with pytest.raises(ValueError, match="keys"):
+        WaveIndex.build(k[0], k[0])
+    with pytest.raises(ValueError, match="agree"):
+        WaveIndex.build(k, k[:, :50])
+    with pytest.raises(TypeError, match="keys"):
+        WaveIndex.build(k.astype(np.int32), k)
+    with pytest.raises(ValueError, match="backend"):
+        WaveIndex.build(k, k, backend="gpu")
+    idx = WaveIndex.build(k, k)
+    with pytest.raises(ValueError, match=r"q must have shape \(Hq, 8\)"):
+        idx.attend(np.zeros((3, 8), np.float32))
+    with pytest.raises(ValueError, match="NaN"):
+        idx.attend(np.full((2, 8), np.nan, np.float32))
+    with pytest.raises(ValueError, match="k, v must have shapes"):
+        idx.append(np.zeros((3, 8), np.float32), np.zeros((3, 8), np.float32))
+    with pytest.raises(ValueError, match="buffer"):
+        idx.attend(np.zeros((2, 8), np.float32), buffer=object())
+
+
+@pytest.mark.model
+def test_real_model_beats_streaming_llm_and_estimation_helps(captured):
+    """SmolLM2, 1024-token prompt: decode queries of the last 16 positions, a few layers."""
+    errs = {"wave": [], "noest": [], "stream": []}
+    recall = {0.018: [], 0.1: []}
+    for layer in (2, 10, 20):
+        c = captured[layer]
+        for t in range(c.q.shape[1] - 16, c.q.shape[1], 4):
+            k, v, q = c.k[:, :t + 1], c.v[:, :t + 1], c.q[:, t]
+            full = rk.full_attention(q, k, v)
+            scores = np.einsum("hgd,hnd->hgn", q.reshape(k.shape[0], -1, q.shape[1]), k)    # (Hkv, G, N)
+            for budget in recall:
+                idx = WaveIndex.build(k, v, WaveConfig(retrieval_budget=budget), backend="reference")
+                out = idx.attend(q)
+                hits = [np.isin(np.argsort(-scores[h], axis=1)[:, :32], idx.last_stats.exact_ids[h]).mean()
+                        for h in range(k.shape[0])]
+                recall[budget].append(np.mean(hits))
+                if budget == 0.018:
+                    errs["wave"].append(np.linalg.norm(out - full) / np.linalg.norm(full))
+                    n_exact = len(idx.last_stats.exact_ids[0])
+                    idx_ne = WaveIndex.build(k, v, WaveConfig(estimation=False), backend="reference")
+                    errs["noest"].append(np.linalg.norm(idx_ne.attend(q) - full) / np.linalg.norm(full))
+                    keep = np.r_[0:4, t + 1 - (n_exact - 4):t + 1]   # StreamingLLM with the same exact budget
+                    o_s = rk.full_attention(q, k[:, keep], v[:, keep])
+                    errs["stream"].append(np.linalg.norm(o_s - full) / np.linalg.norm(full))
+    med = {k: float(np.median(x)) for k, x in errs.items()}
+    print(med, {b: float(np.mean(r)) for b, r in recall.items()})
+    assert med["wave"] < med["stream"], med
+    assert med["wave"] < med["noest"], med
+    assert np.mean(recall[0.1]) > np.mean(recall[0.018]), recall
