@@ -29,7 +29,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["Clusters", "plan_clusters", "segment_bounds", "segmented_kmeans", "kmeans_flops"]
+__all__ = ["Clusters", "plan_clusters", "segment_bounds", "segmented_kmeans", "kmeans_flops", "assign",
+           "block_rows"]
 
 
 class Clusters(NamedTuple):
@@ -74,6 +75,22 @@ def kmeans_flops(n, n_clusters, n_segments, iters, d):
     return 2 * d * ((iters - 1) * seg + n * n_clusters)
 
 
+def block_rows(n_centroids):
+    """Keys per assignment block: the ``(rows, n_centroids)`` float32 score block stays near 8 MB."""
+    return max(256, (1 << 21) // max(n_centroids, 1))
+
+
+def assign(x, centroids):
+    """Index of the centroid with the largest inner product, for every row of ``x (M, d)``: ``(M,)`` int64.
+
+    The score matrix ``x @ centroids.T`` is formed block by block (:func:`block_rows` keys at a time),
+    so memory stays bounded (the final pass at 128K tokens would otherwise need 4 GB per head).
+    """
+    b = block_rows(len(centroids))
+    blocks = [np.argmax(x[i:i + b] @ centroids.T, axis=1) for i in range(0, len(x), b)]
+    return np.concatenate(blocks + [np.zeros(0, np.int64)]).astype(np.int64)
+
+
 def _normalise(v64, previous):
     """L2-normalise float64 rows to float32; a zero row keeps its previous centroid."""
     norm = np.sqrt((v64 * v64).sum(axis=1, keepdims=True))          # (c, 1)
@@ -116,19 +133,18 @@ def segmented_kmeans(keys, values, n_clusters, n_segments, iters=10):
         init = (np.arange(per_seg) * len(xs)) // per_seg               # evenly spaced positions
         c = _normalise(xs[init].astype(np.float64), xs[init])          # (c, d)
         for _ in range(iters - 1):
-            a = np.argmax(xs @ c.T, axis=1)                            # max inner product
+            a = assign(xs, c)                                          # max inner product
             sums, counts = _cluster_sums(xs, a, per_seg)
             c = np.where(counts[:, None] > 0, _normalise(sums, c), c)  # empty clusters keep theirs
         cents.append(c)
     cent = np.concatenate(cents)                                      # (C, d)
 
-    # 3. global assignment against every centroid, segment by segment (bounds the score matrix)
-    assign = np.concatenate([np.argmax(x[bounds[s]:bounds[s + 1]] @ cent.T, axis=1)
-                             for s in range(n_segments)]).astype(np.int64)   # (M,)
-    key_sums, sizes = _cluster_sums(keys, assign, n_clusters)          # raw keys: Jensen needs them
-    value_sums, _ = _cluster_sums(values, assign, n_clusters)
+    # 3. global assignment against every centroid
+    final = assign(x, cent)                                            # (M,)
+    key_sums, sizes = _cluster_sums(keys, final, n_clusters)           # raw keys: Jensen needs them
+    value_sums, _ = _cluster_sums(values, final, n_clusters)
     with np.errstate(divide="ignore", invalid="ignore"):
         centroids = np.where(sizes[:, None] > 0, key_sums / sizes[:, None], 0.0).astype(np.float32)
-    order = np.argsort(assign, kind="stable").astype(np.int64)        # inverted lists, token order inside
+    order = np.argsort(final, kind="stable").astype(np.int64)         # inverted lists, token order inside
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-    return Clusters(centroids, value_sums.astype(np.float32), sizes, offsets, order, assign)
+    return Clusters(centroids, value_sums.astype(np.float32), sizes, offsets, order, final)
