@@ -20,21 +20,36 @@ import numpy as np
 from retrokv.reference.rope import rope_cos_sin
 
 from ._dispatch import require_numpy
-from .attention import _FLAGS, _ROW_TILE, _merge_chunks, merge_partials, partial_attention
+from .attention import _merge_chunks, merge_partials, partial_attention
 from .rope import apply_rope
 
 __all__ = ["lazy_prefill_attention", "lazy_decode_attention", "materialize", "block_attention"]
 
 _CHUNK_KEYS = 1024      # keys per work item at most (several items per document when long)
+_ROW_TILE = 32          # query rows sharing one rotated K block (kept here: Numba freezes globals in its cache)
+_FLAGS = {"reassoc", "contract", "nsz", "arcp"}   # vectorise the dots; keep -inf semantics
 
 
 @nb.njit(cache=True, fastmath=_FLAGS)
 def _rotate_rows(src, base, n, cos, sin, partner, sign, dst):
-    """dst[j] = src[base + j] * cos + sign * src[base + j][partner] * sin, for j < n (RoPE, either convention)."""
+    """dst[j] = RoPE(src[base + j]) for j < n: ``x * cos + sign * x[partner] * sin``.
+
+    The half-split convention (HF Llama) is written as two contiguous half loops so that they vectorise;
+    the interleaved one goes through the partner table.
+    """
     d = src.shape[1]
-    for j in range(n):
-        for x in range(d):
-            dst[j, x] = src[base + j, x] * cos[x] + sign[x] * src[base + j, partner[x]] * sin[x]
+    half = d // 2
+    if partner[0] == half:                                   # rotate_half pairing
+        for j in range(n):
+            for x in range(half):
+                a = src[base + j, x]
+                b = src[base + j, x + half]
+                dst[j, x] = a * cos[x] - b * sin[x]
+                dst[j, x + half] = b * cos[x + half] + a * sin[x + half]
+    else:
+        for j in range(n):
+            for x in range(d):
+                dst[j, x] = src[base + j, x] * cos[x] + sign[x] * src[base + j, partner[x]] * sin[x]
 
 
 @nb.njit(parallel=True, cache=True, fastmath=_FLAGS)

@@ -208,6 +208,17 @@ class DocumentStore:
             self._docs.move_to_end(key)
         return doc
 
+    def read(self, tokens):
+        """Copies of a stored document's KV as stored (document-local RoPE): ``(keys, values)``,
+        each ``(layers, Hkv, L, d)``. Raises ``KeyError`` if it is not stored."""
+        doc = self.get(tokens)
+        if doc is None:
+            raise KeyError("tokens: document not in the store")
+        b = self.config.block
+        rows = np.concatenate([np.arange(p * b, p * b + min(b, doc.length - i * b)) for i, p in enumerate(doc.blocks)]
+                              or [np.zeros(0, np.int64)])
+        return self._k[:, :, rows], self._v[:, :, rows]
+
     def __contains__(self, tokens):
         return self._key(tokens) in self._docs
 
