@@ -69,7 +69,7 @@ def build_pool(n_docs, seed=0):
     docs, questions, answers = [], [], []
     for i in range(n_docs):
         name, code = names[picks[i]], str(int(rng.integers(1000, 10000)))
-        filler = prose[i % len(prose)][:int(rng.integers(200, 500))]
+        filler = prose[i % len(prose)][:int(rng.integers(150, 350))]
         fact = f"The access code of the {name} project is {code}."
         text = f"Document: {filler[:len(filler) // 2]} {fact} {filler[len(filler) // 2:]}\n\n"
         docs.append(tok(text, add_special_tokens=False)["input_ids"])

@@ -147,6 +147,10 @@ def test_reordering_reuses_the_same_physical_copies():
     for tokens, k, v, _ in docs:
         store.put(tokens, k, v)
     written, held = store.stats.bytes_written, store.nbytes
+    for tokens, k, v, _ in docs:                       # the stored copy is the document-local KV, unchanged
+        k_read, v_read = store.read(tokens)
+        np.testing.assert_array_equal(k_read, k)
+        np.testing.assert_array_equal(v_read, v)
     assert held == sum(k.nbytes + v.nbytes for _, k, v, _ in docs)
     reqs = [store.request([docs[i][0] for i in order]) for order in ([0, 1, 2], [2, 0, 1], [1, 2, 0], [2, 1, 0])]
     for tokens, k, v, _ in docs:                       # a second put of a stored document is a no-op
