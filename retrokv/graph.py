@@ -35,8 +35,9 @@ class GraphConfig:
         n_query_neighbors: exact nearest keys per prefill query used by the projection (RoarGraph: 100).
         max_degree: out-degree bound M (RoarGraph: 35).
         pool_cap: candidates considered per target before pruning (RoarGraph's build list L: 500).
-        search_L: candidate-list length of the beam search (at least ``top_k``); chosen by
-            ``benchmarks/ood_recall.py`` for recall@100 >= 0.95 on SmolLM2 (see docs/graph_index.md).
+        search_L: candidate-list length of the beam search (at least ``top_k``). 150 gives recall@100
+            of about 0.95 on SmolLM2 at 4K-8K tokens (``benchmarks/ood_recall.py``); longer contexts
+            need more (L = 700 on layer 8 at 32K tokens). See docs/graph_index.md.
         metric: distance between keys in the occlusion pruning, ``"l2"`` (Euclidean) or ``"ip"``
             (negative inner product, RoarGraph's choice for inner-product data). ``"l2"`` reached
             recall@100 = 0.95 with fewer keys scored on SmolLM2 Q/K (docs/graph_index.md).
