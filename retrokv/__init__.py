@@ -18,12 +18,14 @@ __version__ = "0.1.0"
 
 # Heavier components load on first use, so `import retrokv` needs only NumPy.
 _LAZY = {
-    "WaveConfig": "retrokv.wave", "WaveIndex": "retrokv.wave",
+    "WaveConfig": "retrokv.wave", "WaveIndex": "retrokv.wave", "WaveStats": "retrokv.wave",
     "WaveBuffer": "retrokv.wave_buffer",
     "GraphConfig": "retrokv.graph", "GraphIndex": "retrokv.graph",
     "StreamingLLM": "retrokv.baselines", "TopKOracle": "retrokv.baselines",
     "IVFIndex": "retrokv.baselines", "QuestIndex": "retrokv.baselines",
-    "DocumentStore": "retrokv.lazy",
+    "StreamingConfig": "retrokv.baselines", "TopKConfig": "retrokv.baselines",
+    "IVFConfig": "retrokv.baselines", "QuestConfig": "retrokv.baselines",
+    "DocumentStore": "retrokv.lazy", "LazyConfig": "retrokv.lazy", "LazyRequest": "retrokv.lazy",
 }
 
 
