@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 # Heavier components load on first use, so `import retrokv` needs only NumPy.
 _LAZY = {
     "WaveConfig": "retrokv.wave", "WaveIndex": "retrokv.wave", "WaveStats": "retrokv.wave",
-    "WaveBuffer": "retrokv.wave_buffer",
+    "WaveBuffer": "retrokv.wave_buffer", "WaveBufferStats": "retrokv.wave_buffer",
     "GraphConfig": "retrokv.graph", "GraphIndex": "retrokv.graph",
     "StreamingLLM": "retrokv.baselines", "TopKOracle": "retrokv.baselines",
     "IVFIndex": "retrokv.baselines", "QuestIndex": "retrokv.baselines",
