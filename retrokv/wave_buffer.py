@@ -93,6 +93,7 @@ class WaveBuffer:
                                            self.cache_fraction)
         self.stats = None
         self.history = []
+        self.last_step = None
         self._totals = dict(hits=0, misses=0, bytes_h2d=0, bytes_no_cache=0)
 
     # ------------------------------------------------------------------ properties
@@ -138,6 +139,9 @@ class WaveBuffer:
 
         Returns the same :class:`~retrokv.reference.wave_index.ExecBuffer` as
         ``gather_execution_buffer``; :meth:`WaveIndex.attend` calls it when given ``buffer=``.
+        Sets :attr:`stats` (a :class:`WaveBufferStats`, also appended to :attr:`history`) and
+        :attr:`last_step` (the :class:`~retrokv.reference.wave_buffer.StepResult`: which clusters hit,
+        which misses were admitted, which clusters were evicted).
         """
         self._sync()
         retrieval = np.asarray(retrieval)
@@ -157,6 +161,7 @@ class WaveBuffer:
         buf = self._mod.fill_execution_buffer(self._state, sk, sv, sids, retrieval, res.hit)
         self._mod.scatter_admitted(self._state, retrieval, res.admitted)
         t2 = time.perf_counter()
+        self.last_step = res
         self.stats = self._count(retrieval, res, t1 - t0, t2 - t1)
         self.history.append(self.stats)
         return buf
