@@ -1,68 +1,78 @@
-"""``make demo``: SmolLM2 on a built-in natural-text prompt; attention sparsity and the query/key gap per layer.
+"""``make demo``: SmolLM2 answers passkey prompts with full, StreamingLLM, wave-index and graph attention.
 
-    python -m retrokv.demo [--tokens 4096] [--decode 64]
+    python -m retrokv.demo [--lengths 4096,8192] [--samples 3] [--backend fast] [--ppl-tokens 64]
 
-Loads the embedded SmolLM2-135M-Instruct offline, captures every layer's Q/K/V on a few thousand
-tokens of natural text, and prints one markdown table: per layer, the share of keys holding 90% of
-the attention mass of the last ``--decode`` positions, the Mahalanobis distance of queries vs held-out
-keys to the key distribution, and the recall@100 of a plain IVF index probed with queries vs keys.
+One table, per prompt length and method: passkey accuracy, perplexity change on natural text (the
+method active for every predicted token, relative to full attention), density (fraction of the
+context read exactly per decode step) and decode tokens/s. Every method decodes from the same dense
+prefill (:func:`retrokv.eval.shared_prefill`), so the prefill is paid once per prompt. StreamingLLM
+gets the wave index's exact budget (4 sinks + 64 recent + 1.8% of the tokens). The committed,
+larger run (20 prompts per length) is ``benchmarks/passkey.py``.
 """
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
-import numpy as np
-from tqdm import tqdm
+from . import eval as E
 
-from .analysis import ivf_recall_curves, mass_fraction, ood_distances
-from .data import natural_text_ids
-from .models import capture_qkv, load_smollm2
+DEMO_METHODS = ("full", "streaming", "wave", "graph")
 
 
-def sparsity_ood_table(qkv, n_decode=64, fractions=(0.05, 0.2), top_k=100):
-    """Markdown rows for each captured layer (see module docstring)."""
+def passkey_table(model, tok, lengths, samples, methods=DEMO_METHODS, backend="fast", ppl_tokens=64,
+                  progress=True):
+    """Rows ``{length, method, accuracy, ppl, ppl_delta_%, density, decode_tok_s, build_s}``."""
+    from .data import natural_text_ids
+
     rows = []
-    for layer, c in tqdm(sorted(qkv.items()), desc="layers", leave=False):
-        t = c.q.shape[1]
-        split = t - n_decode
-        frac = mass_fraction(c.q, c.k, np.arange(split, t))
-        dist = ood_distances(c.q, c.k, split)
-        g = c.q.shape[0] // c.k.shape[0]
-        rec_q, rec_k = [], []
-        for h in range(c.k.shape[0]):
-            db = c.k[h, :split]
-            by_q, by_k = ivf_recall_curves(db, [c.q[h * g, split:], c.k[h, split:]], fractions, k=top_k)
-            rec_q.append(by_q)
-            rec_k.append(by_k)
-        rq, rk_ = np.mean(rec_q, 0), np.mean(rec_k, 0)
-        rows.append(f"| {layer} | {100 * np.median(frac):.1f}% | {np.median(dist[:, 1] / dist[:, 0]):.1f}x | "
-                    + " | ".join(f"{a:.2f} / {b:.2f}" for a, b in zip(rq, rk_)) + " |")
-    head = ("| layer | keys holding 90% of mass (median) | Mahalanobis distance, queries / held-out keys | "
-            + " | ".join(f"IVF recall@{top_k} at {100 * f:.0f}% scanned: queries / keys" for f in fractions) + " |")
-    sep = "|" + "---|" * (3 + len(fractions))
-    return "\n".join([head, sep, *rows])
+    for n in lengths:
+        res = E.run_task(model, tok, E.make_samples(tok, "passkey", [n], samples), methods,
+                         backend=backend, progress=progress)
+        ppl = {}
+        if ppl_tokens:
+            ppl = E.perplexity(model, natural_text_ids(tok, n + ppl_tokens), n, methods, backend=backend,
+                               progress=progress)
+        base = ppl["full"][0] if "full" in ppl else None
+        for r in res:
+            row = {"length": n, **{k: v for k, v in r.items() if k != "answers"}}
+            if r["method"] in ppl:
+                row["ppl"] = ppl[r["method"]][0]
+                if base:
+                    row["ppl_delta_%"] = 100 * (row["ppl"] / base - 1)
+            rows.append(row)
+    return rows
+
+
+COLUMNS = ["length", "method", "samples", "accuracy", "ppl", "ppl_delta_%", "density", "decode_tok_s", "build_s"]
+
+
+def _lengths(s):
+    vals = [int(x) for x in s.split(",") if x.strip()]
+    if not vals or min(vals) < 256:
+        raise argparse.ArgumentTypeError(f"lengths must be a comma list of ints >= 256, got {s!r}")
+    return vals
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="retrokv demo: attention sparsity and the query/key gap on SmolLM2")
-    ap.add_argument("--tokens", type=int, default=4096, help="prompt length (built-in natural text)")
-    ap.add_argument("--decode", type=int, default=64, help="last positions used as decode queries")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lengths", type=_lengths, default=[4096, 8192])
+    ap.add_argument("--samples", type=int, default=3, help="passkey prompts per length (depths evenly spaced)")
+    ap.add_argument("--backend", choices=("reference", "fast"), default="fast")
+    ap.add_argument("--ppl-tokens", type=int, default=64, help="predicted tokens for the perplexity column (0: skip)")
     args = ap.parse_args(argv)
-    if args.decode >= args.tokens // 2:
-        ap.error(f"--decode ({args.decode}) must be less than half of --tokens ({args.tokens})")
+    if args.samples < 1 or args.ppl_tokens < 0:
+        ap.error("--samples must be >= 1 and --ppl-tokens >= 0")
+    from .models import load_smollm2
+
     t0 = time.time()
-    print("loading SmolLM2-135M-Instruct (embedded GGUF, offline) ...")
     model, tok = load_smollm2()
-    ids = natural_text_ids(tok, args.tokens)
-    print(f"capturing Q/K/V of all layers on {args.tokens} tokens of built-in natural text ...")
-    qkv = capture_qkv(model, ids)
-    print()
-    print(f"SmolLM2-135M, {args.tokens}-token prompt, decode queries = last {args.decode} positions")
-    print()
-    print(sparsity_ood_table(qkv, n_decode=args.decode))
-    print(f"\n({time.time() - t0:.0f} s)")
+    rows = passkey_table(model, tok, args.lengths, args.samples, backend=args.backend, ppl_tokens=args.ppl_tokens)
+    print(f"\nSmolLM2-135M passkey, {args.samples} prompts per length, backend={args.backend} "
+          f"({time.time() - t0:.0f} s):\n")
+    print(E.markdown_table(rows, COLUMNS))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

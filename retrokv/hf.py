@@ -32,15 +32,21 @@ _ATTACHED = "_retrokv_attached"
 
 
 class DenseIndex:
-    """Full attention with the index interface (``method="full"``): every token is read exactly."""
+    """Full attention with the index interface (``method="full"``): every token is read exactly.
+
+    Each KV head keeps its own growable ``(capacity, d)`` buffer, so the first ``n`` rows are one
+    contiguous block the attention kernel reads in place (no per-step copy).
+    """
 
     def __init__(self, keys, values, backend=None):
         self.backend = resolve(backend)
         self._core = backend_module(self.backend)
         hkv, n, d = keys.shape
-        self._k = np.empty((hkv, max(16, 2 * n), d), np.float32)
-        self._v = np.empty((hkv, self._k.shape[1], values.shape[2]), np.float32)
-        self._k[:, :n], self._v[:, :n] = keys, values
+        cap = max(16, 2 * n)
+        self._k = [np.empty((cap, d), np.float32) for _ in range(hkv)]
+        self._v = [np.empty((cap, values.shape[2]), np.float32) for _ in range(hkv)]
+        for h in range(hkv):
+            self._k[h][:n], self._v[h][:n] = keys[h], values[h]
         self.n_tokens = n
         self.last_stats = {}
 
@@ -49,19 +55,65 @@ class DenseIndex:
         return cls(np.asarray(keys, np.float32), np.asarray(values, np.float32), backend)
 
     def append(self, k, v):
-        if self.n_tokens == self._k.shape[1]:
-            self._k = np.concatenate([self._k, np.empty_like(self._k)], axis=1)
-            self._v = np.concatenate([self._v, np.empty_like(self._v)], axis=1)
-        self._k[:, self.n_tokens], self._v[:, self.n_tokens] = k, v
-        self.n_tokens += 1
+        n = self.n_tokens
+        for h in range(len(self._k)):
+            if n == self._k[h].shape[0]:
+                self._k[h] = np.concatenate([self._k[h], np.empty_like(self._k[h])])
+                self._v[h] = np.concatenate([self._v[h], np.empty_like(self._v[h])])
+            self._k[h][n], self._v[h][n] = k[h], v[h]
+        self.n_tokens = n + 1
 
     def attend(self, q, return_lse=False):
-        n = self.n_tokens
-        out, lse = self._core.partial_attention(q, self._k[:, :n], self._v[:, :n])
+        n, hkv = self.n_tokens, len(self._k)
         hq, d = q.shape
+        g = hq // hkv
+        parts = [self._core.partial_attention(q[h * g:(h + 1) * g], self._k[h][None, :n], self._v[h][None, :n])
+                 for h in range(hkv)]
+        out = np.concatenate([p[0] for p in parts])
+        lse = np.concatenate([p[1] for p in parts])
         self.last_stats = {"tokens_attended": hq * n, "keys_scored": hq * n, "density": 1.0,
-                           "bytes_read": hq * n * 8 * d}
+                           "bytes_read": hkv * n * 8 * d}
         return (out, lse) if return_lse else out
+
+
+def index_cache(n_layers=None, length=0):
+    """A transformers ``Cache`` that keeps no KV of its own: the attached method's indexes hold it.
+
+    With the default ``DynamicCache`` transformers keeps a second full copy of the KV and grows it
+    by concatenation every step, an O(N) copy per layer and token that would hide what a sparse
+    method saves. Pass ``cache=index_cache()`` to ``generate`` or a forward pass. It supports one
+    prefill followed by single-token steps (no chunked prefill, no beam search).
+    ``n_layers`` and ``length`` make a cache that resumes after a prefill of ``length`` tokens whose
+    indexes were built elsewhere (:meth:`Attached.rebuild`).
+    """
+    from transformers.cache_utils import Cache, DynamicLayer
+
+    class IndexLayer(DynamicLayer):
+        """Counts tokens and passes the new ones through; stores nothing."""
+
+        is_croppable = False
+
+        def __init__(self, length=0, **kwargs):
+            super().__init__(**kwargs)
+            self.length = length
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            if self.length and key_states.shape[-2] != 1:
+                raise ValueError("index_cache supports one prefill, then one token per step; got "
+                                 f"{key_states.shape[-2]} new tokens after {self.length}")
+            self.length += key_states.shape[-2]
+            return key_states, value_states
+
+        def get_seq_length(self):
+            return self.length
+
+    if n_layers is None:
+        if length:
+            raise ValueError("index_cache: give n_layers with a nonzero length")
+        return Cache(layer_class_to_replicate=IndexLayer)
+    return Cache(layers=[IndexLayer(length) for _ in range(n_layers)])
 
 
 def _index_class(method):
@@ -88,6 +140,8 @@ class Attached:
         self.indexes = {}                   # layer -> list of per-sequence indexes
         self.stats = defaultdict(list)      # layer -> list of per-step stats dicts
         self.build_calls = 0
+        self.keep_prefill = False           # True: keep the prefill's Q/K/V (numpy) for rebuild()
+        self.prefill = {}
 
     def reset_stats(self):
         """Forget the statistics gathered so far (the indexes stay)."""
@@ -124,6 +178,12 @@ class Attached:
         self.indexes[layer] = built
         self.build_calls += 1
 
+    def rebuild(self, prefill):
+        """Build this method's indexes from another handle's saved prefill (``keep_prefill=True``),
+        so several methods can share one dense prefill (the evaluation harness does this)."""
+        for layer, (q, k, v, valid) in prefill.items():
+            self._build(layer, q, k, v, valid)
+
     def __call__(self, module, query, key, value, attention_mask, **kwargs):
         import torch
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -132,12 +192,18 @@ class Attached:
         b, hq, t, d = query.shape
         n = key.shape[2]
         idx = self.indexes.get(layer)
-        fresh = t > 1 or idx is None or len(idx) != b or idx[0].n_tokens + 1 != n - _pad_count(attention_mask, 0)
-        if fresh:
+        # Decode through the index when it matches the cache: an IndexCache hands over only the new
+        # token; a DynamicCache hands over everything, which must be the index's tokens plus one.
+        decode = t == 1 and idx is not None and len(idx) == b and (
+            n == 1 or idx[0].n_tokens + 1 == n - _pad_count(attention_mask, 0))
+        if not decode:
             out, w = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
             valid = _valid_keys(attention_mask, b, n)
             with torch.no_grad():
-                self._build(layer, _np(query), _np(key), _np(value), valid)
+                qkv = _np(query), _np(key), _np(value)
+                self._build(layer, *qkv, valid)
+                if self.keep_prefill:
+                    self.prefill[layer] = (*qkv, valid)
             return out, w
         qn, kn, vn = _np(query[:, :, 0]), _np(key[:, :, -1]), _np(value[:, :, -1])   # (B, H, d)
         outs = []
@@ -151,9 +217,9 @@ class Attached:
 
 def _scalars(stats):
     """The numeric scalar statistics of one step (WaveStats or a dict); arrays are dropped to save memory."""
-    d = stats.as_dict() if hasattr(stats, "as_dict") else dict(stats)
-    return {k: v for k, v in d.items() if isinstance(v, (int, float, np.integer, np.floating))
-            and not isinstance(v, bool)}
+    items = ((f.name, getattr(stats, f.name)) for f in dataclasses.fields(stats)) \
+        if dataclasses.is_dataclass(stats) else stats.items()
+    return {k: v for k, v in items if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)}
 
 
 def _np(x):

@@ -1,0 +1,114 @@
+"""retrokv.eval, the CLI and the demo table: synthetic tasks, shared-prefill evaluation, perplexity."""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="module")
+def tok(smollm2):
+    return smollm2[1]
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_passkey_prompt_has_exact_length_and_the_key_at_its_depth(tok, depth):
+    from retrokv.eval import passkey
+
+    s = passkey(tok, 600, depth, seed=3)
+    assert len(s.prompt_ids) == 600 and s.answer.isdigit() and len(s.answer) == 5
+    text = tok.decode(list(s.prompt_ids))
+    assert text.count(s.answer) == 2 and text.rstrip().endswith("The pass key is")
+    at = text.index(f"The pass key is {s.answer}") / len(text)
+    assert abs(at - depth) < 0.15
+
+
+@pytest.mark.model
+def test_multikey_and_natural_needles(tok):
+    from retrokv.eval import FILLER, needle
+
+    multi = needle(tok, 800, 0.3, n_keys=4, seed=1)
+    text = tok.decode(list(multi.prompt_ids))
+    assert text.count("special magic numbers for") == 4 and text.count(multi.answer) == 1
+    asked = text.rsplit("What is the special magic number for ", 1)[1].split("?")[0]
+    assert f"for {asked} is: {multi.answer}" in text
+    nat = needle(tok, 800, 0.7, haystack="natural", seed=1)
+    assert FILLER.split(".")[0] not in tok.decode(list(nat.prompt_ids)) and len(nat.prompt_ids) == 800
+
+
+def test_task_arguments_are_validated(tok):
+    from retrokv.eval import make_samples, needle, passkey
+
+    with pytest.raises(ValueError, match="n_tokens"):
+        passkey(tok, 10, 0.5)
+    with pytest.raises(ValueError, match="depth"):
+        passkey(tok, 512, 1.5)
+    with pytest.raises(ValueError, match="haystack"):
+        needle(tok, 512, 0.5, haystack="web")
+    with pytest.raises(ValueError, match="n_keys"):
+        needle(tok, 512, 0.5, n_keys=0)
+    with pytest.raises(ValueError, match="task"):
+        make_samples(tok, "qa", [512], 1)
+
+
+@pytest.mark.model
+def test_shared_prefill_methods_agree_with_the_plain_model(smollm2):
+    """Plain transformers and retrokv's full attention, decoding from one shared prefill, answer alike;
+    an index whose budget covers everything gives the same perplexity; StreamingLLM reads less."""
+    from retrokv import eval as E
+    from retrokv.data import natural_text_ids
+    from retrokv.wave import WaveConfig
+
+    model, tok = smollm2
+    samples = E.make_samples(tok, "passkey", [512], 2)
+    rows = {r["method"]: r for r in E.run_task(model, tok, samples, ("plain", "full", "streaming"),
+                                                backend="fast", progress=False)}
+    assert rows["plain"]["answers"] == rows["full"]["answers"]
+    assert rows["full"]["density"] == 1.0 and rows["streaming"]["density"] < 0.5
+    ids = natural_text_ids(tok, 520)
+    ppl = E.perplexity(model, ids, 512, ("plain", "full", "wave"), configs={"wave": WaveConfig(retrieval_budget=1.0)},
+                       backend="fast", progress=False)
+    np.testing.assert_allclose(ppl["full"][1], ppl["plain"][1], atol=2e-3)
+    np.testing.assert_allclose(ppl["wave"][1], ppl["plain"][1], atol=2e-3)
+
+
+@pytest.mark.model
+def test_layer_errors_vanish_at_full_budget_and_grow_below_it(captured):
+    from retrokv.eval import layer_errors
+    from retrokv.wave import WaveConfig
+
+    few = {i: captured[i] for i in (3, 12)}
+    exact = layer_errors(few, "wave", WaveConfig(retrieval_budget=1.0), backend="fast", n_queries=4)
+    sparse = layer_errors(few, "wave", None, backend="fast", n_queries=4)
+    for e, s in zip(exact, sparse):
+        assert e["error"] < 1e-4 and e["density"] == pytest.approx(1.0) and e["recall"] == 1.0
+        assert s["error"] > e["error"] and s["density"] < 0.3 and 0 < s["recall"] < 1
+
+
+def test_cli_rejects_bad_arguments(capsys):
+    from retrokv.cli import build_parser
+
+    p = build_parser()
+    for bad in (["eval", "--methods", "full,hnsw"], ["eval", "--lengths", "4k"], ["eval", "--lengths", "100"],
+                ["eval", "--tasks", "qa"]):
+        with pytest.raises(SystemExit):
+            p.parse_args(bad)
+    a = p.parse_args(["eval", "--methods", "wave,graph", "--lengths", "4096,8192", "--samples", "2"])
+    assert a.methods == ["wave", "graph"] and a.lengths == [4096, 8192] and a.samples == 2
+
+
+def test_cli_writes_table_json_and_plots(tmp_path):
+    from retrokv.cli import _write
+
+    args = argparse.Namespace(out=str(tmp_path), backend="fast", ppl_tokens=8, lengths=[1024])
+    rows = [{"task": "passkey", "length": 1024, "method": m, "samples": 2, "accuracy": a, "density": d,
+             "decode_tok_s": 3.0, "build_s": 0.1, "prefill_s": 1.0} for m, a, d in (("full", 1.0, 1.0),
+                                                                                   ("wave", 0.5, 0.05))]
+    layers = {"wave": [{"layer": i, "error": 0.1 * (i + 1), "density": 0.05, "recall": 0.5} for i in range(3)]}
+    _write(args, rows, [{"length": 1024, "method": "wave", "ppl": 9.0, "ppl_delta_%": 1.0}], layers)
+    md = (tmp_path / "eval.md").read_text()
+    assert "| passkey | 1024 | wave | 2 | 0.500 | 0.050 |" in md and "Perplexity" in md
+    assert (tmp_path / "eval_accuracy.png").stat().st_size > 1000
+    assert (tmp_path / "eval_layers.png").stat().st_size > 1000
