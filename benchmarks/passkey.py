@@ -17,13 +17,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from machine import describe  # noqa: E402
 
 from retrokv import eval as E  # noqa: E402
-from retrokv.demo import COLUMNS, DEMO_METHODS, passkey_table  # noqa: E402
+from retrokv.demo import COLUMNS, DEMO_METHODS, demo_configs, passkey_table  # noqa: E402
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", default="4096,8192")
-    ap.add_argument("--samples", type=int, default=20)
+    ap.add_argument("--samples", default="20", help="prompts per length, one number or one per length")
     ap.add_argument("--methods", default=",".join(DEMO_METHODS))
     ap.add_argument("--ppl-tokens", type=int, default=64)
     ap.add_argument("--out", default="benchmarks/results/passkey.md")
@@ -33,17 +33,20 @@ def main():
     model, tok = load_smollm2()
     methods = args.methods.split(",")
     rows, t0 = [], time.time()
-    for n in (int(x) for x in args.lengths.split(",")):
-        rows += passkey_table(model, tok, [n], args.samples, methods, "fast", args.ppl_tokens)
+    lengths = [int(x) for x in args.lengths.split(",")]
+    samples = [int(x) for x in args.samples.split(",")]
+    samples = samples * len(lengths) if len(samples) == 1 else samples
+    for n, ns in zip(lengths, samples):
+        rows += passkey_table(model, tok, [n], ns, methods, "fast", args.ppl_tokens, configs=demo_configs())
         with open(args.out, "w") as f:
             f.write(f"# Passkey on SmolLM2-135M-Instruct\n\nCommand: `python benchmarks/passkey.py "
                     f"{' '.join(sys.argv[1:])}`  \nMachine: {describe()}  \n"
-                    f"Elapsed: {time.time() - t0:.0f} s. {args.samples} prompts per length, needle depths evenly "
+                    f"Elapsed: {time.time() - t0:.0f} s. Prompts per length: see `samples`; needle depths evenly "
                     f"spaced in [0.05, 0.95]; greedy, 10 new tokens; backend fast. Perplexity: "
                     f"{args.ppl_tokens} natural-text tokens predicted one at a time after the length's context, "
                     f"method active for each. StreamingLLM gets the wave index's exact budget "
                     f"(4 + 64 + 1.8% of the tokens); the graph index uses RetrievalAttention's 128 + 512 static "
-                    f"tokens + top-100. Decode tok/s include the model's own layers (the attention is a part).\n\n")
+                    f"tokens + top-100, built with a 100-candidate pool (retrokv.demo.demo_configs). Decode tok/s include the model's own layers (the attention is a part).\n\n")
             f.write(E.markdown_table(rows, COLUMNS) + "\n")
         print(E.markdown_table(rows, COLUMNS), flush=True)
 

@@ -160,3 +160,23 @@ def test_attach_validates_its_arguments(smollm2):
         hf.attach(object(), "wave")
     with pytest.raises(ValueError, match="no retrokv method"):
         hf.detach(model)
+
+
+def test_index_cache_keeps_no_kv_and_generates_like_dynamic_cache(smollm2, prompts, plain):
+    import torch
+    from retrokv import hf
+
+    model, tok = smollm2
+    single = _single(prompts)
+    cache = hf.index_cache()
+    hf.attach(model, "full", backend="fast")
+    try:
+        out = _generate(model, tok, single, cache=cache)
+        with pytest.raises(ValueError, match="one prefill"):
+            with torch.no_grad():
+                model(single["input_ids"][:, :3], cache=cache, use_cache=True)
+    finally:
+        hf.detach(model)
+    assert torch.equal(out[0], plain[0])
+    assert cache.get_seq_length() == out.shape[1] - 1          # the last token was never fed back
+    assert all(layer.keys.numel() == 0 for layer in cache.layers)
