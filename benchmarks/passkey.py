@@ -46,7 +46,7 @@ def main():
                     f"{args.ppl_tokens} natural-text tokens predicted one at a time after the length's context, "
                     f"method active for each. StreamingLLM gets the wave index's exact budget "
                     f"(4 + 64 + 1.8% of the tokens); the graph index uses RetrievalAttention's 128 + 512 static "
-                    f"tokens + top-100, built with a 100-candidate pool (retrokv.demo.demo_configs). Decode tok/s include the model's own layers (the attention is a part).\n\n")
+                    f"tokens + top-100, built from 1024 evenly strided prefill queries (retrokv.demo.demo_configs). Decode tok/s include the model's own layers (the attention is a part).\n\n")
             f.write(E.markdown_table(rows, COLUMNS) + "\n")
         print(E.markdown_table(rows, COLUMNS), flush=True)
 

@@ -41,15 +41,28 @@ def _push(best_s, best_i, cnt, s, idx):
 
 @nb.njit(parallel=True, cache=True)
 def _select_rows(scores, k):
+    # Same answer as the reference: the k-th largest value by partition (O(n)), every id scoring at
+    # least that much as a candidate (ascending ids), then a stable sort by score (desc) -> ties by id.
     r, n = scores.shape
     out = np.empty((r, k), dtype=np.int64)
     for i in nb.prange(r):
-        best_s = np.empty(k, dtype=scores.dtype)
-        best_i = np.empty(k, dtype=np.int64)
-        cnt = 0
+        row = scores[i]
+        if k < n:
+            kth = np.partition(row.copy(), n - k)[n - k]
+        else:
+            kth = row.min()
+        cand = np.empty(n, dtype=np.int64)
+        c = 0
         for j in range(n):
-            cnt = _push(best_s, best_i, cnt, scores[i, j], j)
-        out[i] = best_i
+            if row[j] >= kth:
+                cand[c] = j
+                c += 1
+        neg = np.empty(c, dtype=np.float64)
+        for j in range(c):
+            neg[j] = -np.float64(row[cand[j]])
+        order = np.argsort(neg, kind="mergesort")
+        for j in range(k):
+            out[i, j] = cand[order[j]]
     return out
 
 

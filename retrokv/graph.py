@@ -42,6 +42,9 @@ class GraphConfig:
             (negative inner product, RoarGraph's choice for inner-product data). ``"l2"`` reached
             recall@100 = 0.95 with fewer keys scored on SmolLM2 Q/K (docs/graph_index.md).
         enhance: add nearest-key edges to free slots (RoarGraph's connectivity enhancement).
+        build_queries: use at most this many prefill queries (evenly strided, always including the
+            last) for the projection; ``None`` uses all, as the paper does. The exact k-NN of every
+            prefill query dominates the build time (~3.6 s per SmolLM2 layer at 4K tokens on 2 cores).
     """
     n_sink: int = 128
     n_recent: int = 512
@@ -52,8 +55,11 @@ class GraphConfig:
     search_L: int = 150
     metric: str = "l2"
     enhance: bool = True
+    build_queries: int | None = None
 
     def __post_init__(self):
+        if self.build_queries is not None:
+            check_int(self.build_queries, "GraphConfig.build_queries", 1)
         for name in ("top_k", "n_query_neighbors", "max_degree", "pool_cap", "search_L"):
             check_int(getattr(self, name), f"GraphConfig.{name}", 1)
         for name in ("n_sink", "n_recent"):
@@ -99,6 +105,9 @@ class GraphIndex(SparseIndex):
             raise ValueError(f"prefill_queries must have shape (Hq, Tq, {d}) with Hq a positive multiple of "
                              f"Hkv={hkv}, got {tuple(pq.shape)}")
         V.check_finite(pq, "prefill_queries")
+        if config.build_queries is not None and pq.shape[1] > config.build_queries:
+            keep = np.linspace(0, pq.shape[1] - 1, config.build_queries).round().astype(np.int64)
+            pq = pq[:, np.unique(keep)]
         pq = np.ascontiguousarray(pq, dtype=np.float32)
 
         self = cls(keys, values, config.n_sink, config.n_recent, config.top_k, backend)

@@ -179,3 +179,17 @@ def test_validation(rng):
         idx.search(rng.standard_normal((2, 8)).astype(np.float32))
     with pytest.raises(ValueError, match="L must be"):
         idx.search(pq[:, 0], L=0)
+
+
+def test_build_queries_subsamples_the_projection_queries(rng):
+    k = rng.standard_normal((1, 96, 8)).astype(np.float32)
+    q = rng.standard_normal((2, 40, 8)).astype(np.float32)
+    cfg = GraphConfig(n_sink=0, n_recent=0, n_query_neighbors=8, max_degree=6, pool_cap=20)
+    full = GraphIndex.build(k, k, q, cfg, backend="reference")
+    same = GraphIndex.build(k, k, q, GraphConfig(**{**cfg.__dict__, "build_queries": 40}), backend="reference")
+    fewer = GraphIndex.build(k, k, q, GraphConfig(**{**cfg.__dict__, "build_queries": 5}), backend="reference")
+    np.testing.assert_array_equal(full.adj, same.adj)          # a cap at Tq changes nothing
+    sub = GraphIndex.build(k, k, q[:, np.linspace(0, 39, 5).round().astype(int)], cfg, backend="reference")
+    np.testing.assert_array_equal(fewer.adj, sub.adj)          # the cap takes evenly strided queries
+    with pytest.raises(ValueError, match="build_queries"):
+        GraphConfig(build_queries=0)

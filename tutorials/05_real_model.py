@@ -47,12 +47,12 @@ print(f"{N}-token passkey prompt; the key is {sample.answer}")
 # ## Generate with each method
 #
 # StreamingLLM gets the wave index's exact budget: 4 sinks + 64 recent tokens + 1.8% of the context.
-# The graph builds with a small candidate pool to keep this notebook quick.
+# The graph builds from 256 of the prefill queries to keep this notebook quick.
 
 # %%
 from retrokv.graph import GraphConfig
 
-configs = {"streaming": E.method_config("streaming", N), "graph": GraphConfig(pool_cap=100)}
+configs = {"streaming": E.method_config("streaming", N), "graph": GraphConfig(build_queries=256)}
 handles = {}
 for method in ["full", "streaming", "topk", "quest", "ivf", "wave", "graph"]:
     h = hf.attach(model, method, config=configs.get(method), backend="fast")
