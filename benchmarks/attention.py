@@ -12,13 +12,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import numba as nb
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from machine import describe  # noqa: E402
+from machine import best_of, describe  # noqa: E402
 
 import retrokv.fast as fast  # noqa: E402
 import retrokv.reference as ref  # noqa: E402
@@ -38,15 +37,6 @@ def _stream(k, v):
         part[r] = s
     return part.sum()
 
-
-def best_of(fn, repeats):
-    fn()  # warm-up (compilation, page faults)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def main(argv=None):

@@ -21,14 +21,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from collections import OrderedDict
 
 import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(__file__))
-from machine import describe  # noqa: E402
+from machine import best_of, describe  # noqa: E402
 
 
 # ---- part 1: capacity ------------------------------------------------------------------------------
@@ -74,16 +73,6 @@ def capacity_table(positions=20, capacity=100):
 
 
 # ---- part 3: attention kernels alone -------------------------------------------------------------
-def best_of(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
-
-
 def kernel_table(n_docs=5, doc_len=2048, t=32, hkv=3, g=3, d=64, repeats=5):
     """Per-layer attention of a request (SmolLM2 heads): lazy vs keys already in place vs Block-Attention."""
     import retrokv as rk

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import platform
+import time
 
 
 def describe() -> str:
@@ -37,3 +38,14 @@ def describe() -> str:
     except (OSError, ValueError, IndexError):
         pass
     return ", ".join(parts)
+
+
+def best_of(fn, repeats):
+    """Fastest of ``repeats`` timed calls of ``fn`` after one untimed warm-up (compilation, page faults)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)

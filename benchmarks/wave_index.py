@@ -33,7 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(__file__))
-from machine import describe  # noqa: E402
+from machine import best_of, describe  # noqa: E402
 
 import retrokv.fast as fast  # noqa: E402
 import retrokv.reference as ref  # noqa: E402
@@ -102,15 +102,6 @@ def accuracy(args):
         rows.append((layer, {m: {s: float(np.mean(x)) for s, x in a.items()} for m, a in acc.items()}))
     return rows, methods
 
-
-def best_of(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def speed(args):
