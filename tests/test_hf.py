@@ -180,3 +180,22 @@ def test_index_cache_keeps_no_kv_and_generates_like_dynamic_cache(smollm2, promp
     assert torch.equal(out[0], plain[0])
     assert cache.get_seq_length() == out.shape[1] - 1          # the last token was never fed back
     assert all(layer.keys.numel() == 0 for layer in cache.layers)
+
+
+def test_sampling_with_a_seed_matches_plain_sampling(smollm2, prompts):
+    import torch
+    from retrokv import hf
+
+    model, tok = smollm2
+    single = _single(prompts)
+    kw = dict(max_new_tokens=NEW_TOKENS, do_sample=True, top_k=20, temperature=0.8, pad_token_id=tok.eos_token_id)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        plain = model.generate(**single, **kw)
+        hf.attach(model, "full", backend="fast")
+        try:
+            torch.manual_seed(3)
+            ours = model.generate(**single, cache=hf.index_cache(), **kw)
+        finally:
+            hf.detach(model)
+    assert torch.equal(ours, plain)
