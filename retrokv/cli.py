@@ -22,6 +22,14 @@ def _csv(kind, allowed=None):
         items = [x.strip() for x in s.split(",") if x.strip()]
         if not items:
             raise argparse.ArgumentTypeError(f"empty {kind} list")
+        if kind == "depths":
+            try:
+                vals = [float(x) for x in items]
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"depths must be numbers, got {s!r}") from None
+            if not all(0 <= x <= 1 for x in vals):
+                raise argparse.ArgumentTypeError(f"depths must lie in [0, 1], got {s!r}")
+            return vals
         if kind == "lengths":
             try:
                 vals = [int(x) for x in items]
@@ -47,7 +55,9 @@ def build_parser():
     e.add_argument("--methods", type=_csv("methods", METHODS), default=["full", "streaming", "wave", "graph"],
                    help="comma list; 'plain' is the untouched model (transformers SDPA)")
     e.add_argument("--lengths", type=_csv("lengths"), default=[4096], help="prompt lengths in tokens")
-    e.add_argument("--samples", type=int, default=5, help="prompts per task and length (depths evenly spaced)")
+    e.add_argument("--samples", type=int, default=5,
+                   help="prompts per task and length (depths evenly spaced), or per depth with --depths")
+    e.add_argument("--depths", type=_csv("depths"), default=None, help="needle depths in [0, 1], e.g. 0.1,0.5,0.9")
     e.add_argument("--backend", choices=("reference", "fast"), default="fast")
     e.add_argument("--ppl", action="store_true", help="perplexity of natural text, method active per token")
     e.add_argument("--ppl-tokens", type=int, default=128, help="predicted tokens for --ppl")
@@ -76,7 +86,7 @@ def run_eval(args):
     rows, ppl_rows, layer_rows = [], [], {}
     for task in args.tasks:
         for n in args.lengths:
-            samples = E.make_samples(tok, task, [n], args.samples)
+            samples = E.make_samples(tok, task, [n], args.samples, depths=args.depths)
             for r in E.run_task(model, tok, samples, args.methods, backend=args.backend, progress=progress):
                 r.update(task=task, length=n)
                 rows.append(r)

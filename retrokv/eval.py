@@ -108,13 +108,19 @@ def needle(tok, n_tokens, depth, n_keys=1, haystack="noise", seed=0):
     return _assemble(tok, task, n_tokens, depth, needles, question, values[0], haystack, rng)
 
 
-def make_samples(tok, task, lengths, samples, seed=0):
-    """``samples`` prompts per length, the needle depths evenly spaced over ``[0.05, 0.95]``."""
+def make_samples(tok, task, lengths, samples, seed=0, depths=None):
+    """``samples`` prompts per length, the needle depths evenly spaced over ``[0.05, 0.95]``, or
+    ``samples`` prompts at each of the given ``depths``."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples must be a positive int, got {samples!r}")
-    depths = np.linspace(0.05, 0.95, samples)
+    if depths is None:
+        depths = np.linspace(0.05, 0.95, samples)
+    else:
+        if not len(depths) or not all(isinstance(x, (int, float)) and 0 <= x <= 1 for x in depths):
+            raise ValueError(f"depths must be fractions in [0, 1], got {depths!r}")
+        depths = np.repeat(np.asarray(depths, float), samples)
     out = []
     for n in lengths:
         for i, dep in enumerate(depths):

@@ -51,6 +51,10 @@ def test_task_arguments_are_validated(tok):
         needle(tok, 512, 0.5, n_keys=0)
     with pytest.raises(ValueError, match="task"):
         make_samples(tok, "qa", [512], 1)
+    with pytest.raises(ValueError, match="depths"):
+        make_samples(tok, "passkey", [512], 1, depths=[0.5, 2.0])
+    got = make_samples(tok, "passkey", [512], 2, depths=[0.25, 0.75])
+    assert [s.depth for s in got] == [0.25, 0.25, 0.75, 0.75] and len({s.answer for s in got}) == 4
 
 
 @pytest.mark.model
@@ -92,11 +96,12 @@ def test_cli_rejects_bad_arguments(capsys):
 
     p = build_parser()
     for bad in (["eval", "--methods", "full,hnsw"], ["eval", "--lengths", "4k"], ["eval", "--lengths", "100"],
-                ["eval", "--tasks", "qa"]):
+                ["eval", "--tasks", "qa"], ["eval", "--depths", "0.5,1.5"]):
         with pytest.raises(SystemExit):
             p.parse_args(bad)
     a = p.parse_args(["eval", "--methods", "wave,graph", "--lengths", "4096,8192", "--samples", "2"])
-    assert a.methods == ["wave", "graph"] and a.lengths == [4096, 8192] and a.samples == 2
+    assert a.methods == ["wave", "graph"] and a.lengths == [4096, 8192] and a.samples == 2 and a.depths is None
+    assert p.parse_args(["eval", "--depths", "0.1,0.9"]).depths == [0.1, 0.9]
 
 
 def test_cli_writes_table_json_and_plots(tmp_path):
