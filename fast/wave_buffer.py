@@ -29,6 +29,7 @@ from retrokv.reference.wave_buffer import (BufferState, DeviceTier, HostTier, St
 from retrokv.reference.wave_index import ExecBuffer
 
 from ._dispatch import require_numpy
+from .wave_index import _workspace  # the same reused execution-buffer arrays
 
 __all__ = ["HostTier", "DeviceTier", "BufferState", "StepResult", "empty_state", "extend_host_tier",
            "extend_device_tier", "capacity_blocks", "sync_state", "plan_step", "fill_execution_buffer",
@@ -213,21 +214,6 @@ def _fill(bk, bv, bids, steady_k, steady_v, steady_ids, hk, hv, hids, dk, dv_, d
                     bk[h, row, x] = hk[h, hb, slot, x]
                 for x in range(dv):
                     bv[h, row, x] = hv[h, hb, slot, x]
-
-
-_WORK = {}
-
-
-def _workspace(hkv, width, d, dv):
-    """Reused execution-buffer arrays (as in ``fast.wave_index``): valid until the next fill."""
-    key = (hkv, d, dv)
-    bk, bv, bids = _WORK.get(key, (None, None, None))
-    if bk is None or bk.shape[1] < width:
-        cap = max(width, int(1.25 * (0 if bk is None else bk.shape[1])))
-        bk, bv = np.empty((hkv, cap, d), np.float32), np.empty((hkv, cap, dv), np.float32)
-        bids = np.empty((hkv, cap), np.int64)
-        _WORK[key] = (bk, bv, bids)
-    return bk[:, :width], bv[:, :width], bids[:, :width]
 
 
 def fill_execution_buffer(state, steady_k, steady_v, steady_ids, retrieval, hit):

@@ -42,7 +42,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .wave_index import ExecBuffer
+from .wave_index import stack_heads
 
 __all__ = ["HostTier", "DeviceTier", "BufferState", "StepResult", "empty_state", "extend_host_tier",
            "extend_device_tier", "capacity_blocks", "sync_state", "plan_step", "fill_execution_buffer",
@@ -231,13 +231,7 @@ def fill_execution_buffer(state, steady_k, steady_v, steady_ids, retrieval, hit)
         parts = [(steady_k[h], steady_v[h], steady_ids)]
         parts += [_cluster_rows(state, h, i, hit[h, j]) for j, i in enumerate(clusters)]
         heads.append(tuple(np.concatenate([p[x] for p in parts]) for x in range(3)))
-    lengths = np.array([len(ids) for _, _, ids in heads], dtype=np.int64)
-    width = int(lengths.max(initial=0))
-
-    def pad(x):
-        return np.pad(x, [(0, width - len(x))] + [(0, 0)] * (x.ndim - 1))
-    return ExecBuffer(np.stack([pad(k) for k, _, _ in heads]), np.stack([pad(v) for _, v, _ in heads]),
-                      np.stack([pad(i) for _, _, i in heads]), lengths)
+    return stack_heads(heads)
 
 
 def scatter_admitted(state, retrieval, admitted):

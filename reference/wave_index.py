@@ -143,6 +143,11 @@ def gather_execution_buffer(meta, steady_k, steady_v, steady_ids, retrieval):
         heads.append((np.concatenate([steady_k[h], meta.keys[h][rows]]),
                       np.concatenate([steady_v[h], meta.values[h][rows]]),
                       np.concatenate([steady_ids, meta.ids[h][rows]])))
+    return stack_heads(heads)
+
+
+def stack_heads(heads):
+    """Per-head ``(keys, values, ids)`` of different lengths -> one zero-padded :class:`ExecBuffer`."""
     lengths = np.array([len(ids) for _, _, ids in heads], dtype=np.int64)
     width = int(lengths.max(initial=0))
 

@@ -207,7 +207,7 @@ class Attached:
             return out, w
         scaling = kwargs.get("scaling")
         if scaling is not None and abs(scaling * d ** 0.5 - 1) > 1e-6:
-            raise NotImplementedError(f"layer {layer} scales scores by {scaling}; retrokv's indexes use "
+            raise ValueError(f"layer {layer} scales scores by {scaling}; retrokv's indexes use "
                                       f"1/sqrt(head_dim) = {d ** -0.5:.6g}")
         qn, kn, vn = _np(query[:, :, 0]), _np(key[:, :, -1]), _np(value[:, :, -1])   # (B, H, d)
         outs = []
