@@ -117,7 +117,7 @@ def run_eval(args):
 def _write(args, rows, ppl_rows, layer_rows):
     from . import eval as E
 
-    cmd = "retrokv " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("retrokv") else "retrokv eval ..."
+    cmd = "retrokv " + " ".join(sys.argv[1:])
     md = [f"# retrokv eval\n\nCommand: `{cmd}`  \nMachine: {_describe()}  \nBackend: {args.backend}\n"]
     if rows:
         md += ["## Retrieval tasks\n", E.markdown_table(

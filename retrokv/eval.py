@@ -15,7 +15,6 @@ Everything is generated in code, so anyone can rerun it offline:
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -333,6 +332,3 @@ def markdown_table(rows, columns):
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
 
-
-def config_summary(cfg):
-    return "defaults" if cfg is None else ", ".join(f"{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg))

@@ -22,7 +22,6 @@ from collections import defaultdict
 
 import numpy as np
 
-from . import _validate as V
 from .backend import module as backend_module
 from .backend import resolve
 
@@ -271,7 +270,7 @@ def attach(model, method="wave", config=None, backend=None, dense_layers=()):
     layers = [m for m in modules if hasattr(m, "layer_idx") and hasattr(m, "k_proj")]
     if not layers:
         raise TypeError(f"{type(model).__name__} has no Llama-style attention layers (k_proj, layer_idx)")
-    dense_layers = [V_int(i, len(layers)) for i in dense_layers]
+    dense_layers = [_layer_index(i, len(layers)) for i in dense_layers]
     if getattr(model, _ATTACHED, None) is not None:
         detach(model)
     handle = Attached(model, method, config, backend, dense_layers, model.config._attn_implementation)
@@ -286,7 +285,7 @@ def attach(model, method="wave", config=None, backend=None, dense_layers=()):
     return handle
 
 
-def V_int(i, n):
+def _layer_index(i, n):
     if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < n:
         raise ValueError(f"dense_layers entries must be layer indices in [0, {n}), got {i!r}")
     return int(i)
