@@ -24,7 +24,7 @@ from typing import NamedTuple
 import numba as nb
 import numpy as np
 
-from retrokv.reference.wave_buffer import (BufferState, DeviceTier, HostTier, StepResult,  # not hot
+from retrokv.reference.wave_buffer import (BufferState, DeviceTier, HostTier, StepResult, empty_tiers,  # not hot
                                            capacity_blocks, extend_device_tier, extend_host_tier, read_cluster)
 from retrokv.reference.wave_index import ExecBuffer
 
@@ -51,11 +51,7 @@ class Table(NamedTuple):
 def empty_state(hkv, d, dv, block_size):
     """A buffer with no clusters and no cache blocks."""
     z = np.zeros
-    host = HostTier(z((hkv, 0, block_size, d), np.float32), z((hkv, 0, block_size, dv), np.float32),
-                    z((hkv, 0, block_size), np.int64), z((hkv, 0), np.int64), z((hkv, 0), np.int64),
-                    z((hkv, 0), np.int64))
-    device = DeviceTier(z((hkv, 0, block_size, d), np.float32), z((hkv, 0, block_size, dv), np.float32),
-                        z((hkv, 0, block_size), np.int64))
+    host, device = empty_tiers(hkv, d, dv, block_size)
     table = Table(z((hkv, 0), bool), z((hkv, 0), np.int64), z((hkv, 0), np.int64), z(hkv, np.int64),
                   z((hkv, 0), np.int64), z((hkv, 0), np.int64), np.full((hkv, 2), -1, np.int64))
     return BufferState(host, device, table)

@@ -92,14 +92,21 @@ class StepResult(NamedTuple):
     evicted: np.ndarray     # (E, 2) int64 (head, cluster) in eviction order
 
 
-def empty_state(hkv, d, dv, block_size):
-    """A buffer with no clusters and no cache blocks."""
+def empty_tiers(hkv, d, dv, block_size):
+    """Empty host and device tiers (shared by both backends; only the mapping table differs)."""
     z = np.zeros
     host = HostTier(z((hkv, 0, block_size, d), np.float32), z((hkv, 0, block_size, dv), np.float32),
                     z((hkv, 0, block_size), np.int64), z((hkv, 0), np.int64), z((hkv, 0), np.int64),
                     z((hkv, 0), np.int64))
     device = DeviceTier(z((hkv, 0, block_size, d), np.float32), z((hkv, 0, block_size, dv), np.float32),
                         z((hkv, 0, block_size), np.int64))
+    return host, device
+
+
+def empty_state(hkv, d, dv, block_size):
+    """A buffer with no clusters and no cache blocks."""
+    z = np.zeros
+    host, device = empty_tiers(hkv, d, dv, block_size)
     table = Table(z((hkv, 0), bool), z((hkv, 0), np.int64), [[] for _ in range(hkv)],
                   [OrderedDict() for _ in range(hkv)])
     return BufferState(host, device, table)
