@@ -34,12 +34,13 @@ def main():
     ids = natural_text_ids(tok, args.context + args.predict)
     budgets = [float(b) for b in args.budgets.split(",")]
     names = ["full"] + [f"wave@{b}" for b in budgets]
-    # one method name per budget: attach the wave index under each config in turn
+    prefill = E.shared_prefill(model, ids[:args.context], "fast")     # one dense prefill for every budget
     rows, base = [], None
     for name, b in zip(names, [None] + budgets):
         method = "full" if b is None else "wave"
         cfg = {"wave": WaveConfig(retrieval_budget=b)} if b is not None else None
-        ppl, _ = E.perplexity(model, ids, args.context, (method,), cfg, backend="fast", progress=False)[method]
+        ppl, _ = E.perplexity(model, ids, args.context, (method,), cfg, backend="fast", progress=False,
+                                prefill=prefill)[method]
         base = ppl if base is None else base
         rows.append({"method": name, "ppl": ppl, "ppl_delta_%": 100 * (ppl / base - 1)})
         print(rows[-1], flush=True)

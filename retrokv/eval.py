@@ -248,12 +248,14 @@ def run_task(model, tok, samples, methods=("full",), configs=None, backend=None,
     return out
 
 
-def perplexity(model, ids, n_context, methods=("full",), configs=None, backend=None, progress=True):
+def perplexity(model, ids, n_context, methods=("full",), configs=None, backend=None, progress=True,
+               prefill=None):
     """Perplexity of ``ids[n_context:]`` given everything before, one token at a time through each method.
 
     The first ``n_context`` tokens are prefilled densely once (each method builds its index from
     that prefill); every later token is predicted by a decode step that attends through the method
     (the method is active for every predicted token). Returns ``{method: (ppl, nll per token)}``.
+    ``prefill``: a :func:`shared_prefill` result for ``ids[:n_context]`` to reuse across calls.
     """
     import torch
     from tqdm.auto import tqdm
@@ -261,7 +263,7 @@ def perplexity(model, ids, n_context, methods=("full",), configs=None, backend=N
     ids = list(ids)
     if not 1 <= n_context < len(ids):
         raise ValueError(f"n_context must be in [1, {len(ids)}), got {n_context}")
-    logits0, saved, _ = shared_prefill(model, ids[:n_context], backend)
+    logits0, saved, _ = prefill if prefill is not None else shared_prefill(model, ids[:n_context], backend)
     out = {}
     for m in methods:
         nll, logits = [], logits0
@@ -281,7 +283,7 @@ def layer_errors(captured, method="wave", config=None, backend=None, n_queries=1
     the keys before the last ``n_queries`` positions; each of those positions' queries then attends
     through it (the context grows by appending the keys in between, as in decoding).
     """
-    from .hf import _index_class
+    from .hf import build_index
     from .reference.attention import full_attention
 
     rows = []
@@ -289,12 +291,8 @@ def layer_errors(captured, method="wave", config=None, backend=None, n_queries=1
         q, k, v = c.q, c.k, c.v
         n = k.shape[1]
         p = n - n_queries
-        cls = _index_class(method)
         cfg = config if config is not None else method_config(method, n)
-        if cls.__name__ == "GraphIndex":
-            index = cls.build(k[:, :p], v[:, :p], q[:, :p], config=cfg, backend=backend)
-        else:
-            index = cls.build(k[:, :p], v[:, :p], config=cfg, backend=backend)
+        index = build_index(method, k[:, :p], v[:, :p], q[:, :p], cfg, backend)
         errs, dens, recs = [], [], []
         for t in range(p, n):
             if t > p:

@@ -129,6 +129,15 @@ def _index_class(method):
             "quest": baselines.QuestIndex, "ivf": baselines.IVFIndex}[method]
 
 
+def build_index(method, keys, values, prefill_queries, config=None, backend=None):
+    """One layer's index for ``method`` over ``keys, values (Hkv, N, d)``; only the graph index
+    uses the prefill queries (RetrievalAttention projects them onto the key graph)."""
+    cls = _index_class(method)
+    if method == "graph":
+        return cls.build(keys, values, prefill_queries, config=config, backend=backend)
+    return cls.build(keys, values, config=config, backend=backend)
+
+
 class Attached:
     """Handle returned by :func:`attach`: the method, its per-layer indexes and their statistics."""
 
@@ -163,17 +172,12 @@ class Attached:
     # ------------------------------------------------------------------ the attention function
     def _build(self, layer, q, k, v, valid):
         """One index per sequence, over its valid (non-padding) tokens."""
-        cls = _index_class("full" if layer in self.dense_layers else self.method)
+        method = "full" if layer in self.dense_layers else self.method
         built = []
         for b in range(k.shape[0]):
             kb, vb = k[b][:, valid[b]], v[b][:, valid[b]]                  # (Hkv, N_b, d)
-            if cls.__name__ == "GraphIndex":
-                qb = q[b][:, valid[b][-q.shape[2]:]]                       # prefill queries (Hq, T_b, d)
-                built.append(cls.build(kb, vb, qb, config=self.config, backend=self.backend))
-            elif cls is DenseIndex:
-                built.append(cls.build(kb, vb, backend=self.backend))
-            else:
-                built.append(cls.build(kb, vb, config=self.config, backend=self.backend))
+            qb = q[b][:, valid[b][-q.shape[2]:]]                           # prefill queries (Hq, T_b, d)
+            built.append(build_index(method, kb, vb, qb, self.config, self.backend))
         self.indexes[layer] = built
         self.build_calls += 1
 
