@@ -20,6 +20,20 @@ from retrokv import eval as E  # noqa: E402
 from retrokv.demo import COLUMNS, DEMO_METHODS, demo_configs, passkey_table  # noqa: E402
 
 
+def per_depth(rows):
+    """One table per length: each prompt's needle depth and whether each method's answer held the passkey."""
+    out = []
+    for n in sorted({r["length"] for r in rows}):
+        mine = [r for r in rows if r["length"] == n]
+        head = "| depth | " + " | ".join(r["method"] for r in mine) + " |"
+        lines = [f"\n## Per prompt at {n} tokens (1 = passkey found)\n", head, "|" + "---|" * (len(mine) + 1)]
+        for i, d in enumerate(mine[0]["depths"]):
+            marks = [str(int(r["expected"][i] in r["answers"][i].replace(",", ""))) for r in mine]
+            lines.append(f"| {d:.3f} | " + " | ".join(marks) + " |")
+        out.append("\n".join(lines) + "\n")
+    return "".join(out)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", default="4096,8192")
@@ -48,6 +62,7 @@ def main():
                     f"(4 + 64 + 1.8% of the tokens); the graph index uses RetrievalAttention's 128 + 512 static "
                     f"tokens + top-100, built from 1024 evenly strided prefill queries (retrokv.demo.demo_configs). Decode tok/s include the model's own layers (the attention is a part).\n\n")
             f.write(E.markdown_table(rows, COLUMNS) + "\n")
+            f.write(per_depth(rows))
         print(E.markdown_table(rows, COLUMNS), flush=True)
 
 

@@ -109,16 +109,21 @@ def _config(cls, config, overrides):
     return config
 
 
+def _new(cls, config_cls, keys, values, config, backend, overrides, top_k=None):
+    """Validate the config and KV and make the index; ``top_k`` overrides the config's (StreamingLLM has none)."""
+    cfg = _config(config_cls, config, overrides)
+    keys, values = check_kv(keys, values)
+    self = cls(keys, values, cfg.n_sink, cfg.n_recent, cfg.top_k if top_k is None else top_k, backend)
+    self.config = cfg
+    return self, cfg
+
+
 class TopKOracle(SparseIndex):
     """Exact top-k retrieval: scores every indexed key (the ceiling for any index at budget k)."""
 
     @classmethod
     def build(cls, keys, values, config=None, backend=None, **overrides):
-        cfg = _config(TopKConfig, config, overrides)
-        keys, values = check_kv(keys, values)
-        self = cls(keys, values, cfg.n_sink, cfg.n_recent, cfg.top_k, backend)
-        self.config = cfg
-        return self
+        return _new(cls, TopKConfig, keys, values, config, backend, overrides)[0]
 
     def _search(self, q3, k):
         ids, scanned = self._impl.exact_topk(q3, self._ikeys, k)
@@ -131,11 +136,7 @@ class StreamingLLM(SparseIndex):
 
     @classmethod
     def build(cls, keys, values, config=None, backend=None, **overrides):
-        cfg = _config(StreamingConfig, config, overrides)
-        keys, values = check_kv(keys, values)
-        self = cls(keys, values, cfg.n_sink, cfg.n_recent, 1, backend)
-        self.config = cfg
-        return self
+        return _new(cls, StreamingConfig, keys, values, config, backend, overrides, top_k=1)[0]
 
     def _retrieve(self, q3):
         hq = q3.shape[0]
@@ -159,10 +160,7 @@ class IVFIndex(SparseIndex):
 
     @classmethod
     def build(cls, keys, values, config=None, backend=None, **overrides):
-        cfg = _config(IVFConfig, config, overrides)
-        keys, values = check_kv(keys, values)
-        self = cls(keys, values, cfg.n_sink, cfg.n_recent, cfg.top_k, backend)
-        self.config = cfg
+        self, cfg = _new(cls, IVFConfig, keys, values, config, backend, overrides)
         hkv, n, d = self._ikeys.shape
         c = max(1, min(n, cfg.n_lists if cfg.n_lists else round(4 * math.sqrt(n)))) if n else 1
         self.n_lists = c
@@ -196,10 +194,7 @@ class QuestIndex(SparseIndex):
 
     @classmethod
     def build(cls, keys, values, config=None, backend=None, **overrides):
-        cfg = _config(QuestConfig, config, overrides)
-        keys, values = check_kv(keys, values)
-        self = cls(keys, values, cfg.n_sink, cfg.n_recent, cfg.top_k, backend)
-        self.config = cfg
+        self, cfg = _new(cls, QuestConfig, keys, values, config, backend, overrides)
         self.kmin, self.kmax = self._impl.quest_metadata(self._ikeys, cfg.page_size)   # (Hkv, P, d) each
         self.n_pages = max(1, cfg.token_budget // cfg.page_size)
         return self

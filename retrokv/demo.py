@@ -32,21 +32,22 @@ def demo_configs():
 
 def passkey_table(model, tok, lengths, samples, methods=DEMO_METHODS, backend="fast", ppl_tokens=64,
                   progress=True, configs=None):
-    """Rows ``{length, method, accuracy, ppl, ppl_delta_%, density, decode_tok_s, build_s}``."""
+    """Rows ``{length, method, accuracy, ppl, ppl_delta_%, density, decode_tok_s, build_s}``, plus
+    ``answers`` (the generated texts) and ``depths``/``expected`` (per prompt) for per-depth reports."""
     from .data import natural_text_ids
 
     configs = demo_configs() if configs is None else configs
     rows = []
     for n in lengths:
-        res = E.run_task(model, tok, E.make_samples(tok, "passkey", [n], samples), methods, configs,
-                         backend=backend, progress=progress)
+        prompts = E.make_samples(tok, "passkey", [n], samples)
+        res = E.run_task(model, tok, prompts, methods, configs, backend=backend, progress=progress)
         ppl = {}
         if ppl_tokens:
             ppl = E.perplexity(model, natural_text_ids(tok, n + ppl_tokens), n, methods, configs,
                                backend=backend, progress=progress)
         base = ppl["full"][0] if "full" in ppl else None
         for r in res:
-            row = {"length": n, **{k: v for k, v in r.items() if k != "answers"}}
+            row = {"length": n, **r, "depths": [p.depth for p in prompts], "expected": [p.answer for p in prompts]}
             if r["method"] in ppl:
                 row["ppl"] = ppl[r["method"]][0]
                 if base:

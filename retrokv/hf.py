@@ -148,7 +148,9 @@ class Attached:
         self.indexes = {}                   # layer -> list of per-sequence indexes
         self.stats = defaultdict(list)      # layer -> list of per-step stats dicts
         self.build_calls = 0
-        self.keep_prefill = False           # True: keep the prefill's Q/K/V (numpy) for rebuild()
+        # True: only save the prefill's Q/K/V (numpy) for rebuild(); no index is built on this handle,
+        # so a second handle can build from the copy without a throwaway index per layer.
+        self.keep_prefill = False
         self.prefill = {}
 
     def reset_stats(self):
@@ -204,8 +206,12 @@ class Attached:
             valid = _valid_keys(attention_mask, b, n)
             with torch.no_grad():
                 qkv = _np(query), _np(key), _np(value)
-                self._build(layer, *qkv, valid)
-                if self.keep_prefill:
+                if not self.keep_prefill:
+                    self._build(layer, *qkv, valid)
+                elif layer in self.prefill:
+                    raise RuntimeError("a keep_prefill handle saves one prefill and cannot decode; attach a "
+                                       "method and call rebuild() with this handle's .prefill")
+                else:
                     self.prefill[layer] = (*qkv, valid)
             return out, w
         scaling = kwargs.get("scaling")

@@ -199,3 +199,27 @@ def test_sampling_with_a_seed_matches_plain_sampling(smollm2, prompts):
         finally:
             hf.detach(model)
     assert torch.equal(ours, plain)
+
+
+def test_keep_prefill_saves_every_layer_without_building_and_refuses_to_decode(smollm2, prompts):
+    """The evaluation harness prefills once on such a handle; it must not build throwaway indexes."""
+    import torch
+    from retrokv import hf
+
+    model, _ = smollm2
+    ids = _single(prompts)["input_ids"]
+    handle = hf.attach(model, "full", backend="fast")
+    handle.keep_prefill = True
+    try:
+        with torch.no_grad():
+            cache = model(ids, use_cache=True).cache
+            with pytest.raises(RuntimeError, match="keep_prefill"):
+                model(ids[:, -1:], cache=cache, use_cache=True)
+    finally:
+        hf.detach(model)
+    assert handle.indexes == {} and handle.build_calls == 0
+    assert sorted(handle.prefill) == list(range(model.config.num_hidden_layers))
+    q, k, v, valid = handle.prefill[0]
+    cfg = model.config
+    assert k.shape == v.shape == (1, cfg.num_key_value_heads, ids.shape[1], cfg.head_dim)
+    assert q.shape == (1, cfg.num_attention_heads, ids.shape[1], cfg.head_dim) and valid.all()
