@@ -208,24 +208,41 @@ def _config(configs, method, n):
     return method_config(method, n)
 
 
+def _label_method(m):
+    from .hf import METHODS
+
+    pair = (m, m) if isinstance(m, str) else m
+    if not (isinstance(pair, tuple) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+        raise TypeError(f"a method is a name or a (label, method) pair of strings, got {m!r}")
+    if pair[1] not in METHODS + ("plain",):
+        raise ValueError(f"method must be one of {METHODS + ('plain',)}, got {pair[1]!r}")
+    return pair
+
+
 def run_task(model, tok, samples, methods=("full",), configs=None, backend=None, max_new_tokens=10,
              progress=True):
     """Answer every sample with every method (one shared dense prefill per sample, greedy decode).
 
     Returns one dict per method: accuracy, mean density, decode tokens/s, mean index build seconds,
-    mean prefill seconds and the answers. ``configs``: optional ``{method: config}``.
+    mean prefill seconds and the answers. ``configs``: optional ``{method: config}``. A method may be
+    given as ``(label, method)`` to compare several configs of one method on the same prefills; its
+    config is then looked up under the label and its row is named by the label.
     """
     from tqdm.auto import tqdm
 
-    acc = {m: {"method": m, "samples": len(samples), "correct": 0, "density": [], "steps": 0, "decode_s": 0.0,
-               "build_s": 0.0, "answers": []} for m in methods}
+    pairs = [_label_method(m) for m in methods]
+    if len({lab for lab, _ in pairs}) != len(pairs):
+        raise ValueError(f"method labels must be distinct, got {[lab for lab, _ in pairs]}")
+    acc = {lab: {"method": lab, "samples": len(samples), "correct": 0, "density": [], "steps": 0, "decode_s": 0.0,
+                 "build_s": 0.0, "answers": []} for lab, _ in pairs}
     prefill_s = 0.0
     for s in tqdm(samples, desc="samples", disable=not progress, leave=False):
         logits0, saved, p = shared_prefill(model, s.prompt_ids, backend)
         prefill_s += p
-        for m in methods:
-            r = acc[m]
-            with _Method(model, m, _config(configs, m, s.n_tokens), backend, saved, len(s.prompt_ids)) as run:
+        for lab, m in pairs:
+            r = acc[lab]
+            cfg = configs[lab] if configs and lab in configs else _config(configs, m, s.n_tokens)
+            with _Method(model, m, cfg, backend, saved, len(s.prompt_ids)) as run:
                 new, t0 = [int(logits0.argmax())], time.perf_counter()
                 while len(new) < max_new_tokens and new[-1] != tok.eos_token_id:
                     new.append(int(_forward(model, [new[-1]], run.cache).argmax()))
@@ -238,9 +255,9 @@ def run_task(model, tok, samples, methods=("full",), configs=None, backend=None,
             r["answers"].append(text)
             r["correct"] += s.answer in text.replace(",", "")
     out = []
-    for m in methods:
-        r = acc[m]
-        out.append({"method": m, "samples": len(samples), "accuracy": r["correct"] / max(1, len(samples)),
+    for lab, _ in pairs:
+        r = acc[lab]
+        out.append({"method": lab, "samples": len(samples), "accuracy": r["correct"] / max(1, len(samples)),
                     "density": float(np.mean(r["density"])) if r["density"] else 1.0,
                     "decode_tok_s": r["steps"] / r["decode_s"] if r["decode_s"] else float("nan"),
                     "build_s": r["build_s"] / max(1, len(samples)), "prefill_s": prefill_s / max(1, len(samples)),

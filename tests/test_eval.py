@@ -62,15 +62,19 @@ def test_shared_prefill_methods_agree_with_the_plain_model(smollm2):
     """Plain transformers and retrokv's full attention, decoding from one shared prefill, answer alike;
     an index whose budget covers everything gives the same perplexity; StreamingLLM reads less."""
     from retrokv import eval as E
+    from retrokv.baselines import StreamingConfig
     from retrokv.data import natural_text_ids
     from retrokv.wave import WaveConfig
 
     model, tok = smollm2
     samples = E.make_samples(tok, "passkey", [512], 2)
-    rows = {r["method"]: r for r in E.run_task(model, tok, samples, ("plain", "full", "streaming"),
+    wide = StreamingConfig(n_sink=4, n_recent=4096)           # a labelled second config: the whole prompt
+    methods = ("plain", "full", "streaming", ("wide", "streaming"))
+    rows = {r["method"]: r for r in E.run_task(model, tok, samples, methods, configs={"wide": wide},
                                                 backend="fast", progress=False)}
-    assert rows["plain"]["answers"] == rows["full"]["answers"]
+    assert rows["plain"]["answers"] == rows["full"]["answers"] == rows["wide"]["answers"]
     assert rows["full"]["density"] == 1.0 and rows["streaming"]["density"] < 0.5
+    assert rows["wide"]["density"] == 1.0
     ids = natural_text_ids(tok, 520)
     ppl = E.perplexity(model, ids, 512, ("plain", "full", "wave"), configs={"wave": WaveConfig(retrieval_budget=1.0)},
                        backend="fast", progress=False)
@@ -117,3 +121,14 @@ def test_cli_writes_table_json_and_plots(tmp_path):
     assert "| passkey | 1024 | wave | 2 | 0.500 | 0.050 |" in md and "Perplexity" in md
     assert (tmp_path / "eval_accuracy.png").stat().st_size > 1000
     assert (tmp_path / "eval_layers.png").stat().st_size > 1000
+
+
+def test_run_task_validates_methods_before_any_work():
+    from retrokv import eval as E
+
+    with pytest.raises(ValueError, match="method must be one of"):
+        E.run_task(None, None, [], ("full", ("mine", "nope")))
+    with pytest.raises(TypeError, match="label, method"):
+        E.run_task(None, None, [], (("a", "full", "x"),))
+    with pytest.raises(ValueError, match="distinct"):
+        E.run_task(None, None, [], ("wave", ("wave", "graph")))
