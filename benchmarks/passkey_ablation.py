@@ -38,6 +38,7 @@ def variants(n):
         ("graph", "graph", graph),
         ("oracle@graph", "topk", TopKConfig(n_sink=graph.n_sink, n_recent=graph.n_recent, top_k=graph.top_k)),
         ("graph search_L 400", "graph", GraphConfig(build_queries=graph.build_queries, search_L=400)),
+        ("graph all queries", "graph", GraphConfig(build_queries=None)),
     ]
 
 
@@ -46,10 +47,21 @@ def main():
     ap.add_argument("--length", type=int, default=8192)
     ap.add_argument("--samples", type=int, default=20, help="size of the evenly spaced prompt set to pick from")
     ap.add_argument("--depths", required=True, help="comma list of depths as printed by benchmarks/passkey.py")
+    ap.add_argument("--only", default="", help="comma list of variant labels to run (default: all but the "
+                    "slowest, 'graph all queries')")
     ap.add_argument("--out", default="benchmarks/results/passkey_ablation.md")
     args = ap.parse_args()
     from retrokv.models import load_smollm2
 
+    vs = variants(args.length)
+    if not args.only:
+        vs = [v for v in vs if v[0] != "graph all queries"]
+    else:
+        keep = [x.strip() for x in args.only.split(",")]
+        unknown = sorted(set(keep) - {lab for lab, _, _ in vs})
+        if unknown:
+            ap.error(f"--only: unknown variant(s) {unknown}; choose from {[lab for lab, _, _ in vs]}")
+        vs = [v for v in vs if v[0] in keep]
     model, tok = load_smollm2()
     # the very prompts of `benchmarks/passkey.py --samples N` (a prompt's passkey and filler depend on
     # its index in that set), picked by the depths its per-prompt table prints
@@ -60,7 +72,6 @@ def main():
         if not match:
             ap.error(f"no prompt at depth {d} among {[round(p.depth, 3) for p in every]}")
         prompts += match
-    vs = variants(args.length)
     t0 = time.time()
     res = E.run_task(model, tok, prompts, [(lab, m) for lab, m, _ in vs],
                      {lab: c for lab, _, c in vs if c is not None}, backend="fast")
