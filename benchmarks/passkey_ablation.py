@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shlex
 import sys
 import time
 
@@ -80,7 +81,7 @@ def main():
     cols = ["method", "samples", "accuracy", "density", "build_s"]
     with open(args.out, "w") as f:
         f.write(f"# Passkey misses: index vs exact top-k at the same budget\n\nCommand: `python "
-                f"benchmarks/passkey_ablation.py {' '.join(sys.argv[1:])}`  \nMachine: {describe()}  \n"
+                f"benchmarks/passkey_ablation.py {shlex.join(sys.argv[1:])}`  \nMachine: {describe()}  \n"
                 f"Elapsed: {time.time() - t0:.0f} s. SmolLM2-135M-Instruct, {args.length}-token passkey prompts, "
                 f"greedy, 10 new tokens, backend fast. `oracle@X` is the exact top-k with X's exact budget "
                 f"(wave: 4 + 64 static + 1.8% of the tokens; graph: 128 + 512 static + top-100).\n\n")

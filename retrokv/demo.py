@@ -24,7 +24,9 @@ DEMO_METHODS = ("full", "streaming", "wave", "graph")
 def demo_configs():
     """The graph index projects 1024 evenly strided prefill queries instead of all of them: the exact
     k-NN of every prefill query dominates its build (~3.6 s per layer at 4K tokens on 2 cores); the
-    search settings are the defaults."""
+    search settings are the defaults. The saving costs recall at 8K: on three 8K passkey prompts this
+    graph misses all three and the graph from all queries finds them, at 3x the build time
+    (benchmarks/results/passkey_ablation_graph_all.md)."""
     from .graph import GraphConfig
 
     return {"graph": GraphConfig(build_queries=1024)}
