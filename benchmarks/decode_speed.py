@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from machine import describe  # noqa: E402
 
-from retrokv import eval as E  # noqa: E402
+from retrokv.harness import eval as E  # noqa: E402
 
 
 def tile(saved, reps):
@@ -52,8 +52,8 @@ def main():
     ap.add_argument("--methods", default="plain,full,wave")
     ap.add_argument("--out", default="benchmarks/results/decode_speed.md")
     args = ap.parse_args()
-    from retrokv.data import natural_text_ids
-    from retrokv.models import load_smollm2
+    from retrokv.harness.data import natural_text_ids
+    from retrokv.harness.models import load_smollm2
 
     model, tok = load_smollm2()
     logits, saved, prefill_s = E.shared_prefill(model, natural_text_ids(tok, args.context), "fast")

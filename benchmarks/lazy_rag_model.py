@@ -17,9 +17,9 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import retrokv as rk
-from retrokv.data import natural_text
+from retrokv.harness.data import natural_text
 from retrokv.lazy import DocumentStore, LazyConfig
-from retrokv.models import load_smollm2
+from retrokv.harness.models import load_smollm2
 
 _NAME = "retrokv_lazy_rag"
 _CTX = {}                       # the store and request the registered attention function reads

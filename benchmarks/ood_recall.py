@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from machine import describe  # noqa: E402
 
 from retrokv.baselines import IVFIndex, TopKOracle  # noqa: E402
-from retrokv.graph import GraphIndex  # noqa: E402
+from retrokv.graph_index import GraphIndex  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 K, N_DECODE, TARGET = 100, 128, 0.95
@@ -44,8 +44,8 @@ def capture_long(n_tokens, layers, chunk=2048):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    from retrokv.data import natural_text_ids
-    from retrokv.models import load_smollm2
+    from retrokv.harness.data import natural_text_ids
+    from retrokv.harness.models import load_smollm2
 
     model, tok = load_smollm2()
     ids = torch.tensor(natural_text_ids(tok, n_tokens))[None]

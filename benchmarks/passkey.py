@@ -16,8 +16,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from machine import describe  # noqa: E402
 
-from retrokv import eval as E  # noqa: E402
-from retrokv.demo import COLUMNS, DEMO_METHODS, demo_configs, passkey_table  # noqa: E402
+from retrokv.harness import eval as E  # noqa: E402
+from retrokv.harness.demo import COLUMNS, DEMO_METHODS, demo_configs, passkey_table  # noqa: E402
 
 
 def per_depth(rows):
@@ -42,7 +42,7 @@ def main():
     ap.add_argument("--ppl-tokens", type=int, default=64)
     ap.add_argument("--out", default="benchmarks/results/passkey.md")
     args = ap.parse_args()
-    from retrokv.models import load_smollm2
+    from retrokv.harness.models import load_smollm2
 
     model, tok = load_smollm2()
     methods = args.methods.split(",")
@@ -60,7 +60,7 @@ def main():
                     f"{args.ppl_tokens} natural-text tokens predicted one at a time after the length's context, "
                     f"method active for each. StreamingLLM gets the wave index's exact budget "
                     f"(4 + 64 + 1.8% of the tokens); the graph index uses RetrievalAttention's 128 + 512 static "
-                    f"tokens + top-100, built from 1024 evenly strided prefill queries (retrokv.demo.demo_configs). Decode tok/s include the model's own layers (the attention is a part).\n\n")
+                    f"tokens + top-100, built from 1024 evenly strided prefill queries (retrokv.harness.demo.demo_configs). Decode tok/s include the model's own layers (the attention is a part).\n\n")
             f.write(E.markdown_table(rows, COLUMNS) + "\n")
             f.write(per_depth(rows))
         print(E.markdown_table(rows, COLUMNS), flush=True)

@@ -20,15 +20,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from machine import describe  # noqa: E402
 from passkey import per_depth  # noqa: E402
 
-from retrokv import eval as E  # noqa: E402
+from retrokv.harness import eval as E  # noqa: E402
 
 
 def variants(n):
     """``(label, method, config)``: each index at its default, the oracle at its budget, and wider settings."""
     from retrokv.baselines import TopKConfig
-    from retrokv.demo import demo_configs
-    from retrokv.graph import GraphConfig
-    from retrokv.wave import WaveConfig
+    from retrokv.harness.demo import demo_configs
+    from retrokv.graph_index import GraphConfig
+    from retrokv.wave_index import WaveConfig
 
     graph = demo_configs()["graph"]
     return [
@@ -52,7 +52,7 @@ def main():
                     "slowest, 'graph all queries')")
     ap.add_argument("--out", default="benchmarks/results/passkey_ablation.md")
     args = ap.parse_args()
-    from retrokv.models import load_smollm2
+    from retrokv.harness.models import load_smollm2
 
     vs = variants(args.length)
     if not args.only:

@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from machine import describe  # noqa: E402
 
-from retrokv import eval as E  # noqa: E402
+from retrokv.harness import eval as E  # noqa: E402
 
 
 def main():
@@ -26,9 +26,9 @@ def main():
     ap.add_argument("--budgets", default="0.018,0.05,0.1,0.2")
     ap.add_argument("--out", default="benchmarks/results/wave_budget_ppl.md")
     args = ap.parse_args()
-    from retrokv.data import natural_text_ids
-    from retrokv.models import load_smollm2
-    from retrokv.wave import WaveConfig
+    from retrokv.harness.data import natural_text_ids
+    from retrokv.harness.models import load_smollm2
+    from retrokv.wave_index import WaveConfig
 
     model, tok = load_smollm2()
     ids = natural_text_ids(tok, args.context + args.predict)

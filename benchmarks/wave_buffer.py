@@ -30,7 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from machine import describe  # noqa: E402
 
-from retrokv.wave import WaveConfig, WaveIndex  # noqa: E402
+from retrokv.wave_index import WaveConfig, WaveIndex  # noqa: E402
 from retrokv.wave_buffer import WaveBuffer  # noqa: E402
 
 FRACTIONS = (0.02, 0.05, 0.10, 1.0)
@@ -113,8 +113,8 @@ def main(argv=None):
     ap.add_argument("--plot", default=os.path.join(HERE, "..", "docs", "img", "wave_buffer_hits.png"))
     args = ap.parse_args(argv)
 
-    from retrokv.data import natural_text_ids
-    from retrokv.models import capture_qkv, load_smollm2
+    from retrokv.harness.data import natural_text_ids
+    from retrokv.harness.models import capture_qkv, load_smollm2
 
     model, tok = load_smollm2()
     n_layers = model.config.num_hidden_layers

@@ -38,7 +38,7 @@ from machine import best_of, describe  # noqa: E402
 import retrokv.fast as fast  # noqa: E402
 import retrokv.reference as ref  # noqa: E402
 from retrokv.reference.clustering import kmeans_flops, plan_clusters  # noqa: E402
-from retrokv.wave import WaveConfig, WaveIndex  # noqa: E402
+from retrokv.wave_index import WaveConfig, WaveIndex  # noqa: E402
 
 
 def rel(a, b):
@@ -63,8 +63,8 @@ def sparse_attend(q, k, v, ids):
 
 
 def accuracy(args):
-    from retrokv.data import natural_text_ids
-    from retrokv.models import capture_qkv, load_smollm2
+    from retrokv.harness.data import natural_text_ids
+    from retrokv.harness.models import capture_qkv, load_smollm2
 
     model, tok = load_smollm2()
     cap = capture_qkv(model, natural_text_ids(tok, args.tokens))

@@ -18,9 +18,9 @@ __version__ = "0.1.0"
 
 # Heavier components load on first use, so `import retrokv` needs only NumPy.
 _LAZY = {
-    "WaveConfig": "retrokv.wave", "WaveIndex": "retrokv.wave", "WaveStats": "retrokv.wave",
+    "WaveConfig": "retrokv.wave_index", "WaveIndex": "retrokv.wave_index", "WaveStats": "retrokv.wave_index",
     "WaveBuffer": "retrokv.wave_buffer", "WaveBufferStats": "retrokv.wave_buffer",
-    "GraphConfig": "retrokv.graph", "GraphIndex": "retrokv.graph",
+    "GraphConfig": "retrokv.graph_index", "GraphIndex": "retrokv.graph_index",
     "StreamingLLM": "retrokv.baselines", "TopKOracle": "retrokv.baselines",
     "IVFIndex": "retrokv.baselines", "QuestIndex": "retrokv.baselines",
     "StreamingConfig": "retrokv.baselines", "TopKConfig": "retrokv.baselines",

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._sparse import SparseIndex, check_int, check_kv
+from .sparse import SparseIndex, check_int, check_kv
 
 __all__ = ["StreamingConfig", "TopKConfig", "IVFConfig", "QuestConfig",
            "StreamingLLM", "TopKOracle", "IVFIndex", "QuestIndex"]

@@ -1,7 +1,7 @@
 """RetroInfer's wave buffer, public face: :class:`WaveBuffer` and :class:`WaveBufferStats`.
 
 ``buffer = WaveBuffer(index, cache_fraction=0.05)`` puts a two-tier KV store behind a
-:class:`~retrokv.wave.WaveIndex` (RetroInfer §4.3-4.4): the host tier holds every cluster's KV in
+:class:`~retrokv.wave_index.WaveIndex` (RetroInfer §4.3-4.4): the host tier holds every cluster's KV in
 fixed-size blocks, the device tier a block cache sized as a fraction of it, managed by LRU.
 ``index.attend(q, buffer=buffer)`` then reads the retrieved clusters through the buffer: the result
 is the same as without it, and :attr:`WaveBuffer.stats` says how much of it came from the cache and
@@ -18,7 +18,7 @@ from numbers import Integral, Real
 
 import numpy as np
 
-from .wave import WaveIndex, _impl
+from .wave_index import WaveIndex, _impl
 
 __all__ = ["WaveBuffer", "WaveBufferStats"]
 
@@ -57,10 +57,10 @@ class WaveBufferStats:
 
 
 class WaveBuffer:
-    """A two-tier KV store with an LRU block cache behind one :class:`~retrokv.wave.WaveIndex` (RetroInfer §4.3-4.4).
+    """A two-tier KV store with an LRU block cache behind one :class:`~retrokv.wave_index.WaveIndex` (RetroInfer §4.3-4.4).
 
     Args:
-        index: the :class:`~retrokv.wave.WaveIndex` whose clusters the buffer holds. Clusters that
+        index: the :class:`~retrokv.wave_index.WaveIndex` whose clusters the buffer holds. Clusters that
             ``index.append`` adds later enter the host tier at the next :meth:`gather`.
         cache_fraction: size of the device block cache as a fraction of the host tier's blocks, in
             ``[0, 1]`` (RetroInfer: 5%). ``0`` gives no cache: every retrieved cluster is a miss.

@@ -20,7 +20,7 @@ def smollm2():
     """``(model, tokenizer)``: the embedded SmolLM2-135M-Instruct, loaded once per test session."""
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    from retrokv.models import load_smollm2
+    from retrokv.harness.models import load_smollm2
 
     return load_smollm2()
 
@@ -28,8 +28,8 @@ def smollm2():
 @pytest.fixture(scope="session")
 def captured(smollm2):
     """``{layer: LayerQKV}`` for every layer of SmolLM2 on CAPTURE_TOKENS tokens of built-in natural text."""
-    from retrokv.data import natural_text_ids
-    from retrokv.models import capture_qkv
+    from retrokv.harness.data import natural_text_ids
+    from retrokv.harness.models import capture_qkv
 
     model, tok = smollm2
     return capture_qkv(model, natural_text_ids(tok, CAPTURE_TOKENS))

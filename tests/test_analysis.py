@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from retrokv.analysis import ivf_recall_curve, mass_fraction, ood_distances
+from retrokv.harness.analysis import ivf_recall_curve, mass_fraction, ood_distances
 
 
 def test_mass_fraction_bounds_and_a_one_hot_case(rng):

@@ -1,4 +1,4 @@
-"""retrokv.eval, the CLI and the demo table: synthetic tasks, shared-prefill evaluation, perplexity."""
+"""retrokv.harness.eval, the CLI and the demo table: synthetic tasks, shared-prefill evaluation, perplexity."""
 from __future__ import annotations
 
 import argparse
@@ -15,7 +15,7 @@ def tok(smollm2):
 @pytest.mark.model
 @pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
 def test_passkey_prompt_has_exact_length_and_the_key_at_its_depth(tok, depth):
-    from retrokv.eval import passkey
+    from retrokv.harness.eval import passkey
 
     s = passkey(tok, 600, depth, seed=3)
     assert len(s.prompt_ids) == 600 and s.answer.isdigit() and len(s.answer) == 5
@@ -27,7 +27,7 @@ def test_passkey_prompt_has_exact_length_and_the_key_at_its_depth(tok, depth):
 
 @pytest.mark.model
 def test_multikey_and_natural_needles(tok):
-    from retrokv.eval import FILLER, needle
+    from retrokv.harness.eval import FILLER, needle
 
     multi = needle(tok, 800, 0.3, n_keys=4, seed=1)
     text = tok.decode(list(multi.prompt_ids))
@@ -39,7 +39,7 @@ def test_multikey_and_natural_needles(tok):
 
 
 def test_task_arguments_are_validated(tok):
-    from retrokv.eval import make_samples, needle, passkey
+    from retrokv.harness.eval import make_samples, needle, passkey
 
     with pytest.raises(ValueError, match="n_tokens"):
         passkey(tok, 10, 0.5)
@@ -61,10 +61,10 @@ def test_task_arguments_are_validated(tok):
 def test_shared_prefill_methods_agree_with_the_plain_model(smollm2):
     """Plain transformers and retrokv's full attention, decoding from one shared prefill, answer alike;
     an index whose budget covers everything gives the same perplexity; StreamingLLM reads less."""
-    from retrokv import eval as E
+    from retrokv.harness import eval as E
     from retrokv.baselines import StreamingConfig
-    from retrokv.data import natural_text_ids
-    from retrokv.wave import WaveConfig
+    from retrokv.harness.data import natural_text_ids
+    from retrokv.wave_index import WaveConfig
 
     model, tok = smollm2
     samples = E.make_samples(tok, "passkey", [512], 2)
@@ -84,8 +84,8 @@ def test_shared_prefill_methods_agree_with_the_plain_model(smollm2):
 
 @pytest.mark.model
 def test_layer_errors_vanish_at_full_budget_and_grow_below_it(captured):
-    from retrokv.eval import layer_errors
-    from retrokv.wave import WaveConfig
+    from retrokv.harness.eval import layer_errors
+    from retrokv.wave_index import WaveConfig
 
     few = {i: captured[i] for i in (3, 12)}
     exact = layer_errors(few, "wave", WaveConfig(retrieval_budget=1.0), backend="fast", n_queries=4)
@@ -96,7 +96,7 @@ def test_layer_errors_vanish_at_full_budget_and_grow_below_it(captured):
 
 
 def test_cli_rejects_bad_arguments(capsys):
-    from retrokv.cli import build_parser
+    from retrokv.harness.cli import build_parser
 
     p = build_parser()
     for bad in (["eval", "--methods", "full,hnsw"], ["eval", "--lengths", "4k"], ["eval", "--lengths", "100"],
@@ -109,7 +109,7 @@ def test_cli_rejects_bad_arguments(capsys):
 
 
 def test_cli_writes_table_json_and_plots(tmp_path):
-    from retrokv.cli import _write
+    from retrokv.harness.cli import _write
 
     args = argparse.Namespace(out=str(tmp_path), backend="fast", ppl_tokens=8, lengths=[1024])
     rows = [{"task": "passkey", "length": 1024, "method": m, "samples": 2, "accuracy": a, "density": d,
@@ -124,7 +124,7 @@ def test_cli_writes_table_json_and_plots(tmp_path):
 
 
 def test_run_task_validates_methods_before_any_work():
-    from retrokv import eval as E
+    from retrokv.harness import eval as E
 
     with pytest.raises(ValueError, match="method must be one of"):
         E.run_task(None, None, [], ("full", ("mine", "nope")))

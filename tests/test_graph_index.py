@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import retrokv.fast.graph_index as fg
 import retrokv.reference.graph_index as rg
 from retrokv.baselines import IVFIndex
-from retrokv.graph import GraphConfig, GraphIndex
+from retrokv.graph_index import GraphConfig, GraphIndex
 
 
 @st.composite

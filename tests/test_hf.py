@@ -11,7 +11,7 @@ NEW_TOKENS = 8
 
 @pytest.fixture(scope="module")
 def prompts(smollm2):
-    from retrokv.data import natural_text
+    from retrokv.harness.data import natural_text
 
     _, tok = smollm2
     text = natural_text()
@@ -62,8 +62,8 @@ def test_full_method_matches_plain_generate_on_a_left_padded_batch(smollm2, prom
 def test_budgets_covering_every_token_generate_exactly_like_full_attention(smollm2, prompts, plain, method):
     import torch
     from retrokv import hf
-    from retrokv.graph import GraphConfig
-    from retrokv.wave import WaveConfig
+    from retrokv.graph_index import GraphConfig
+    from retrokv.wave_index import WaveConfig
 
     model, tok = smollm2
     single = _single(prompts)
@@ -106,7 +106,7 @@ def test_teacher_forced_decode_logits_match_dense(smollm2, prompts):
     """One token at a time through the method's decode path gives the dense model's logits."""
     import torch
     from retrokv import hf
-    from retrokv.wave import WaveConfig
+    from retrokv.wave_index import WaveConfig
 
     model, _ = smollm2
     ids = _single(prompts)["input_ids"]

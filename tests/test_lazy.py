@@ -275,7 +275,7 @@ def _lazy_logits(model, store, req, ids):
 def test_model_one_document_at_offset_zero_equals_full_forward(smollm2, backend):
     import torch
 
-    from retrokv.data import natural_text_ids
+    from retrokv.harness.data import natural_text_ids
 
     model, tok = smollm2
     ids = natural_text_ids(tok, 60)
@@ -294,7 +294,7 @@ def test_model_lazy_equals_block_attention_materialisation(smollm2):
     import torch
     from transformers import DynamicCache
 
-    from retrokv.data import natural_text_ids
+    from retrokv.harness.data import natural_text_ids
 
     model, tok = smollm2
     ids = natural_text_ids(tok, 100)

@@ -37,7 +37,7 @@ def test_capture_works_on_any_llama_model():
     torch = pytest.importorskip("torch")
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from retrokv.models import capture_qkv
+    from retrokv.harness.models import capture_qkv
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

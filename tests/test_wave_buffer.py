@@ -12,7 +12,7 @@ import retrokv as rk
 from retrokv.fast import wave_buffer as fast_wb
 from retrokv.reference import wave_buffer as ref_wb
 from retrokv.reference.wave_index import MetaIndex, concat_meta, empty_meta
-from retrokv.wave import WaveConfig, WaveIndex
+from retrokv.wave_index import WaveConfig, WaveIndex
 
 # update_every=32 so that a few hundred decode steps cross several index updates
 SMALL = dict(n_sink=2, n_local=8, tokens_per_cluster=4, segment_tokens=64, kmeans_iters=3, update_every=32,

@@ -8,7 +8,7 @@ from hypothesis import given, strategies as st
 
 import retrokv as rk
 from retrokv.reference import wave_index as ref_wi
-from retrokv.wave import WaveConfig, WaveIndex
+from retrokv.wave_index import WaveConfig, WaveIndex
 
 SMALL = dict(n_sink=2, n_local=5, tokens_per_cluster=4, segment_tokens=40, kmeans_iters=3,
              update_every=12, update_clusters=3)

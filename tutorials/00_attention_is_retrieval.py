@@ -29,7 +29,7 @@
 #    estimation zone to a plain cluster index.
 #
 # We measure both on real data: the queries, keys and values that SmolLM2-135M computes on a
-# natural-text prompt, captured with `retrokv.models.capture_qkv`.
+# natural-text prompt, captured with `retrokv.harness.models.capture_qkv`.
 
 # %%
 import os
@@ -38,8 +38,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import retrokv as rk
-from retrokv.data import natural_text_ids
-from retrokv.models import capture_qkv, load_smollm2
+from retrokv.harness.data import natural_text_ids
+from retrokv.harness.models import capture_qkv, load_smollm2
 
 SMALL = os.environ.get("RETROKV_TUTORIAL_SMALL") == "1"   # the test suite runs a small version
 N_TOKENS = 1024 if SMALL else 4096
@@ -67,11 +67,11 @@ print("max |retrokv - model| =", float(np.abs(out - layer.out).max()))
 #
 # For each decode query (one of the last `N_DECODE` positions, attending causally to everything
 # before it), sort the softmax weights and count how many keys it takes to reach 90% of the mass
-# (`retrokv.analysis.mass_fraction`).
+# (`retrokv.harness.analysis.mass_fraction`).
 
 
 # %%
-from retrokv.analysis import ivf_recall_curves, mass_fraction, ood_distances
+from retrokv.harness.analysis import ivf_recall_curves, mass_fraction, ood_distances
 
 decode_positions = np.arange(N_TOKENS - N_DECODE, N_TOKENS)
 sparsity = {l: mass_fraction(qkv[l].q, qkv[l].k, decode_positions) for l in LAYERS}
@@ -95,7 +95,7 @@ print(f"median over all layers and heads: {100 * np.median(median):.1f}% of keys
 #
 # Split the keys of one KV head: the first 3/4 are the "database", the last 1/4 are held-out keys.
 # Fit a Gaussian to the database keys and compare the Mahalanobis distance of decode queries and
-# of held-out keys to it (`retrokv.analysis.ood_distances`; RetrievalAttention measured queries >10x
+# of held-out keys to it (`retrokv.harness.analysis.ood_distances`; RetrievalAttention measured queries >10x
 # farther than keys on Llama-3-8B at 128K).
 
 
@@ -112,7 +112,7 @@ print(f"median Mahalanobis distance ratio, queries / held-out keys: {np.median(r
 # An IVF index clusters the keys with k-means (about one list per 16 keys) and, for a query, scans
 # the lists whose centroids score highest. We measure recall@k (overlap with the exact top-k by
 # inner product, k = 100; 10 in the small test run) against the fraction of keys scanned, probing once with decode queries and once
-# with held-out keys (`retrokv.analysis.ivf_recall_curves`).
+# with held-out keys (`retrokv.harness.analysis.ivf_recall_curves`).
 
 # %%
 fractions = np.array([0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5])

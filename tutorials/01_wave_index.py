@@ -38,9 +38,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import retrokv as rk
-from retrokv.data import natural_text_ids
-from retrokv.models import capture_qkv, load_smollm2
-from retrokv.wave import WaveConfig, WaveIndex
+from retrokv.harness.data import natural_text_ids
+from retrokv.harness.models import capture_qkv, load_smollm2
+from retrokv.wave_index import WaveConfig, WaveIndex
 
 SMALL = os.environ.get("RETROKV_TUTORIAL_SMALL") == "1"   # the test suite runs a small version
 N_TOKENS = 1024 if SMALL else 4096

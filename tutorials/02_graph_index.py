@@ -36,9 +36,9 @@ import numpy as np
 
 import retrokv as rk
 from retrokv.baselines import IVFIndex, TopKOracle
-from retrokv.data import natural_text_ids
-from retrokv.graph import GraphIndex
-from retrokv.models import capture_qkv, load_smollm2
+from retrokv.harness.data import natural_text_ids
+from retrokv.graph_index import GraphIndex
+from retrokv.harness.models import capture_qkv, load_smollm2
 
 SMALL = os.environ.get("RETROKV_TUTORIAL_SMALL") == "1"   # the test suite runs a small version
 N_TOKENS = 1024 if SMALL else 4096

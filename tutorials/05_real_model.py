@@ -32,9 +32,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from retrokv import eval as E
+from retrokv.harness import eval as E
 from retrokv import hf
-from retrokv.models import load_smollm2
+from retrokv.harness.models import load_smollm2
 
 SMALL = os.environ.get("RETROKV_TUTORIAL_SMALL", "1") == "1"
 N = 512 if SMALL else 4096            # prompt tokens
@@ -50,7 +50,7 @@ print(f"{N}-token passkey prompt; the key is {sample.answer}")
 # The graph builds from 256 of the prefill queries to keep this notebook quick.
 
 # %%
-from retrokv.graph import GraphConfig
+from retrokv.graph_index import GraphConfig
 
 configs = {"streaming": E.method_config("streaming", N), "graph": GraphConfig(build_queries=256)}
 handles = {}
@@ -87,12 +87,12 @@ fig.tight_layout()
 # %% [markdown]
 # ## How far is each method from full attention?
 #
-# `retrokv.eval.layer_errors` replays the last positions of a captured prompt as decode steps and
+# `retrokv.harness.eval.layer_errors` replays the last positions of a captured prompt as decode steps and
 # compares each method's output with exact attention: relative error, density and (for the wave
 # index) recall@100 of the exactly attended set.
 
 # %%
-from retrokv.models import capture_qkv
+from retrokv.harness.models import capture_qkv
 
 captured = capture_qkv(model, list(sample.prompt_ids), layers=[2, 10, 20])
 for method in ["streaming", "wave"]:

@@ -1,6 +1,6 @@
 """Measurements on captured Q/K: attention sparsity and the query/key distribution gap.
 
-These back tutorial 00 and ``python -m retrokv.sparsity_report``: how few keys hold most of the attention mass
+These back tutorial 00 and ``python -m retrokv.harness.sparsity``: how few keys hold most of the attention mass
 (RetrievalAttention §2.2), how far decode queries sit from the key distribution compared with
 held-out keys (RetrievalAttention §2.4: Mahalanobis distance), and what that does to a plain IVF index
 probed with queries instead of keys (recall@k against the fraction of keys scanned, Fig. 3).

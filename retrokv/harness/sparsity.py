@@ -1,6 +1,6 @@
 """Attention sparsity report: SmolLM2 on a built-in natural-text prompt; attention sparsity and the query/key gap per layer.
 
-    python -m retrokv.sparsity_report [--tokens 4096] [--decode 64]
+    python -m retrokv.harness.sparsity [--tokens 4096] [--decode 64]
 
 Loads the embedded SmolLM2-135M-Instruct offline, captures every layer's Q/K/V on a few thousand
 tokens of natural text, and prints one markdown table: per layer, the share of keys holding 90% of

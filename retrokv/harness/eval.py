@@ -11,7 +11,7 @@ Everything is generated in code, so anyone can rerun it offline:
 * **layer_errors**: per layer, the relative error ``||o - o_hat|| / ||o||`` of the method's decode
   attention against full attention on captured real Q/K/V, its density and recall@100.
 
-``retrokv eval`` (:mod:`retrokv.cli`) drives these and writes a markdown table and plots.
+``retrokv eval`` (:mod:`retrokv.harness.cli`) drives these and writes a markdown table and plots.
 """
 from __future__ import annotations
 
@@ -139,7 +139,7 @@ def make_samples(tok, task, lengths, samples, seed=0, depths=None):
 def method_config(method, n_tokens):
     """The config each method runs with at ``n_tokens`` of context (paper defaults; StreamingLLM gets
     the wave index's exact budget: 4 sinks + 64 local + 1.8% of the clusters' tokens)."""
-    from .baselines import StreamingConfig
+    from ..baselines import StreamingConfig
 
     if method == "streaming":
         return StreamingConfig(n_sink=4, n_recent=64 + int(math.ceil(0.018 * n_tokens)))
@@ -157,7 +157,7 @@ def _forward(model, ids, cache):
 def shared_prefill(model, ids, backend=None):
     """Prefill ``ids`` once, densely, keeping every layer's Q/K/V so that each method can build its
     index from it (:meth:`retrokv.hf.Attached.rebuild`). Returns ``(last_logits, saved, seconds)``."""
-    from . import hf
+    from .. import hf
 
     h = hf.attach(model, "full", backend=backend)
     h.keep_prefill = True
@@ -181,7 +181,7 @@ class _Method:
         import torch
         from transformers import DynamicCache
 
-        from . import hf
+        from .. import hf
 
         t0 = time.perf_counter()
         if self.method == "plain":         # the untouched model with transformers' own cache
@@ -196,7 +196,7 @@ class _Method:
         return self
 
     def __exit__(self, *exc):
-        from . import hf
+        from .. import hf
 
         if self.handle is not None:
             hf.detach(self.model)
@@ -209,7 +209,7 @@ def _config(configs, method, n):
 
 
 def _label_method(m):
-    from .hf import METHODS
+    from ..hf import METHODS
 
     pair = (m, m) if isinstance(m, str) else m
     if not (isinstance(pair, tuple) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
@@ -300,8 +300,8 @@ def layer_errors(captured, method="wave", config=None, backend=None, n_queries=1
     the keys before the last ``n_queries`` positions; each of those positions' queries then attends
     through it (the context grows by appending the keys in between, as in decoding).
     """
-    from .hf import build_index
-    from .reference.attention import full_attention
+    from ..hf import build_index
+    from ..reference.attention import full_attention
 
     rows = []
     for layer, c in sorted(captured.items()):

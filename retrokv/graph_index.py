@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _validate as V
-from ._sparse import SparseIndex, check_int, check_kv
+from .sparse import SparseIndex, check_int, check_kv
 
 __all__ = ["GraphConfig", "GraphIndex"]
 
@@ -77,7 +77,7 @@ class GraphIndex(SparseIndex):
     """RetrievalAttention's index for one layer: ``adj (Hq, n, M)`` graphs over the indexed keys.
 
     Attributes: ``adj`` (``-1``-padded out-neighbours, local ids), ``entry (Hq,)``, ``config``,
-    ``lo``/``hi`` (indexed positions ``[lo, hi)``), ``last_stats`` (see :mod:`retrokv._sparse`).
+    ``lo``/``hi`` (indexed positions ``[lo, hi)``), ``last_stats`` (see :mod:`retrokv.sparse`).
     """
 
     _IMPL = "graph_index"

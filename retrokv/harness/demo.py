@@ -1,6 +1,6 @@
 """``make demo``: SmolLM2 answers passkey prompts with full, StreamingLLM, wave-index and graph attention.
 
-    python -m retrokv.demo [--lengths 4096,8192] [--samples 3] [--backend fast] [--ppl-tokens 64]
+    python -m retrokv.harness.demo [--lengths 4096,8192] [--samples 3] [--backend fast] [--ppl-tokens 64]
 
 One table, per prompt length and method: passkey accuracy, perplexity change on natural text (the
 method active for every predicted token, relative to full attention), density (fraction of the
@@ -27,7 +27,7 @@ def demo_configs():
     search settings are the defaults. The saving costs recall at 8K: on three 8K passkey prompts this
     graph misses all three and the graph from all queries finds them, at 3x the build time
     (benchmarks/results/passkey_ablation_graph_all.md)."""
-    from .graph import GraphConfig
+    from ..graph_index import GraphConfig
 
     return {"graph": GraphConfig(build_queries=1024)}
 
