@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m retrokv.harness.demo
+	$(BIN)/retrokv demo
 
 # pytest runs the tutorials (small sizes) into docs/tutorials/*.ipynb, which the strict docs build renders.
 test: $(STAMP)

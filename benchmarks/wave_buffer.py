@@ -52,7 +52,7 @@ def generate(model, tok, prompt, n_new, no_repeat_ngram=0):
 def replay(cap, start, buf_fractions):
     """Replay positions start.. of one layer; per fraction the per-step (hits, retrieved, bytes, no-cache bytes)."""
     hkv, n, d = cap.k.shape
-    idx = WaveIndex.build(cap.k[:, :start], cap.v[:, :start], WaveConfig(), backend="fast")
+    idx = WaveIndex.build(cap.k[:, :start], cap.v[:, :start], config=WaveConfig(), backend="fast")
     bufs = {f: WaveBuffer(idx, f, backend="fast") for f in buf_fractions}
     ref = WaveBuffer(idx, 0.05, backend="reference")
     main = bufs[0.05]

@@ -74,8 +74,8 @@ def accuracy(args):
         hkv, n, d = c.k.shape
         g = c.q.shape[0] // hkv
         start = n - args.steps
-        idx = WaveIndex.build(c.k[:, :start], c.v[:, :start], WaveConfig(), backend="fast")
-        noest = WaveIndex.build(c.k[:, :start], c.v[:, :start], WaveConfig(estimation=False), backend="fast")
+        idx = WaveIndex.build(c.k[:, :start], c.v[:, :start], config=WaveConfig(), backend="fast")
+        noest = WaveIndex.build(c.k[:, :start], c.v[:, :start], config=WaveConfig(estimation=False), backend="fast")
         acc = {m: {"err": [], "recall": [], "density": []} for m in methods}
         for t in range(start, n):
             idx.append(c.k[:, t], c.v[:, t])

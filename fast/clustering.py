@@ -8,21 +8,26 @@ Numba replaces is the bookkeeping around it, which in NumPy is a slow scatter-ad
   for free), then float64 sums per cluster in token order, parallel over clusters;
 * the final pass's key sums, value sums and sizes in one sweep.
 
+The k-means driver itself (segments, rounds, the final pass) is the reference's
+:func:`~retrokv.reference.clustering.segmented_kmeans`: this module hands it its kernels.
+
 ``plan_clusters``, ``segment_bounds``, ``kmeans_flops`` and the small (clusters x d) normalisation
 are not hot and are imported from the reference.
 """
 from __future__ import annotations
 
+import sys
+
 import numba as nb
 import numpy as np
 
-from retrokv.reference.clustering import (Clusters, _normalise, block_rows, kmeans_flops,  # not hot
-                                          plan_clusters, segment_bounds)
+from retrokv.reference import clustering as _ref
+from retrokv.reference.clustering import Clusters, block_rows, kmeans_flops, plan_clusters, segment_bounds  # not hot
 
 from ._dispatch import require_numpy
 
 __all__ = ["Clusters", "plan_clusters", "segment_bounds", "segmented_kmeans", "kmeans_flops", "assign",
-           "block_rows"]
+           "group_by_cluster", "cluster_sums", "block_rows"]
 
 
 def assign(x, centroids):
@@ -71,38 +76,18 @@ def _sums_by_cluster(x, order, offsets):
     return sums
 
 
-def segmented_kmeans(keys, values, n_clusters, n_segments, iters=10):
-    """Same contract and results as :func:`retrokv.reference.clustering.segmented_kmeans`."""
+def group_by_cluster(assign, n_clusters):
+    """Same contract as :func:`retrokv.reference.clustering.group_by_cluster`: one counting sort."""
+    return _counting_sort(np.ascontiguousarray(assign, dtype=np.int64), int(n_clusters))
+
+
+def cluster_sums(x, order, offsets):
+    """Same contract as :func:`retrokv.reference.clustering.cluster_sums`, parallel over clusters."""
+    return _sums_by_cluster(np.ascontiguousarray(x, dtype=np.float32), order, offsets)
+
+
+def segmented_kmeans(keys, values, n_clusters, n_segments, iters=10, ops=None):
+    """The reference driver :func:`retrokv.reference.clustering.segmented_kmeans` with this module's kernels."""
     require_numpy("segmented_kmeans", keys, values)
-    keys = np.ascontiguousarray(keys, dtype=np.float32)
-    values = np.ascontiguousarray(values, dtype=np.float32)
-    m, d = keys.shape
-    dv = values.shape[1]
-    if m == 0 or n_clusters == 0:
-        return Clusters(np.zeros((0, d), np.float32), np.zeros((0, dv), np.float32), np.zeros(0, np.int64),
-                        np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64))
-    per_seg = n_clusters // n_segments
-    mean = keys.astype(np.float64).mean(axis=0).astype(np.float32)   # (d,)
-    x = keys - mean                                                   # (M, d) centred keys
-    bounds = segment_bounds(m, n_segments)
-
-    cents = []
-    for s in range(n_segments):
-        xs = x[bounds[s]:bounds[s + 1]]                               # (L, d)
-        init = (np.arange(per_seg) * len(xs)) // per_seg
-        c = _normalise(xs[init].astype(np.float64), xs[init])          # (c, d)
-        for _ in range(iters - 1):
-            a = assign(xs, c)                                          # BLAS scores, Numba argmax
-            order, offsets, counts = _counting_sort(a, per_seg)
-            sums = _sums_by_cluster(xs, order, offsets)
-            c = np.where(counts[:, None] > 0, _normalise(sums, c), c)
-        cents.append(c)
-    cent = np.concatenate(cents)                                      # (C, d)
-
-    final = assign(x, cent)                                           # (M,)
-    order, offsets, sizes = _counting_sort(final, n_clusters)
-    key_sums = _sums_by_cluster(keys, order, offsets)
-    value_sums = _sums_by_cluster(values, order, offsets)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        centroids = np.where(sizes[:, None] > 0, key_sums / sizes[:, None], 0.0).astype(np.float32)
-    return Clusters(centroids, value_sums.astype(np.float32), sizes, offsets, order, final)
+    return _ref.segmented_kmeans(keys, values, n_clusters, n_segments, iters,
+                                 ops=sys.modules[__name__] if ops is None else ops)

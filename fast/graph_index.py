@@ -12,9 +12,12 @@ The entry point and the kNN driver are not hot and are imported from the referen
 """
 from __future__ import annotations
 
+import sys
+
 import numba as nb
 import numpy as np
 
+from ..reference import graph_index as _ref
 from ..reference.graph_index import entry_point
 from ..reference.graph_index import knn as _knn_ref
 from ._dispatch import require_numpy
@@ -76,6 +79,17 @@ def _prune(target, pool, keys64, norms, m, metric, out):
             out[kept] = p
             kept += 1
     return kept
+
+
+def prune(target, pool, keys64, m, metric):
+    """Same contract as :func:`retrokv.reference.graph_index.prune`; the Numba kernel the build uses."""
+    keys64 = np.ascontiguousarray(keys64, dtype=np.float64)
+    pool = np.asarray(pool, dtype=np.int64)
+    if len(pool) == 0:
+        return pool
+    out = np.full(m, -1, dtype=np.int64)
+    kept = _prune(np.int64(target), pool, keys64, (keys64 * keys64).sum(1), int(m), _code(metric), out)
+    return out[:kept]
 
 
 @nb.njit(parallel=True, cache=True)
@@ -254,22 +268,11 @@ def connect(adj, knbrs, entry):
 
 
 def build_graph(queries, keys, n_query_neighbors, m, pool_cap, metric, enhance_edges=True, knbrs=None,
-                select=select_topk):
-    """Same contract as :func:`retrokv.reference.graph_index.build_graph`."""
+                ops=None):
+    """The reference driver :func:`retrokv.reference.graph_index.build_graph` with this module's kernels."""
     require_numpy("build_graph", queries, keys)
-    n = len(keys)
-    if n == 0:
-        return np.full((0, m), -1, dtype=np.int64), 0
-    if knbrs is None:
-        knbrs = key_neighbors(keys, m, select=select)
-    entry = entry_point(keys)
-    adj = np.full((n, m), -1, dtype=np.int64)
-    if len(queries):
-        adj = project(knn(queries, keys, n_query_neighbors, select=select), keys, m, pool_cap, metric)
-        adj = add_reverse_edges(adj, keys, metric)
-    if enhance_edges:
-        adj = enhance(adj, keys, knbrs, metric)
-    return connect(adj, knbrs, entry), entry
+    return _ref.build_graph(queries, keys, n_query_neighbors, m, pool_cap, metric, enhance_edges, knbrs,
+                            ops=sys.modules[__name__] if ops is None else ops)
 
 
 @nb.njit(parallel=True, cache=True)

@@ -19,17 +19,19 @@ On a GPU, the tiers would be device memory and pinned host memory and the copies
 """
 from __future__ import annotations
 
+import sys
 from typing import NamedTuple
 
 import numba as nb
 import numpy as np
 
+from retrokv.reference import wave_buffer as _ref
 from retrokv.reference.wave_buffer import (BufferState, DeviceTier, HostTier, StepResult, empty_tiers,  # not hot
                                            capacity_blocks, extend_device_tier, extend_host_tier, read_cluster)
 from retrokv.reference.wave_index import ExecBuffer
 
 from ._dispatch import require_numpy
-from .wave_index import _workspace  # the same reused execution-buffer arrays
+from .wave_index import buffer_arrays  # the index's reused execution-buffer arrays
 
 __all__ = ["HostTier", "DeviceTier", "BufferState", "StepResult", "empty_state", "extend_host_tier",
            "extend_device_tier", "capacity_blocks", "sync_state", "plan_step", "fill_execution_buffer",
@@ -212,7 +214,7 @@ def _fill(bk, bv, bids, steady_k, steady_v, steady_ids, hk, hv, hids, dk, dv_, d
                     bv[h, row, x] = hv[h, hb, slot, x]
 
 
-def fill_execution_buffer(state, steady_k, steady_v, steady_ids, retrieval, hit):
+def fill_execution_buffer(state, steady_k, steady_v, steady_ids, retrieval, hit, workspace=None):
     """Same contract as the reference; rows past ``lengths[h]`` are left unset."""
     require_numpy("fill_execution_buffer", steady_k, steady_v)
     host, dev = state.host, state.device
@@ -223,7 +225,7 @@ def fill_execution_buffer(state, steady_k, steady_v, steady_ids, retrieval, hit)
     ends = s + np.cumsum(sizes, axis=1)
     dst = np.ascontiguousarray(ends - sizes)
     lengths = (ends[:, -1] if retrieval.shape[1] else np.full(hkv, s)).astype(np.int64)
-    bk, bv, bids = _workspace(hkv, int(lengths.max(initial=0)), d, dv)
+    bk, bv, bids = buffer_arrays(hkv, int(lengths.max(initial=0)), d, dv, workspace)
     _fill(bk, bv, bids, np.ascontiguousarray(steady_k, np.float32), np.ascontiguousarray(steady_v, np.float32),
           np.ascontiguousarray(steady_ids, np.int64), host.keys, host.values, host.ids, dev.keys, dev.values,
           dev.ids, state.table.block_of, host.start, host.sizes, retrieval, np.ascontiguousarray(hit), dst)
@@ -251,13 +253,10 @@ def scatter_admitted(state, retrieval, admitted):
              host.n_blocks, hs.astype(np.int64), np.asarray(retrieval, np.int64)[hs, js])
 
 
-def gather_step(state, steady_k, steady_v, steady_ids, retrieval):
-    """One whole step (plan, fill, scatter): returns ``(ExecBuffer, StepResult)``."""
-    retrieval = np.asarray(retrieval, dtype=np.int64)
-    res = plan_step(state, retrieval)
-    buf = fill_execution_buffer(state, steady_k, steady_v, steady_ids, retrieval, res.hit)
-    scatter_admitted(state, retrieval, res.admitted)
-    return buf, res
+def gather_step(state, steady_k, steady_v, steady_ids, retrieval, workspace=None, ops=None):
+    """The reference driver :func:`retrokv.reference.wave_buffer.gather_step` with this module's kernels."""
+    return _ref.gather_step(state, steady_k, steady_v, steady_ids, retrieval, workspace,
+                            ops=sys.modules[__name__] if ops is None else ops)
 
 
 def lru_order(state, h):

@@ -14,24 +14,27 @@ little memory as possible, once:
   only the denominator), producing an ``(out, lse)`` partial merged by :func:`merge_partials`.
 
 Building the index (clustering, layout) is in :mod:`retrokv.fast.clustering`; the small
-bookkeeping helpers (``empty_meta``, ``concat_meta``, ``estimation_as_pseudo_tokens``) are not hot and
-are imported from the reference.
+bookkeeping helpers (``empty_meta``, ``concat_meta``, ``estimation_as_pseudo_tokens``, ``Workspace``)
+are not hot and are imported from the reference, and so is the driver: ``tripartite_attention`` is
+the reference's, run with this module's kernels.
 """
 from __future__ import annotations
 
 import math
+import sys
 
 import numba as nb
 import numpy as np
 
-from retrokv.reference.wave_index import (ExecBuffer, MetaIndex, Zones, concat_meta, empty_meta,  # not hot
-                                          estimation_as_pseudo_tokens)
+from retrokv.reference import wave_index as _ref
+from retrokv.reference.wave_index import (ExecBuffer, MetaIndex, Workspace, Zones, concat_meta,  # not hot
+                                          empty_meta, estimation_as_pseudo_tokens)
 
 from ._dispatch import require_numpy
 from .attention import merge_partials, partial_attention
 from .clustering import segmented_kmeans
 
-__all__ = ["MetaIndex", "ExecBuffer", "Zones", "empty_meta", "build_meta_index", "concat_meta",
+__all__ = ["MetaIndex", "ExecBuffer", "Zones", "Workspace", "empty_meta", "build_meta_index", "concat_meta",
            "rank_clusters", "select_zones", "gather_execution_buffer", "estimate_partial",
            "estimation_as_pseudo_tokens", "tripartite_attention"]
 
@@ -158,23 +161,15 @@ def _fill(bk, bv, bids, steady_k, steady_v, steady_ids, mk, mv, mids, offsets, r
                 bv[h, dst + t - a, x] = src_v[h, t, x]
 
 
-_WORK = {}
+def buffer_arrays(hkv, width, d, dv, workspace=None):
+    """Execution-buffer arrays: views into the index's ``workspace`` (reused, see
+    :class:`~retrokv.reference.wave_index.Workspace`) or, without one, fresh arrays the caller owns."""
+    if workspace is not None:
+        return workspace.take(hkv, width, d, dv)
+    return np.empty((hkv, width, d), np.float32), np.empty((hkv, width, dv), np.float32), np.empty((hkv, width), np.int64)
 
 
-def _workspace(hkv, width, d, dv):
-    """Reused execution-buffer arrays: a fresh 20 MB allocation per step costs more in page faults
-    (measured ~15 ms at 128K tokens) than the copy itself. Not thread-safe, like the GPU's buffer."""
-    key = (hkv, d, dv)
-    bk, bv, bids = _WORK.get(key, (None, None, None))
-    if bk is None or bk.shape[1] < width:
-        cap = max(width, int(1.25 * (0 if bk is None else bk.shape[1])))
-        bk, bv = np.empty((hkv, cap, d), np.float32), np.empty((hkv, cap, dv), np.float32)
-        bids = np.empty((hkv, cap), np.int64)
-        _WORK[key] = (bk, bv, bids)
-    return bk[:, :width], bv[:, :width], bids[:, :width]
-
-
-def gather_execution_buffer(meta, steady_k, steady_v, steady_ids, retrieval):
+def gather_execution_buffer(meta, steady_k, steady_v, steady_ids, retrieval, workspace=None):
     """Same contract as the reference; the clusters are copied as contiguous blocks in parallel."""
     hkv, s, d = steady_k.shape
     dv = steady_v.shape[2]
@@ -183,7 +178,7 @@ def gather_execution_buffer(meta, steady_k, steady_v, steady_ids, retrieval):
     starts = np.ascontiguousarray(ends - sizes)
     lengths = (ends[:, -1] if retrieval.shape[1] else np.full(hkv, s)).astype(np.int64)
     width = int(lengths.max(initial=0))
-    bk, bv, bids = _workspace(hkv, width, d, dv)      # rows past lengths[h] are never read
+    bk, bv, bids = buffer_arrays(hkv, width, d, dv, workspace)      # rows past lengths[h] are never read
     _fill(bk, bv, bids, steady_k, steady_v, steady_ids, meta.keys, meta.values, meta.ids, meta.offsets,
           np.ascontiguousarray(retrieval), starts)
     return ExecBuffer(bk, bv, bids, lengths)
@@ -229,20 +224,8 @@ def estimate_partial(scores, sizes, value_sums, estimation):
 
 
 def tripartite_attention(q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_estimate, scale=None,
-                         gather=None):
-    """Same contract as :func:`retrokv.reference.wave_index.tripartite_attention`."""
+                         gather=None, workspace=None, ops=None):
+    """The reference driver :func:`retrokv.reference.wave_index.tripartite_attention` with this module's kernels."""
     require_numpy("tripartite_attention", q, steady_k, steady_v)
-    hkv, _, d = steady_k.shape
-    g = q.shape[0] // hkv
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
-    scores, rank = rank_clusters(q, meta.centroids, meta.sizes, scale)      # (Hkv, G, C), (Hkv, C)
-    retrieval, estimation = select_zones(rank, n_retrieve, n_estimate)
-    buf = gather(retrieval) if gather is not None else \
-        gather_execution_buffer(meta, steady_k, steady_v, steady_ids, retrieval)
-    exact = [partial_attention(q[h * g:(h + 1) * g], buf.keys[h:h + 1, :buf.lengths[h]],
-                               buf.values[h:h + 1, :buf.lengths[h]], scale=scale) for h in range(hkv)]
-    exact = (np.concatenate([o for o, _ in exact]), np.concatenate([l for _, l in exact]))   # (Hq, dv), (Hq,)
-    est = estimate_partial(scores, meta.sizes, meta.value_sums, estimation)
-    out, lse = merge_partials([exact, est])
-    zones = Zones(retrieval, estimation, [buf.ids[h, :buf.lengths[h]].copy() for h in range(hkv)])
-    return out, lse, zones
+    return _ref.tripartite_attention(q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_estimate, scale,
+                                     gather, workspace, ops=sys.modules[__name__] if ops is None else ops)

@@ -25,12 +25,13 @@ clusters bit for bit.
 """
 from __future__ import annotations
 
+import sys
 from typing import NamedTuple
 
 import numpy as np
 
 __all__ = ["Clusters", "plan_clusters", "segment_bounds", "segmented_kmeans", "kmeans_flops", "assign",
-           "block_rows"]
+           "group_by_cluster", "cluster_sums", "block_rows"]
 
 
 class Clusters(NamedTuple):
@@ -99,23 +100,36 @@ def _normalise(v64, previous):
     return np.where(norm > 0, unit, previous)
 
 
-def _cluster_sums(x, assign, n_clusters):
-    """Per-cluster float64 sums of the rows of ``x`` (scatter-add in token order) and counts."""
-    sums = np.zeros((n_clusters, x.shape[1]), dtype=np.float64)
-    np.add.at(sums, assign, x.astype(np.float64))
+def group_by_cluster(assign, n_clusters):
+    """Inverted lists: ``(order, offsets, counts)``, tokens sorted by cluster, token order kept inside.
+
+    Cluster ``i`` holds the tokens ``order[offsets[i]:offsets[i + 1]]``; ``counts (n_clusters,)``.
+    """
     counts = np.bincount(assign, minlength=n_clusters).astype(np.int64)
-    return sums, counts
+    order = np.argsort(assign, kind="stable").astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return order, offsets, counts
 
 
-def segmented_kmeans(keys, values, n_clusters, n_segments, iters=10):
+def cluster_sums(x, order, offsets):
+    """Float64 sum of the rows of ``x (M, d)`` in each cluster, members added in token order."""
+    counts = np.diff(offsets)
+    sums = np.zeros((len(counts), x.shape[1]), dtype=np.float64)
+    np.add.at(sums, np.repeat(np.arange(len(counts)), counts), x[order].astype(np.float64))
+    return sums
+
+
+def segmented_kmeans(keys, values, n_clusters, n_segments, iters=10, ops=None):
     """Cluster one head's keys ``(M, d)`` (with values ``(M, dv)``) as RetroInfer §4.2 does.
 
     ``n_clusters`` must be a multiple of ``n_segments`` (see :func:`plan_clusters`); ``iters``
     counts the final global pass, so each segment runs ``iters - 1`` spherical rounds.
-    Returns :class:`Clusters`.
+    Returns :class:`Clusters`. The driver is written once: ``ops`` supplies the kernels ``assign``,
+    ``group_by_cluster`` and ``cluster_sums`` (default: this module's; the fast path passes its own).
     """
-    keys = np.asarray(keys, dtype=np.float32)
-    values = np.asarray(values, dtype=np.float32)
+    ops = _THIS if ops is None else ops
+    keys = np.ascontiguousarray(keys, dtype=np.float32)
+    values = np.ascontiguousarray(values, dtype=np.float32)
     m, d = keys.shape
     dv = values.shape[1]
     if m == 0 or n_clusters == 0:
@@ -133,18 +147,21 @@ def segmented_kmeans(keys, values, n_clusters, n_segments, iters=10):
         init = (np.arange(per_seg) * len(xs)) // per_seg               # evenly spaced positions
         c = _normalise(xs[init].astype(np.float64), xs[init])          # (c, d)
         for _ in range(iters - 1):
-            a = assign(xs, c)                                          # max inner product
-            sums, counts = _cluster_sums(xs, a, per_seg)
+            a = ops.assign(xs, c)                                      # max inner product
+            order, offsets, counts = ops.group_by_cluster(a, per_seg)
+            sums = ops.cluster_sums(xs, order, offsets)
             c = np.where(counts[:, None] > 0, _normalise(sums, c), c)  # empty clusters keep theirs
         cents.append(c)
     cent = np.concatenate(cents)                                      # (C, d)
 
-    # 3. global assignment against every centroid
-    final = assign(x, cent)                                            # (M,)
-    key_sums, sizes = _cluster_sums(keys, final, n_clusters)           # raw keys: Jensen needs them
-    value_sums, _ = _cluster_sums(values, final, n_clusters)
+    # 3. global assignment against every centroid; inverted lists in token order
+    final = ops.assign(x, cent)                                        # (M,)
+    order, offsets, sizes = ops.group_by_cluster(final, n_clusters)
+    key_sums = ops.cluster_sums(keys, order, offsets)                  # raw keys: Jensen needs them
+    value_sums = ops.cluster_sums(values, order, offsets)
     with np.errstate(divide="ignore", invalid="ignore"):
         centroids = np.where(sizes[:, None] > 0, key_sums / sizes[:, None], 0.0).astype(np.float32)
-    order = np.argsort(final, kind="stable").astype(np.int64)         # inverted lists, token order inside
-    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     return Clusters(centroids, value_sums.astype(np.float32), sizes, offsets, order, final)
+
+
+_THIS = sys.modules[__name__]

@@ -27,6 +27,8 @@ from __future__ import annotations
 import bisect
 from collections import deque
 
+import sys
+
 import numpy as np
 
 from .baselines import select_topk
@@ -228,24 +230,35 @@ def connect(adj, knbrs, entry):
 
 
 def build_graph(queries, keys, n_query_neighbors, m, pool_cap, metric, enhance_edges=True, knbrs=None,
-                select=select_topk):
+                ops=None):
     """One attention-aware graph from prefill ``queries (T, d)`` over ``keys (n, d)``: ``(adj, entry)``.
 
+    The build of RetrievalAttention §3.2 (RoarGraph's recipe), written once for every backend:
+
+    1. ``knn``: each prefill query's ``n_query_neighbors`` nearest keys (max inner product);
+    2. ``project``: each key links to the keys that share a query with it, pruned to ``m`` by occlusion;
+    3. ``add_reverse_edges``: the projected edges in reverse, where a slot is free;
+    4. ``enhance``: free slots take nearest-key edges (connectivity enhancement);
+    5. ``connect``: every node reachable from ``entry``.
+
     ``knbrs`` (each key's nearest keys) may be passed in: it is shared by the heads of a GQA group.
+    ``ops``: the module whose kernels run the steps (default: this one; :mod:`retrokv.fast.graph_index`
+    passes itself).
     """
+    ops = _THIS if ops is None else ops
     n = len(keys)
     if n == 0:
         return np.full((0, m), -1, dtype=np.int64), 0
     if knbrs is None:
-        knbrs = key_neighbors(keys, m, select=select)
-    entry = entry_point(keys)
+        knbrs = ops.key_neighbors(keys, m)
+    entry = ops.entry_point(keys)
     adj = np.full((n, m), -1, dtype=np.int64)
     if len(queries):
-        adj = project(knn(queries, keys, n_query_neighbors, select=select), keys, m, pool_cap, metric)
-        adj = add_reverse_edges(adj, keys, metric)
+        adj = ops.project(ops.knn(queries, keys, n_query_neighbors), keys, m, pool_cap, metric)   # 1-2
+        adj = ops.add_reverse_edges(adj, keys, metric)                                            # 3
     if enhance_edges:
-        adj = enhance(adj, keys, knbrs, metric)
-    return connect(adj, knbrs, entry), entry
+        adj = ops.enhance(adj, keys, knbrs, metric)                                               # 4
+    return ops.connect(adj, knbrs, entry), entry                                                  # 5
 
 
 def _search_one(q64, keys, adj, entry, k, L):
@@ -295,3 +308,6 @@ def graph_search(q, keys, adj, entry, k, L):
             got, scanned[h, i] = _search_one(q[h, i].astype(np.float64), keys[h // g], adj[h], entry[h], k, L)
             ids[h, i, :len(got)] = got
     return ids, scanned
+
+
+_THIS = sys.modules[__name__]

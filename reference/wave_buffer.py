@@ -37,6 +37,7 @@ Admission never evicts a cluster of ``R``, so the hits' device blocks are intact
 """
 from __future__ import annotations
 
+import sys
 from collections import OrderedDict
 from typing import NamedTuple
 
@@ -230,9 +231,10 @@ def _cluster_rows(state, h, i, from_device):
             tier.ids[h, blocks].reshape(-1)[:size])
 
 
-def fill_execution_buffer(state, steady_k, steady_v, steady_ids, retrieval, hit):
+def fill_execution_buffer(state, steady_k, steady_v, steady_ids, retrieval, hit, workspace=None):
     """Step 4: ``[steady | retrieved clusters in rank order]`` per head, hits from the device tier and
-    misses from the host tier; the same :class:`ExecBuffer` as ``wave_index.gather_execution_buffer``."""
+    misses from the host tier; the same :class:`ExecBuffer` as ``wave_index.gather_execution_buffer``.
+    ``workspace`` (the index's reused arrays) is used by the fast path only."""
     heads = []
     for h, clusters in enumerate(retrieval):
         parts = [(steady_k[h], steady_v[h], steady_ids)]
@@ -252,12 +254,18 @@ def scatter_admitted(state, retrieval, admitted):
             host.keys[h, s:s + n], host.values[h, s:s + n], host.ids[h, s:s + n]
 
 
-def gather_step(state, steady_k, steady_v, steady_ids, retrieval):
-    """One whole step (1-5): returns ``(ExecBuffer, StepResult)``."""
+def gather_step(state, steady_k, steady_v, steady_ids, retrieval, workspace=None, ops=None):
+    """One whole step (1-5): returns ``(ExecBuffer, StepResult)``.
+
+    Written once: ``ops`` supplies ``plan_step``, ``fill_execution_buffer`` and ``scatter_admitted``
+    (default: this module's; the fast path passes its own). The fill reads the blocks before the
+    scatter overwrites any, so an admitted miss is read from the host tier in this step.
+    """
+    ops = _THIS if ops is None else ops
     retrieval = np.asarray(retrieval, dtype=np.int64)
-    res = plan_step(state, retrieval)
-    buf = fill_execution_buffer(state, steady_k, steady_v, steady_ids, retrieval, res.hit)
-    scatter_admitted(state, retrieval, res.admitted)
+    res = ops.plan_step(state, retrieval)
+    buf = ops.fill_execution_buffer(state, steady_k, steady_v, steady_ids, retrieval, res.hit, workspace)
+    ops.scatter_admitted(state, retrieval, res.admitted)
     return buf, res
 
 
@@ -275,3 +283,6 @@ def used_blocks(state):
     """Cache blocks in use per head ``(Hkv,)``."""
     cap = state.device.keys.shape[1]
     return np.array([cap - len(f) for f in state.table.free], dtype=np.int64)
+
+
+_THIS = sys.modules[__name__]

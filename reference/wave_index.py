@@ -26,6 +26,7 @@ keys and values *sorted by cluster*, so cluster ``i`` is the contiguous range
 """
 from __future__ import annotations
 
+import sys
 from typing import NamedTuple
 
 import numpy as np
@@ -33,7 +34,7 @@ import numpy as np
 from .attention import merge_partials, partial_attention
 from .clustering import segmented_kmeans
 
-__all__ = ["MetaIndex", "ExecBuffer", "Zones", "empty_meta", "build_meta_index", "concat_meta",
+__all__ = ["MetaIndex", "ExecBuffer", "Zones", "Workspace", "empty_meta", "build_meta_index", "concat_meta",
            "rank_clusters", "select_zones", "gather_execution_buffer", "estimate_partial",
            "estimation_as_pseudo_tokens", "tripartite_attention"]
 
@@ -65,6 +66,29 @@ class Zones(NamedTuple):
     retrieval: np.ndarray    # (Hkv, r) int64 cluster ids, best first
     estimation: np.ndarray   # (Hkv, e) int64 cluster ids, best first
     exact_ids: list          # Hkv arrays of token positions attended exactly (steady + retrieved)
+
+
+class Workspace:
+    """Execution-buffer arrays reused from one decode step to the next, owned by one index.
+
+    Allocating a fresh buffer every step (~20 MB at 128K tokens) costs more in page faults than the
+    copy into it, so the fast path reuses one. It belongs to an index, never to a module: two
+    indexes used from two threads never share it, and it is freed with its index. One index is
+    still used by one thread at a time. The reference path allocates fresh arrays and ignores it.
+    """
+
+    def __init__(self):
+        self._arrays = None
+
+    def take(self, hkv, width, d, dv):
+        """``(keys (Hkv, width, d), values (Hkv, width, dv), ids (Hkv, width))`` views, grown as needed."""
+        a = self._arrays
+        if a is None or a[0].shape[0] != hkv or a[0].shape[2] != d or a[1].shape[2] != dv or a[0].shape[1] < width:
+            cap = max(width, int(1.25 * (a[0].shape[1] if a is not None else 0)))
+            a = (np.empty((hkv, cap, d), np.float32), np.empty((hkv, cap, dv), np.float32),
+                 np.empty((hkv, cap), np.int64))
+            self._arrays = a
+        return a[0][:, :width], a[1][:, :width], a[2][:, :width]
 
 
 def empty_meta(hkv, d, dv):
@@ -133,8 +157,11 @@ def select_zones(rank, n_retrieve, n_estimate):
     return order[:, :n_retrieve].astype(np.int64), order[:, n_retrieve:n_retrieve + n_estimate].astype(np.int64)
 
 
-def gather_execution_buffer(meta, steady_k, steady_v, steady_ids, retrieval):
-    """Copy ``[steady | retrieved clusters in rank order]`` per KV head into one padded buffer."""
+def gather_execution_buffer(meta, steady_k, steady_v, steady_ids, retrieval, workspace=None):
+    """Copy ``[steady | retrieved clusters in rank order]`` per KV head into one padded buffer.
+
+    ``workspace`` (a :class:`Workspace`) lets the fast path reuse its arrays; here it is unused.
+    """
     hkv = steady_k.shape[0]
     heads = []
     for h in range(hkv):
@@ -205,28 +232,36 @@ def estimation_as_pseudo_tokens(q, centroids, sizes, value_sums, estimation, sca
 
 
 def tripartite_attention(q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_estimate, scale=None,
-                         gather=None):
+                         gather=None, workspace=None, ops=None):
     """One decode step of RetroInfer's tripartite attention: returns ``(out (Hq, dv), lse (Hq,), Zones)``.
 
     ``q (Hq, d)``; ``steady_k/v (Hkv, S, d)`` and ``steady_ids (S,)`` hold the sinks and the recent
     window. ``gather(retrieval) -> ExecBuffer`` may replace the default copy from the sorted arrays
     (the wave buffer does, to read hits from its cache); it must not change what is attended.
+    ``workspace``: the index's :class:`Workspace`. The driver is written once for every backend:
+    ``ops`` supplies the kernels (``rank_clusters``, ``select_zones``, ``gather_execution_buffer``,
+    ``partial_attention``, ``estimate_partial``, ``merge_partials``; default: this module's).
     """
+    ops = _THIS if ops is None else ops
     hkv, _, d = steady_k.shape
     g = q.shape[0] // hkv
     scale = 1.0 / np.sqrt(d) if scale is None else scale
     # 1. rank clusters by the GQA-summed softmax of centroid scores; split into zones
-    scores, rank = rank_clusters(q, meta.centroids, meta.sizes, scale)   # (Hkv, G, C), (Hkv, C)
-    retrieval, estimation = select_zones(rank, n_retrieve, n_estimate)
+    scores, rank = ops.rank_clusters(q, meta.centroids, meta.sizes, scale)   # (Hkv, G, C), (Hkv, C)
+    retrieval, estimation = ops.select_zones(rank, n_retrieve, n_estimate)
     # 2. exact attention over the execution buffer [steady | retrieved], one KV head at a time
     #    (heads retrieve different numbers of tokens)
     buf = gather(retrieval) if gather is not None else \
-        gather_execution_buffer(meta, steady_k, steady_v, steady_ids, retrieval)
-    exact = [partial_attention(q[h * g:(h + 1) * g], buf.keys[h:h + 1, :buf.lengths[h]],
-                               buf.values[h:h + 1, :buf.lengths[h]], scale=scale) for h in range(hkv)]
+        ops.gather_execution_buffer(meta, steady_k, steady_v, steady_ids, retrieval, workspace)
+    exact = [ops.partial_attention(q[h * g:(h + 1) * g], buf.keys[h:h + 1, :buf.lengths[h]],
+                                   buf.values[h:h + 1, :buf.lengths[h]], scale=scale) for h in range(hkv)]
     exact = (np.concatenate([o for o, _ in exact]), np.concatenate([l for _, l in exact]))   # (Hq, dv), (Hq,)
     # 3. estimation zone from centroids, sizes and value sums; 4. log-sum-exp merge
-    est = estimate_partial(scores, meta.sizes, meta.value_sums, estimation)
-    out, lse = merge_partials([exact, est])
-    zones = Zones(retrieval, estimation, [buf.ids[h, :buf.lengths[h]] for h in range(hkv)])
+    est = ops.estimate_partial(scores, meta.sizes, meta.value_sums, estimation)
+    out, lse = ops.merge_partials([exact, est])
+    # the buffer may be a reused workspace: the ids handed back are copies
+    zones = Zones(retrieval, estimation, [buf.ids[h, :buf.lengths[h]].copy() for h in range(hkv)])
     return out, lse, zones
+
+
+_THIS = sys.modules[__name__]

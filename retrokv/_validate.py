@@ -65,3 +65,54 @@ def check_convention(convention):
     if convention not in ("half", "interleaved"):
         raise ValueError(f"convention must be 'half' (HF Llama rotate_half) or 'interleaved', got {convention!r}")
     return convention
+
+
+def check_kv(keys, values, names=("keys", "values"), finite=True):
+    """Validate one layer's ``keys (Hkv, N, d)`` and ``values (Hkv, N, dv)`` for an index.
+
+    Returns float32, C-contiguous **copies**: an index owns its KV, so a caller who later overwrites
+    the arrays it passed in cannot change what the index attends to.
+    """
+    kn, vn = names
+    k, v = as_array(keys, kn), as_array(values, vn)
+    check_rank(k, kn, (3,), "(Hkv, N, d)")
+    check_rank(v, vn, (3,), "(Hkv, N, dv)")
+    if k.shape[:2] != v.shape[:2]:
+        raise ValueError(f"{kn} and {vn} must agree on (Hkv, N): {kn} has {tuple(k.shape[:2])}, "
+                         f"{vn} has {tuple(v.shape[:2])}")
+    if k.shape[0] == 0 or k.shape[2] == 0 or v.shape[2] == 0:
+        raise ValueError(f"{kn} and {vn} need Hkv > 0 and head dims > 0, got shapes {tuple(k.shape)} "
+                         f"and {tuple(v.shape)}")
+    if finite:
+        check_finite(k, kn)
+        check_finite(v, vn)
+    xp = np if isinstance(k, np.ndarray) else __import__("cupy")
+    return xp.array(k, dtype=xp.float32, order="C", copy=True), xp.array(v, dtype=xp.float32, order="C", copy=True)
+
+
+def check_append(k, v, hkv, d, dv, finite=True):
+    """Validate the tokens of one ``append``: ``(Hkv, d)`` for one token or ``(Hkv, n, d)`` for ``n``.
+
+    Every decode index accepts exactly these two shapes. Returns ``(Hkv, n, d)`` and ``(Hkv, n, dv)``
+    float32 copies.
+    """
+    k, v = as_array(k, "k"), as_array(v, "v")
+    given = (tuple(k.shape), tuple(v.shape))
+    if k.ndim == 2 and v.ndim == 2:
+        k, v = k[:, None], v[:, None]
+    if k.ndim != 3 or v.ndim != 3 or k.shape[0] != hkv or k.shape[2] != d or v.shape[0] != hkv \
+            or v.shape[2] != dv or k.shape[1] != v.shape[1]:
+        raise ValueError(f"append expects k of shape (Hkv={hkv}, {d}) or (Hkv={hkv}, n, {d}) and v of shape "
+                         f"(Hkv={hkv}, {dv}) or (Hkv={hkv}, n, {dv}), got {given[0]} and {given[1]}")
+    if finite:
+        check_finite(k, "k")
+        check_finite(v, "v")
+    xp = np if isinstance(k, np.ndarray) else __import__("cupy")
+    return xp.array(k, dtype=xp.float32, order="C", copy=True), xp.array(v, dtype=xp.float32, order="C", copy=True)
+
+
+def check_int(x, name, lo=0):
+    """``x`` as an int ``>= lo``: NumPy integers are accepted, bools and floats are not."""
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer)) or x < lo:
+        raise ValueError(f"{name} must be an int >= {lo}, got {x!r}")
+    return int(x)

@@ -41,3 +41,9 @@ def module(backend: str | None):
         return importlib.import_module(f"retrokv.{name}")
     except ImportError as e:  # numba missing
         raise ImportError(f"backend={name!r} needs the 'fast' extra: pip install 'retrokv[fast]' ({e})") from e
+
+
+def impl(backend: str | None, name: str):
+    """The module implementing concept ``name`` for ``backend``: ``impl("fast", "wave_index")`` is
+    :mod:`retrokv.fast.wave_index`. The one place the public layer picks an implementation."""
+    return importlib.import_module(f"{module(backend).__name__}.{name}")

@@ -1,12 +1,12 @@
 """Baselines for sparse decode attention: StreamingLLM, exact top-k, IVF and Quest.
 
-All share one interface (the one :class:`retrokv.GraphIndex` and the generation integration use)::
+All implement the decode-index interface of :mod:`retrokv.index`::
 
     index = IVFIndex.build(keys, values, config=IVFConfig(), backend="fast")   # one layer, (Hkv, N, d)
     out = index.attend(q)                  # (Hq, d) -> (Hq, dv); return_lse=True adds lse (Hq,)
     ids, n_scanned = index.search(q, k)    # (Hq, k) token positions, keys scored per head
-    index.append(k, v)                     # a generated token (Hkv, d): joins the static window
-    index.last_stats                       # keys_scored, meta_scored, tokens_attended, bytes_read, density
+    index.append(k, v)                     # generated tokens (Hkv, d) or (Hkv, n, d): join the static window
+    index.last_stats                       # an IndexStats
 
 ``build`` also takes keyword overrides of the config fields: ``IVFIndex.build(k, v, nprobe=8)``.
 Static tokens (sink + recent + generated) are attended exactly and never indexed, as in
@@ -14,7 +14,6 @@ RetrievalAttention §3.3, so every retrieval baseline is compared on the same fo
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -95,35 +94,10 @@ class QuestConfig:
         _validate_fields(self, positive=("page_size", "token_budget", "top_k"), nonneg=("n_sink", "n_recent"))
 
 
-def _config(cls, config, overrides):
-    if config is None:
-        config = cls()
-    elif not isinstance(config, cls):
-        raise TypeError(f"config must be a {cls.__name__}, got {type(config).__name__}")
-    if overrides:
-        names = {f.name for f in dataclasses.fields(cls)}
-        bad = sorted(set(overrides) - names)
-        if bad:
-            raise TypeError(f"unknown {cls.__name__} field(s) {bad}; expected some of {sorted(names)}")
-        config = dataclasses.replace(config, **overrides)
-    return config
-
-
-def _new(cls, config_cls, keys, values, config, backend, overrides, top_k=None):
-    """Validate the config and KV and make the index; ``top_k`` overrides the config's (StreamingLLM has none)."""
-    cfg = _config(config_cls, config, overrides)
-    keys, values = check_kv(keys, values)
-    self = cls(keys, values, cfg.n_sink, cfg.n_recent, cfg.top_k if top_k is None else top_k, backend)
-    self.config = cfg
-    return self, cfg
-
-
 class TopKOracle(SparseIndex):
     """Exact top-k retrieval: scores every indexed key (the ceiling for any index at budget k)."""
 
-    @classmethod
-    def build(cls, keys, values, config=None, backend=None, **overrides):
-        return _new(cls, TopKConfig, keys, values, config, backend, overrides)[0]
+    CONFIG = TopKConfig
 
     def _search(self, q3, k):
         ids, scanned = self._impl.exact_topk(q3, self._ikeys, k)
@@ -134,9 +108,7 @@ class StreamingLLM(SparseIndex):
     """StreamingLLM: attend to ``n_sink`` first tokens and a sliding window of ``n_recent``; the rest
     is evicted (no retrieval). Generated tokens enter the window and push the oldest out."""
 
-    @classmethod
-    def build(cls, keys, values, config=None, backend=None, **overrides):
-        return _new(cls, StreamingConfig, keys, values, config, backend, overrides, top_k=1)[0]
+    CONFIG = StreamingConfig
 
     def _retrieve(self, q3):
         hq = q3.shape[0]
@@ -145,8 +117,8 @@ class StreamingLLM(SparseIndex):
     def search(self, q, k=None):
         raise NotImplementedError("StreamingLLM evicts tokens and has no search; use TopKOracle for exact top-k")
 
-    def append(self, k, v):
-        super().append(k, v)
+    def _append_one(self, k, v):
+        super()._append_one(k, v)
         s, cap = min(self.config.n_sink, self.n_tokens), self.config.n_sink + self.config.n_recent
         if self._ns > cap:                             # slide: the oldest non-sink token leaves the window
             self._sk[:, s:self._ns - 1] = self._sk[:, s + 1:self._ns].copy()
@@ -158,9 +130,10 @@ class StreamingLLM(SparseIndex):
 class IVFIndex(SparseIndex):
     """IVF: k-means lists over the indexed keys (one quantizer per KV head), probed by centroid score."""
 
-    @classmethod
-    def build(cls, keys, values, config=None, backend=None, **overrides):
-        self, cfg = _new(cls, IVFConfig, keys, values, config, backend, overrides)
+    CONFIG = IVFConfig
+
+    def _setup(self, prefill_queries):
+        cfg = self.config
         hkv, n, d = self._ikeys.shape
         c = max(1, min(n, cfg.n_lists if cfg.n_lists else round(4 * math.sqrt(n)))) if n else 1
         self.n_lists = c
@@ -172,48 +145,35 @@ class IVFIndex(SparseIndex):
             cent, assign = self._impl.kmeans(self._ikeys[h], c, cfg.iters)
             self.centroids[h] = cent
             self.ptr[h], self.list_ids[h] = self._impl.ivf_lists(assign, c)
-        return self
 
     def search(self, q, k=None, nprobe=None):
         """As :meth:`SparseIndex.search`, with an optional ``nprobe`` for this call (a recall sweep)."""
-        saved = self.nprobe
-        if nprobe is not None:
-            self.nprobe = min(self.n_lists, check_int(nprobe, "nprobe", 1))
-        try:
-            return super().search(q, k)
-        finally:
-            self.nprobe = saved
+        return self._search_with(q, k, nprobe=nprobe)
 
-    def _search(self, q3, k):
-        ids, scanned = self._impl.ivf_search(q3, self._ikeys, self.centroids, self.ptr, self.list_ids, self.nprobe, k)
+    def _search(self, q3, k, nprobe=None):
+        nprobe = self.nprobe if nprobe is None else min(self.n_lists, check_int(nprobe, "nprobe", 1))
+        ids, scanned = self._impl.ivf_search(q3, self._ikeys, self.centroids, self.ptr, self.list_ids, nprobe, k)
         return ids, scanned, q3.shape[0] * self.n_lists
 
 
 class QuestIndex(SparseIndex):
     """Quest: page min/max bounds; attend reads every token of the ``token_budget / page_size`` best pages."""
 
-    @classmethod
-    def build(cls, keys, values, config=None, backend=None, **overrides):
-        self, cfg = _new(cls, QuestConfig, keys, values, config, backend, overrides)
+    CONFIG = QuestConfig
+
+    def _setup(self, prefill_queries):
+        cfg = self.config
         self.kmin, self.kmax = self._impl.quest_metadata(self._ikeys, cfg.page_size)   # (Hkv, P, d) each
         self.n_pages = max(1, cfg.token_budget // cfg.page_size)
-        return self
 
     def search(self, q, k=None, n_pages=None):
         """Top-``k`` keys inside the ``n_pages`` best pages (default ``token_budget / page_size``)."""
-        saved = self.n_pages
-        if n_pages is not None:
-            self.n_pages = check_int(n_pages, "n_pages", 1)
-        try:
-            return super().search(q, k)
-        finally:
-            self.n_pages = saved
+        return self._search_with(q, k, n_pages=n_pages)
 
-    def _pages(self, q3, k):
-        return self._impl.quest_search(q3, self._ikeys, self.kmin, self.kmax, self.config.page_size, self.n_pages, k)
-
-    def _search(self, q3, k):
-        _, ids, scanned = self._pages(q3, k)
+    def _search(self, q3, k, n_pages=None):
+        n_pages = self.n_pages if n_pages is None else check_int(n_pages, "n_pages", 1)
+        _, ids, scanned = self._impl.quest_search(q3, self._ikeys, self.kmin, self.kmax, self.config.page_size,
+                                                  n_pages, k)
         return ids, scanned, 2 * q3.shape[0] * self.kmin.shape[1]
 
     def _retrieve(self, q3):

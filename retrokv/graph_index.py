@@ -14,7 +14,6 @@ tokens are static (attended exactly, RA §3.3: 128 + 512) and not indexed. Algor
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,25 +81,16 @@ class GraphIndex(SparseIndex):
 
     _IMPL = "graph_index"
 
-    @classmethod
-    def build(cls, keys, values, prefill_queries, config=None, backend=None, **overrides):
-        """Build from one layer's ``keys``/``values (Hkv, N, d)`` and ``prefill_queries (Hq, Tq, d)``.
+    CONFIG = GraphConfig
 
-        ``config`` fields may be overridden by keyword (``GraphIndex.build(k, v, q, search_L=200)``).
-        """
-        if config is None:
-            config = GraphConfig()
-        elif not isinstance(config, GraphConfig):
-            raise TypeError(f"config must be a GraphConfig, got {type(config).__name__}")
-        if overrides:
-            names = {f.name for f in dataclasses.fields(GraphConfig)}
-            if set(overrides) - names:
-                raise TypeError(f"unknown GraphConfig field(s) {sorted(set(overrides) - names)}")
-            config = dataclasses.replace(config, **overrides)
-        keys, values = check_kv(keys, values)
+    def _setup(self, prefill_queries):
+        """Build one graph per query head from ``prefill_queries (Hq, Tq, d)`` (required: RA §3.2)."""
+        config, (hkv, _, d) = self.config, self._ikeys.shape
+        if prefill_queries is None:
+            raise TypeError("GraphIndex.build needs prefill_queries (Hq, Tq, d): RetrievalAttention builds "
+                            "its graph from the prefill queries' nearest keys")
         pq = V.as_array(prefill_queries, "prefill_queries")
         V.check_rank(pq, "prefill_queries", (3,), "(Hq, Tq, d)")
-        hkv, _, d = keys.shape
         if pq.shape[2] != d or pq.shape[0] == 0 or pq.shape[0] % hkv:
             raise ValueError(f"prefill_queries must have shape (Hq, Tq, {d}) with Hq a positive multiple of "
                              f"Hkv={hkv}, got {tuple(pq.shape)}")
@@ -109,10 +99,6 @@ class GraphIndex(SparseIndex):
             keep = np.linspace(0, pq.shape[1] - 1, config.build_queries).round().astype(np.int64)
             pq = pq[:, np.unique(keep)]
         pq = np.ascontiguousarray(pq, dtype=np.float32)
-
-        self = cls(keys, values, config.n_sink, config.n_recent, config.top_k, backend)
-        self.config = config
-        self.search_L = config.search_L
         hq, m = pq.shape[0], config.max_degree
         g = hq // hkv
         n = self.n_indexed
@@ -125,7 +111,6 @@ class GraphIndex(SparseIndex):
                 self.adj[h], self.entry[h] = impl.build_graph(
                     pq[h], self._ikeys[kv], config.n_query_neighbors, m, config.pool_cap, config.metric,
                     enhance_edges=config.enhance, knbrs=knbrs)
-        return self
 
     @property
     def n_query_heads(self):
@@ -136,21 +121,16 @@ class GraphIndex(SparseIndex):
         return (self.adj >= 0).sum(-1)
 
     def search(self, q, k=None, L=None):
-        """Greedy beam search (RA §3.3) with candidate list ``L`` (default ``config.search_L``).
+        """Greedy beam search (RA §3.3) with candidate list ``L`` (default ``config.search_L``) for this call.
 
         ``q (Hq, d)`` or ``(Hq, B, d)``; returns ``(ids, n_scanned)`` as :meth:`SparseIndex.search`.
         """
-        saved = self.search_L
-        if L is not None:
-            self.search_L = check_int(L, "L", 1)
-        try:
-            return super().search(q, k)
-        finally:
-            self.search_L = saved
+        return self._search_with(q, k, L=L)
 
-    def _search(self, q3, k):
+    def _search(self, q3, k, L=None):
+        L = self.config.search_L if L is None else check_int(L, "L", 1)
         if q3.shape[0] != self.n_query_heads:
             raise ValueError(f"q has {q3.shape[0]} heads but the index was built with {self.n_query_heads} "
                              "query heads (one graph per query head)")
-        ids, scanned = self._impl.graph_search(q3, self._ikeys, self.adj, self.entry, k, max(self.search_L, k))
+        ids, scanned = self._impl.graph_search(q3, self._ikeys, self.adj, self.entry, k, max(L, k))
         return ids, scanned, 0

@@ -5,74 +5,39 @@
 with the method, greedy or sampling, batched or not, with ``TextStreamer``. ``detach(model)`` restores
 the previous attention implementation. No model code is copied or patched.
 
-* **Prefill** (a forward pass with more than one new token) runs dense (transformers' SDPA) and then
-  builds the method's index for every layer, per sequence of the batch (the batch is flattened into
+* **Prefill** (any forward pass that does not continue the sequences the indexes hold: a prompt,
+  including a one-token prompt of a new ``generate``) runs dense (transformers' SDPA) and then
+  builds the method's index (through :mod:`retrokv.methods`) for every layer, per sequence of the batch (the batch is flattened into
   the head axis per DESIGN.md only within a sequence; each sequence has its own index, built on its
   non-padding tokens).
-* **Decode** (one new token): the new key/value is appended to the index (it joins the steady/static
+* **Decode** (one new token at the position that follows each index's tokens): the new key/value is appended to the index (it joins the steady/static
   window, RetroInfer §4.1 / RetrievalAttention §3.3) and the query attends through the index.
 * ``dense_layers`` keeps some layers exact (Quest keeps the first two layers dense).
+* Beam search is refused with a clear ``ValueError`` (the indexes cannot follow the cache's beam
+  reorders); chunked prefill is not supported (``index_cache`` refuses it; with ``DynamicCache`` a
+  second multi-token pass rebuilds the indexes from the whole cache).
 
 Statistics of every decode step are gathered per layer; :meth:`Attached.layer_stats` averages them.
 """
 from __future__ import annotations
 
-import dataclasses
 from collections import defaultdict
 
 import numpy as np
 
-from .backend import module as backend_module
+from . import methods
 from .backend import resolve
 
-METHODS = ("full", "streaming", "topk", "quest", "ivf", "wave", "graph")
 _ATTN_NAME = "retrokv"
 _ATTACHED = "_retrokv_attached"
+BEAM_SEARCH_ERROR = ("beam search (num_beams > 1) is not supported with retrokv methods: the per-layer indexes "
+                     "cannot be reordered with the cache's beams; use num_beams=1 (greedy or sampling) or detach()")
 
 
-class DenseIndex:
-    """Full attention with the index interface (``method="full"``): every token is read exactly.
-
-    Each KV head keeps its own growable ``(capacity, d)`` buffer, so the first ``n`` rows are one
-    contiguous block the attention kernel reads in place (no per-step copy).
-    """
-
-    def __init__(self, keys, values, backend=None):
-        self.backend = resolve(backend)
-        self._core = backend_module(self.backend)
-        hkv, n, d = keys.shape
-        cap = max(16, 2 * n)
-        self._k = [np.empty((cap, d), np.float32) for _ in range(hkv)]
-        self._v = [np.empty((cap, values.shape[2]), np.float32) for _ in range(hkv)]
-        for h in range(hkv):
-            self._k[h][:n], self._v[h][:n] = keys[h], values[h]
-        self.n_tokens = n
-        self.last_stats = {}
-
-    @classmethod
-    def build(cls, keys, values, config=None, backend=None):
-        return cls(np.asarray(keys, np.float32), np.asarray(values, np.float32), backend)
-
-    def append(self, k, v):
-        n = self.n_tokens
-        for h in range(len(self._k)):
-            if n == self._k[h].shape[0]:
-                self._k[h] = np.concatenate([self._k[h], np.empty_like(self._k[h])])
-                self._v[h] = np.concatenate([self._v[h], np.empty_like(self._v[h])])
-            self._k[h][n], self._v[h][n] = k[h], v[h]
-        self.n_tokens = n + 1
-
-    def attend(self, q, return_lse=False):
-        n, hkv = self.n_tokens, len(self._k)
-        hq, d = q.shape
-        g = hq // hkv
-        parts = [self._core.partial_attention(q[h * g:(h + 1) * g], self._k[h][None, :n], self._v[h][None, :n])
-                 for h in range(hkv)]
-        out = np.concatenate([p[0] for p in parts])
-        lse = np.concatenate([p[1] for p in parts])
-        self.last_stats = {"tokens_attended": hq * n, "keys_scored": hq * n, "density": 1.0,
-                           "bytes_read": hkv * n * 8 * d}
-        return (out, lse) if return_lse else out
+def __getattr__(name):
+    if name == "METHODS":           # the method list lives once, in the registry
+        return methods.names()
+    raise AttributeError(f"module 'retrokv.hf' has no attribute {name!r}")
 
 
 def index_cache(n_layers=None, length=0):
@@ -108,34 +73,26 @@ def index_cache(n_layers=None, length=0):
         def get_seq_length(self):
             return self.length
 
+        def reorder_cache(self, beam_idx):
+            raise ValueError(BEAM_SEARCH_ERROR)
+
     if n_layers is None:
         if length:
             raise ValueError("index_cache: give n_layers with a nonzero length")
-        return Cache(layer_class_to_replicate=IndexLayer)
-    return Cache(layers=[IndexLayer(length) for _ in range(n_layers)])
+        cache = Cache(layer_class_to_replicate=IndexLayer)
+    else:
+        cache = Cache(layers=[IndexLayer(length) for _ in range(n_layers)])
+    _refuse_beams(cache)
+    return cache
 
 
-def _index_class(method):
-    if method == "full":
-        return DenseIndex
-    if method in ("wave",):
-        from .wave import WaveIndex
-        return WaveIndex
-    if method == "graph":
-        from .graph import GraphIndex
-        return GraphIndex
-    from . import baselines
-    return {"streaming": baselines.StreamingLLM, "topk": baselines.TopKOracle,
-            "quest": baselines.QuestIndex, "ivf": baselines.IVFIndex}[method]
-
-
-def build_index(method, keys, values, prefill_queries, config=None, backend=None):
-    """One layer's index for ``method`` over ``keys, values (Hkv, N, d)``; only the graph index
-    uses the prefill queries (RetrievalAttention projects them onto the key graph)."""
-    cls = _index_class(method)
-    if method == "graph":
-        return cls.build(keys, values, prefill_queries, config=config, backend=backend)
-    return cls.build(keys, values, config=config, backend=backend)
+def _refuse_beams(cache):
+    """Make ``cache.reorder_cache`` (what beam search calls between steps) raise a clear error: the
+    indexes hold the KV per sequence and a silent reorder of the cache alone would desynchronise them."""
+    def reorder_cache(beam_idx):
+        raise ValueError(BEAM_SEARCH_ERROR)
+    cache.reorder_cache = reorder_cache
+    cache._retrokv_guarded = True
 
 
 class Attached:
@@ -175,11 +132,12 @@ class Attached:
     def _build(self, layer, q, k, v, valid):
         """One index per sequence, over its valid (non-padding) tokens."""
         method = "full" if layer in self.dense_layers else self.method
+        config = None if method != self.method else self.config
         built = []
         for b in range(k.shape[0]):
             kb, vb = k[b][:, valid[b]], v[b][:, valid[b]]                  # (Hkv, N_b, d)
             qb = q[b][:, valid[b][-q.shape[2]:]]                           # prefill queries (Hq, T_b, d)
-            built.append(build_index(method, kb, vb, qb, self.config, self.backend))
+            built.append(methods.build(method, kb, vb, qb, config=config, backend=self.backend))
         self.indexes[layer] = built
         self.build_calls += 1
 
@@ -189,6 +147,24 @@ class Attached:
         for layer, (q, k, v, valid) in prefill.items():
             self._build(layer, q, k, v, valid)
 
+    @staticmethod
+    def _continues(idx, n, attention_mask, kwargs):
+        """True when this one-token forward is the next decode step of the sequences the indexes hold.
+
+        Decided from state, never from the token count alone: the query's position (``position_ids``,
+        what the model itself uses for RoPE) must equal each index's length, and with a cache that
+        hands over every key (``DynamicCache``) the keys must be the index's tokens plus this one. A new
+        ``generate`` starts at position 0 with a fresh cache, so it builds new indexes even for a
+        one-token prompt.
+        """
+        pos = kwargs.get("position_ids")
+        for s, index in enumerate(idx):
+            if pos is not None and int(pos[min(s, pos.shape[0] - 1), -1]) != index.n_tokens:
+                return False
+            if n != 1 and index.n_tokens + 1 != n - _pad_count(attention_mask, s):
+                return False
+        return True
+
     def __call__(self, module, query, key, value, attention_mask, **kwargs):
         import torch
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -197,10 +173,7 @@ class Attached:
         b, hq, t, d = query.shape
         n = key.shape[2]
         idx = self.indexes.get(layer)
-        # Decode through the index when it matches the cache: an IndexCache hands over only the new
-        # token; a DynamicCache hands over everything, which must be the index's tokens plus one.
-        decode = t == 1 and idx is not None and len(idx) == b and (
-            n == 1 or idx[0].n_tokens + 1 == n - _pad_count(attention_mask, 0))
+        decode = t == 1 and idx is not None and len(idx) == b and self._continues(idx, n, attention_mask, kwargs)
         if not decode:
             out, w = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
             valid = _valid_keys(attention_mask, b, n)
@@ -223,16 +196,9 @@ class Attached:
         for s, index in enumerate(idx):
             index.append(kn[s], vn[s])
             outs.append(index.attend(qn[s]))
-            self.stats[layer].append(_scalars(index.last_stats))
+            self.stats[layer].append(index.last_stats.scalars())
         out = torch.from_numpy(np.stack(outs)).to(query.dtype)[:, None]       # (B, 1, Hq, d)
         return out, None
-
-
-def _scalars(stats):
-    """The numeric scalar statistics of one step (WaveStats or a dict); arrays are dropped to save memory."""
-    items = ((f.name, getattr(stats, f.name)) for f in dataclasses.fields(stats)) \
-        if dataclasses.is_dataclass(stats) else stats.items()
-    return {k: v for k, v in items if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)}
 
 
 def _np(x):
@@ -271,10 +237,9 @@ def attach(model, method="wave", config=None, backend=None, dense_layers=()):
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if config is not None and not dataclasses.is_dataclass(config):
-        raise TypeError(f"config must be a config dataclass (e.g. WaveConfig), got {type(config).__name__}")
+    spec = methods.get(method)
+    if config is not None and not isinstance(config, spec.config_class):
+        raise TypeError(f"method {method!r} takes a {spec.config} config, got {type(config).__name__}")
     backend = resolve(backend)
     modules = model.modules() if hasattr(model, "modules") and hasattr(model, "config") else ()
     layers = [m for m in modules if hasattr(m, "layer_idx") and hasattr(m, "k_proj")]
@@ -291,8 +256,16 @@ def attach(model, method="wave", config=None, backend=None, dense_layers=()):
     AttentionMaskInterface.register(name, sdpa_mask)
     handle.name = name
     model.set_attn_implementation(name)
+    handle._hook = model.register_forward_pre_hook(_guard_cache, with_kwargs=True)
     setattr(model, _ATTACHED, handle)
     return handle
+
+
+def _guard_cache(module, args, kwargs):
+    """Forward pre-hook: whatever cache a forward pass uses (``DynamicCache`` by default) refuses beam reorders."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if cache is not None and not getattr(cache, "_retrokv_guarded", False):
+        _refuse_beams(cache)
 
 
 def _layer_index(i, n):
@@ -310,6 +283,7 @@ def detach(model):
     from transformers.masking_utils import AttentionMaskInterface
 
     model.set_attn_implementation(handle.previous)
+    handle._hook.remove()
     setattr(model, _ATTACHED, None)
     for registry in (AttentionInterface, AttentionMaskInterface):
         registry._global_mapping.pop(handle.name, None)

@@ -5,7 +5,7 @@ the *static* tokens W (the first ``n_sink`` tokens, the last ``n_recent`` tokens
 every generated token), attended exactly, and the tokens Omega retrieved from an index over the rest,
 also attended exactly. The two partial attentions are merged by their log-sum-exp. Every index in
 retrokv (GraphIndex, IVFIndex, QuestIndex, TopKOracle) differs only in how it picks Omega; this base
-class owns the rest: storage, ``append``, ``attend`` and ``last_stats``.
+class owns the rest: storage, ``append``, ``attend`` and ``last_stats`` (an :class:`~retrokv.index.IndexStats`).
 
 Cost accounting in ``last_stats`` (per decode step, summed over query heads, as if each query head
 read its own copy: an upper bound on what a GQA group sharing reads would move):
@@ -13,38 +13,18 @@ read its own copy: an upper bound on what a GQA group sharing reads would move):
 * ``keys_scored``: keys whose inner product with the query was computed to choose Omega;
 * ``meta_scored``: other vectors scored to choose Omega (IVF centroids, Quest page min/max pairs);
 * ``tokens_attended``: tokens whose K and V entered exact attention (|W| + |Omega| per head);
-* ``bytes_read``: ``4 d`` bytes per scored vector (a Quest page counts two) + ``8 d`` per attended
-  token (K and V in float32);
+* ``bytes_read``: ``4 d`` bytes per scored vector (a Quest page counts two) + ``4 (d + dv)`` per
+  attended token (K and V in float32);
 * ``density``: ``tokens_attended / (Hq * n_tokens)``.
 """
 from __future__ import annotations
 
-import importlib
-
 import numpy as np
 
 from . import _validate as V
-from .backend import resolve
-
-
-def check_kv(keys, values):
-    """Validate one layer's ``keys (Hkv, N, d)`` and ``values (Hkv, N, dv)``; float32 contiguous copies."""
-    k, v = V.as_array(keys, "keys"), V.as_array(values, "values")
-    V.check_rank(k, "keys", (3,), "(Hkv, N, d)")
-    V.check_rank(v, "values", (3,), "(Hkv, N, dv)")
-    if k.shape[:2] != v.shape[:2]:
-        raise ValueError(f"keys and values must agree on (Hkv, N): keys {tuple(k.shape[:2])}, values {tuple(v.shape[:2])}")
-    if k.shape[0] == 0 or k.shape[2] == 0:
-        raise ValueError(f"keys must have Hkv > 0 and d > 0, got shape {tuple(k.shape)}")
-    V.check_finite(k, "keys")
-    V.check_finite(v, "values")
-    return np.ascontiguousarray(k, dtype=np.float32), np.ascontiguousarray(v, dtype=np.float32)
-
-
-def check_int(x, name, lo=0):
-    if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or x < lo:
-        raise ValueError(f"{name} must be an int >= {lo}, got {x!r}")
-    return int(x)
+from ._validate import check_int, check_kv  # noqa: F401  (the subclasses' validators)
+from .backend import impl, resolve
+from .index import IndexStats, resolve_config
 
 
 class SparseIndex:
@@ -56,11 +36,29 @@ class SparseIndex:
     """
 
     _IMPL = "baselines"
+    CONFIG = None            # the config dataclass of the method (fields n_sink, n_recent, maybe top_k)
+
+    @classmethod
+    def build(cls, keys, values, prefill_queries=None, *, config=None, backend=None, **overrides):
+        """Index one layer's ``keys``/``values (Hkv, N, d)`` (copied: the index owns its KV).
+
+        ``config`` fields may be overridden by keyword (``IVFIndex.build(k, v, nprobe=8)``);
+        ``prefill_queries (Hq, T, d)`` is used only by the methods that learn from them (the graph).
+        """
+        cfg = resolve_config(cls.CONFIG, config, overrides)
+        keys, values = check_kv(keys, values)
+        self = cls(keys, values, cfg.n_sink, cfg.n_recent, getattr(cfg, "top_k", 1), backend)
+        self.config = cfg
+        self._setup(prefill_queries)
+        return self
+
+    def _setup(self, prefill_queries):
+        """The one hook of a method: build its search structure over ``self._ikeys`` (default: none)."""
 
     def __init__(self, keys, values, n_sink, n_recent, top_k, backend):
         self.backend = resolve(backend)
-        self._core = importlib.import_module(f"retrokv.{self.backend}.attention")
-        self._impl = importlib.import_module(f"retrokv.{self.backend}.{self._IMPL}")
+        self._core = impl(self.backend, "attention")
+        self._impl = impl(self.backend, self._IMPL)
         hkv, n, d = keys.shape
         self.top_k = top_k
         s = min(n_sink, n)
@@ -76,10 +74,15 @@ class SparseIndex:
         self._sv = np.empty((hkv, self._sk.shape[1], values.shape[2]), np.float32)
         self._sk[:, :self._ns], self._sv[:, :self._ns] = sk, sv
         self._static_pos = np.concatenate([np.arange(self.lo), np.arange(self.hi, n)]).astype(np.int64)
-        self.n_tokens = n
-        self.last_stats = {}
+        self._n = n
+        self.last_stats = None
 
     # ------------------------------------------------------------------ properties
+    @property
+    def n_tokens(self):
+        """Tokens held: the prompt plus every appended token."""
+        return self._n
+
     @property
     def n_kv_heads(self):
         return self._sk.shape[0]
@@ -99,20 +102,19 @@ class SparseIndex:
 
     # ------------------------------------------------------------------ public API
     def append(self, k, v):
-        """Add one generated token (``k``, ``v``: ``(Hkv, d)``); it joins the static window (RA §3.3)."""
-        k, v = V.as_array(k, "k"), V.as_array(v, "v")
-        if k.shape != (self.n_kv_heads, self.head_dim) or v.shape != (self.n_kv_heads, self._sv.shape[2]):
-            raise ValueError(f"append expects k of shape {(self.n_kv_heads, self.head_dim)} and v of shape "
-                             f"{(self.n_kv_heads, self._sv.shape[2])}, got {tuple(k.shape)} and {tuple(v.shape)}")
-        V.check_finite(k, "k")
-        V.check_finite(v, "v")
+        """Add generated tokens (``k``, ``v``: ``(Hkv, d)`` or ``(Hkv, n, d)``); they join the static window (RA §3.3)."""
+        k, v = V.check_append(k, v, self.n_kv_heads, self.head_dim, self._sv.shape[2])
+        for t in range(k.shape[1]):
+            self._append_one(k[:, t], v[:, t])
+
+    def _append_one(self, k, v):
         if self._ns == self._sk.shape[1]:               # grow by doubling
             self._sk = np.concatenate([self._sk, np.empty_like(self._sk)], axis=1)
             self._sv = np.concatenate([self._sv, np.empty_like(self._sv)], axis=1)
         self._sk[:, self._ns], self._sv[:, self._ns] = k, v
         self._ns += 1
-        self._static_pos = np.append(self._static_pos, self.n_tokens)
-        self.n_tokens += 1
+        self._static_pos = np.append(self._static_pos, self._n)
+        self._n += 1
 
     def search(self, q, k=None):
         """Top-``k`` retrieval over the indexed tokens (not the static ones).
@@ -121,9 +123,13 @@ class SparseIndex:
         ``(Hq, k)`` / ``(Hq, B, k)`` int64, best first, padded with ``-1`` when fewer keys were
         reached, and the number of keys scored per query ``(Hq,)`` / ``(Hq, B)``.
         """
+        return self._search_with(q, k)
+
+    def _search_with(self, q, k, **settings):
+        """:meth:`search` with per-call search settings passed to ``_search`` (the index is not mutated)."""
         k = self.top_k if k is None else check_int(k, "k", 1)
         q3, single = self._check_q(q, batch=True)
-        ids, scanned, _ = self._search(q3, k)
+        ids, scanned, _ = self._search(q3, k, **settings)
         ids = np.where(ids >= 0, ids + self.lo, -1)
         return (ids[:, 0], scanned[:, 0]) if single else (ids, scanned)
 
@@ -139,7 +145,7 @@ class SparseIndex:
             np.full((q2.shape[0], 1, 0), -1, np.int64), np.zeros((q2.shape[0], 1), np.int64), 0)
         retrieved = self._attend_ids(q2, ids[:, 0])
         out, lse = self._core.merge_partials([static, retrieved])
-        self._record(q2.shape[0], scanned[:, 0], meta, self._ns * q2.shape[0] + int((ids >= 0).sum()))
+        self._record(q2.shape[0], scanned[:, 0], meta, self._ns * q2.shape[0], int((ids >= 0).sum()))
         return (out, lse) if return_lse else out
 
     # ------------------------------------------------------------------ helpers
@@ -178,13 +184,11 @@ class SparseIndex:
                 out[h], lse[h] = o[0], l[0]
         return out, lse
 
-    def _record(self, hq, scanned, meta, attended):
+    def _record(self, hq, scanned, meta, static, retrieved):
         d = self.head_dim
         keys_scored = int(np.sum(scanned))
-        self.last_stats = {
-            "keys_scored": keys_scored,
-            "meta_scored": int(meta),
-            "tokens_attended": int(attended),
-            "bytes_read": 4 * d * (keys_scored + int(meta)) + 8 * d * int(attended),
-            "density": attended / max(1, hq * self.n_tokens),
-        }
+        attended = static + retrieved
+        self.last_stats = IndexStats(
+            n_tokens=self._n, tokens_attended=attended, keys_scored=keys_scored, meta_scored=int(meta),
+            bytes_read=4 * d * (keys_scored + int(meta)) + 4 * (d + self._sv.shape[2]) * attended,
+            density=attended / max(1, hq * self._n), zones={"static": static, "retrieved": retrieved})

@@ -18,7 +18,8 @@ from numbers import Integral, Real
 
 import numpy as np
 
-from .wave_index import WaveIndex, _impl
+from .backend import impl
+from .wave_index import WaveIndex
 
 __all__ = ["WaveBuffer", "WaveBufferStats"]
 
@@ -86,7 +87,7 @@ class WaveBuffer:
         self.index = index                       # WaveIndex.attend checks `buffer.index is self`
         self.cache_fraction, self.block_size = float(cache_fraction), int(block_size)
         self.backend = index.backend if backend is None else backend
-        self._mod = _impl(self.backend, "wave_buffer")   # validates the name
+        self._mod = impl(self.backend, "wave_buffer")   # validates the name
         self.backend = self._mod.__name__.split(".")[1]
         hkv, d, dv = index.shape
         self._state = self._mod.sync_state(self._mod.empty_state(hkv, d, dv, self.block_size), index.meta,
@@ -133,7 +134,7 @@ class WaveBuffer:
         if self.index.n_clusters != self.n_clusters:
             self._state = self._mod.sync_state(self._state, self.index.meta, self.cache_fraction)
 
-    def gather(self, retrieval):
+    def gather(self, retrieval, workspace=None):
         """The execution buffer ``[steady | retrieved clusters]`` for ``retrieval (Hkv, r)`` (cluster
         ids in rank order), read through the cache; updates the cache and :attr:`stats`.
 
@@ -141,7 +142,8 @@ class WaveBuffer:
         ``gather_execution_buffer``; :meth:`WaveIndex.attend` calls it when given ``buffer=``.
         Sets :attr:`stats` (a :class:`WaveBufferStats`, also appended to :attr:`history`) and
         :attr:`last_step` (the :class:`~retrokv.reference.wave_buffer.StepResult`: which clusters hit,
-        which misses were admitted, which clusters were evicted).
+        which misses were admitted, which clusters were evicted). Without ``workspace`` (the index's
+        reused arrays, which :meth:`WaveIndex.attend` passes) the buffer returned is the caller's own.
         """
         self._sync()
         retrieval = np.asarray(retrieval)
@@ -158,7 +160,7 @@ class WaveBuffer:
         t0 = time.perf_counter()
         res = self._mod.plan_step(self._state, retrieval)
         t1 = time.perf_counter()
-        buf = self._mod.fill_execution_buffer(self._state, sk, sv, sids, retrieval, res.hit)
+        buf = self._mod.fill_execution_buffer(self._state, sk, sv, sids, retrieval, res.hit, workspace)
         self._mod.scatter_admitted(self._state, retrieval, res.admitted)
         t2 = time.perf_counter()
         self.last_step = res

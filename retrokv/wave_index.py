@@ -10,22 +10,18 @@ validates inputs and picks the backend.
 """
 from __future__ import annotations
 
-import importlib
+import functools
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from numbers import Integral, Real
 
 import numpy as np
 
 from . import _validate as V
-from .backend import resolve
+from .backend import impl, resolve
+from .index import IndexStats, resolve_config
 
 __all__ = ["WaveConfig", "WaveIndex", "WaveStats"]
-
-
-def _impl(backend, name):
-    """``retrokv.<backend>.<name>``, e.g. the reference or fast ``wave_index`` module."""
-    return importlib.import_module(f"retrokv.{resolve(backend)}.{name}")
 
 
 def _budget_ok(x):
@@ -89,11 +85,17 @@ def _count(budget, n_clusters):
     return int(min(n_clusters, max(1, math.floor(budget * n_clusters + 1e-9))))
 
 
-@dataclass(frozen=True)
-class WaveStats:
-    """What one :meth:`WaveIndex.attend` did. Per-head arrays are ``(Hkv,)``; zone members in rank order."""
+@dataclass(frozen=True, kw_only=True)
+class WaveStats(IndexStats):
+    """What one :meth:`WaveIndex.attend` did: the common :class:`~retrokv.index.IndexStats` plus the zones
+    in detail. Per-head arrays are ``(Hkv,)``; zone members in rank order.
 
-    n_tokens: int                     # context length
+    Common fields, for the wave index: ``tokens_attended`` counts steady + retrieved tokens per query
+    head; ``keys_scored`` is 0 (no key is scored to choose: clusters are ranked by their centroids);
+    ``meta_scored`` is ``Hq * C`` centroid scores; ``bytes_read`` counts what a GQA group shares once:
+    the exact K and V, every centroid, the estimated clusters' value sums and the sizes.
+    """
+
     steady_tokens: int                # sinks + recent window (+ tokens waiting for an index update)
     retrieval_clusters: np.ndarray    # (Hkv, r) cluster ids
     estimation_clusters: np.ndarray   # (Hkv, e) cluster ids
@@ -102,12 +104,6 @@ class WaveStats:
     estimation_tokens: np.ndarray     # (Hkv,) tokens covered by estimated clusters
     dropped_tokens: np.ndarray        # (Hkv,) tokens not looked at
     exact_ids: list                   # Hkv arrays: token positions attended exactly
-    keys_scored: int                  # vectors scored per GQA group, summed over KV heads: centroids + exact keys
-    bytes_read: int                   # exact KV + centroids + value sums + sizes read this step
-    density: float                    # mean fraction of tokens whose KV was read exactly
-
-    def as_dict(self):
-        return asdict(self)
 
 
 class WaveIndex:
@@ -118,24 +114,26 @@ class WaveIndex:
         self._meta = meta
         self._sk, self._sv, self._sids = steady_k, steady_v, steady_ids   # (Hkv, S, d), (Hkv, S, dv), (S,)
         self._n, self._n_sink = n_tokens, n_sink
+        self._workspace = impl(backend, "wave_index").Workspace()   # reused execution buffer, this index's own
         self.last_stats = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def build(cls, keys, values, config=None, backend=None, check_finite=True):
-        """Index ``keys``/``values`` ``(Hkv, N, d)``: sinks and the last ``n_local`` tokens stay exact,
-        the middle is clustered. Fewer than ``tokens_per_cluster`` middle tokens: no clusters yet."""
-        config = WaveConfig() if config is None else config
-        if not isinstance(config, WaveConfig):
-            raise TypeError(f"config must be a WaveConfig, got {type(config).__name__}")
+    def build(cls, keys, values, prefill_queries=None, *, config=None, backend=None, check_finite=True,
+              **overrides):
+        """Index ``keys``/``values`` ``(Hkv, N, d)`` (copied): sinks and the last ``n_local`` tokens stay
+        exact, the middle is clustered. Fewer than ``tokens_per_cluster`` middle tokens: no clusters yet.
+        ``prefill_queries`` is unused (the wave index needs none); ``config`` fields may be overridden
+        by keyword (``WaveIndex.build(k, v, n_local=128)``)."""
+        config = resolve_config(WaveConfig, config, overrides)
         backend = resolve(backend)
-        keys, values = _check_kv(keys, values, "keys", "values", check_finite)
+        keys, values = V.check_kv(keys, values, finite=check_finite)
         hkv, n, d = keys.shape
-        mod = _impl(backend, 'wave_index')
+        mod = impl(backend, 'wave_index')
         n_sink = min(config.n_sink, n)
         end = n - config.n_local
         if end - n_sink >= config.tokens_per_cluster:
-            c, s = _impl(backend, 'clustering').plan_clusters(end - n_sink, config.tokens_per_cluster,
+            c, s = impl(backend, 'clustering').plan_clusters(end - n_sink, config.tokens_per_cluster,
                                                             config.segment_tokens)
             meta = mod.build_meta_index(keys[:, n_sink:end], values[:, n_sink:end], np.arange(n_sink, end),
                                         c, s, config.kmeans_iters)
@@ -180,7 +178,7 @@ class WaveIndex:
         return self._sk.shape[0], self._sk.shape[2], self._sv.shape[2]
 
     # ------------------------------------------------------------------ decode
-    def attend(self, q, buffer=None, return_lse=False, check_finite=True):
+    def attend(self, q, return_lse=False, *, buffer=None, check_finite=True):
         """One decode step: ``q (Hq, d) -> out (Hq, dv)`` (and ``lse (Hq,)`` with ``return_lse``).
 
         ``buffer``: a :class:`retrokv.WaveBuffer` over this index; it changes where the retrieved
@@ -198,14 +196,15 @@ class WaveIndex:
         if buffer is not None:
             if getattr(buffer, "index", None) is not self:
                 raise ValueError("buffer must be a WaveBuffer built over this index")
-            gather = buffer.gather
-        mod = _impl(self.backend, 'wave_index')
+            gather = functools.partial(buffer.gather, workspace=self._workspace)
+        mod = impl(self.backend, 'wave_index')
         out, lse, zones = mod.tripartite_attention(q, self._meta, self._sk, self._sv, self._sids,
-                                                   self.n_retrieve, self.n_estimate, self.config.scale, gather)
-        self.last_stats = self._stats(zones)
+                                                   self.n_retrieve, self.n_estimate, self.config.scale, gather,
+                                                   self._workspace)
+        self.last_stats = self._stats(zones, q.shape[0])
         return (out, lse) if return_lse else out
 
-    def _stats(self, zones):
+    def _stats(self, zones, hq):
         meta, (hkv, d, dv) = self._meta, self.shape
         sizes = meta.sizes
         r_tok = np.take_along_axis(sizes, zones.retrieval, axis=1).sum(axis=1)
@@ -216,13 +215,17 @@ class WaveIndex:
         e = zones.estimation.shape[1]
         bytes_read = int(4 * (exact.sum() * (d + dv) + hkv * self.n_clusters * d + hkv * e * dv)
                          + 8 * hkv * self.n_clusters)
+        g = hq // hkv
+        attended = int(g * exact.sum())
         return WaveStats(
-            n_tokens=self._n, steady_tokens=steady, retrieval_clusters=zones.retrieval,
-            estimation_clusters=zones.estimation,
+            n_tokens=self._n, tokens_attended=attended, keys_scored=0, meta_scored=hq * self.n_clusters,
+            bytes_read=bytes_read, density=attended / max(hq * self._n, 1),
+            zones={"steady": hq * steady, "retrieval": int(g * r_tok.sum()), "estimation": int(g * e_tok.sum()),
+                   "dropped": int(g * (indexed - r_tok - e_tok).sum())},
+            steady_tokens=steady, retrieval_clusters=zones.retrieval, estimation_clusters=zones.estimation,
             dropped_clusters=self.n_clusters - zones.retrieval.shape[1] - e,
             retrieval_tokens=r_tok, estimation_tokens=e_tok, dropped_tokens=indexed - r_tok - e_tok,
-            exact_ids=zones.exact_ids, keys_scored=int(hkv * self.n_clusters + exact.sum()),
-            bytes_read=bytes_read, density=float(exact.mean() / max(self._n, 1)))
+            exact_ids=zones.exact_ids)
 
     # ------------------------------------------------------------------ update
     def append(self, k, v, check_finite=True):
@@ -232,21 +235,15 @@ class WaveIndex:
         oldest ``update_every`` are clustered into ``update_clusters`` new clusters (RetroInfer §4.2).
         Returns the number of clusters added.
         """
-        k, v = V.as_array(k, "k"), V.as_array(v, "v")
-        if k.ndim == 2 and v.ndim == 2:
-            k, v = k[:, None], v[:, None]
-        k, v = _check_kv(k, v, "k", "v", check_finite)
         hkv, d, dv = self.shape
-        if k.shape[0] != hkv or k.shape[2] != d or v.shape[2] != dv:
-            raise ValueError(f"k, v must have shapes (Hkv={hkv}, [n,] {d}) and (Hkv={hkv}, [n,] {dv}), "
-                             f"got {tuple(k.shape)} and {tuple(v.shape)}")
+        k, v = V.check_append(k, v, hkv, d, dv, finite=check_finite)
         n = k.shape[1]
         self._sk = np.concatenate([self._sk, k], axis=1)
         self._sv = np.concatenate([self._sv, v], axis=1)
         self._sids = np.concatenate([self._sids, np.arange(self._n, self._n + n, dtype=np.int64)])
         self._n += n
         added = 0
-        cfg, mod = self.config, _impl(self.backend, 'wave_index')
+        cfg, mod = self.config, impl(self.backend, 'wave_index')
         while len(self._sids) - self._n_sink >= cfg.n_local + cfg.update_every:
             lo, hi = self._n_sink, self._n_sink + cfg.update_every
             c = min(cfg.update_clusters, cfg.update_every)
@@ -265,19 +262,3 @@ class WaveIndex:
         return (f"WaveIndex(Hkv={hkv}, d={d}, tokens={self._n}, clusters={self.n_clusters}, "
                 f"steady={len(self._sids)}, retrieve={self.n_retrieve}, estimate={self.n_estimate}, "
                 f"backend={self.backend!r})")
-
-
-def _check_kv(k, v, kn, vn, finite):
-    k, v = V.as_array(k, kn), V.as_array(v, vn)
-    V.check_rank(k, kn, (3,), "(Hkv, N, d)")
-    V.check_rank(v, vn, (3,), "(Hkv, N, dv)")
-    if k.shape[:2] != v.shape[:2]:
-        raise ValueError(f"{kn} and {vn} must agree on (Hkv, N): {kn} has {tuple(k.shape[:2])}, "
-                         f"{vn} has {tuple(v.shape[:2])}")
-    if k.shape[0] == 0 or k.shape[2] == 0:
-        raise ValueError(f"{kn} must have at least one head and a positive head_dim, got shape {tuple(k.shape)}")
-    if finite:
-        V.check_finite(k, kn)
-        V.check_finite(v, vn)
-    return (np.ascontiguousarray(np.asarray(k), dtype=np.float32),
-            np.ascontiguousarray(np.asarray(v), dtype=np.float32))

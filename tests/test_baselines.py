@@ -79,7 +79,7 @@ def test_topk_with_every_key_is_full_attention(data, backend):
     o64, l64 = full64(q, k, v)
     np.testing.assert_allclose(out, o64, atol=2e-5, rtol=1e-4)
     np.testing.assert_allclose(lse, l64, atol=2e-5, rtol=1e-5)
-    assert idx.last_stats["density"] == pytest.approx(1.0)
+    assert idx.last_stats.density == pytest.approx(1.0)
 
 
 @given(layers(), st.sampled_from(["reference", "fast"]))
@@ -100,7 +100,7 @@ def test_streaming_is_attention_over_sink_and_window(data, backend):
     np.testing.assert_array_equal(idx.static_positions, keep)
     o64, _ = full64(q, allk[:, keep], allv[:, keep])
     np.testing.assert_allclose(idx.attend(q), o64, atol=2e-5, rtol=1e-4)
-    assert idx.last_stats["keys_scored"] == 0
+    assert idx.last_stats.keys_scored == 0
 
 
 @given(layers(), st.integers(1, 30))

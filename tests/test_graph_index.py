@@ -109,7 +109,7 @@ def test_attend_with_everything_retrieved_is_full_attention(data, backend):
     expect = np.einsum("hn,hnd->hd", p, vv) / p.sum(1, keepdims=True)
     out, lse = idx.attend(qd, return_lse=True)
     np.testing.assert_allclose(out, expect, atol=2e-5, rtol=1e-4)
-    assert idx.last_stats["keys_scored"] == qd.shape[0] * idx.n_indexed
+    assert idx.last_stats.keys_scored == qd.shape[0] * idx.n_indexed
 
 
 def test_ood_recall_beats_ivf_at_the_same_budget():
@@ -185,11 +185,11 @@ def test_build_queries_subsamples_the_projection_queries(rng):
     k = rng.standard_normal((1, 96, 8)).astype(np.float32)
     q = rng.standard_normal((2, 40, 8)).astype(np.float32)
     cfg = GraphConfig(n_sink=0, n_recent=0, n_query_neighbors=8, max_degree=6, pool_cap=20)
-    full = GraphIndex.build(k, k, q, cfg, backend="reference")
-    same = GraphIndex.build(k, k, q, GraphConfig(**{**cfg.__dict__, "build_queries": 40}), backend="reference")
-    fewer = GraphIndex.build(k, k, q, GraphConfig(**{**cfg.__dict__, "build_queries": 5}), backend="reference")
+    full = GraphIndex.build(k, k, q, config=cfg, backend="reference")
+    same = GraphIndex.build(k, k, q, config=GraphConfig(**{**cfg.__dict__, "build_queries": 40}), backend="reference")
+    fewer = GraphIndex.build(k, k, q, config=GraphConfig(**{**cfg.__dict__, "build_queries": 5}), backend="reference")
     np.testing.assert_array_equal(full.adj, same.adj)          # a cap at Tq changes nothing
-    sub = GraphIndex.build(k, k, q[:, np.linspace(0, 39, 5).round().astype(int)], cfg, backend="reference")
+    sub = GraphIndex.build(k, k, q[:, np.linspace(0, 39, 5).round().astype(int)], config=cfg, backend="reference")
     np.testing.assert_array_equal(fewer.adj, sub.adj)          # the cap takes evenly strided queries
     with pytest.raises(ValueError, match="build_queries"):
         GraphConfig(build_queries=0)

@@ -37,7 +37,7 @@ def drifting_decode(seed, hkv=2, g=2, d=8, n=160, steps=300):
 def test_buffer_never_changes_results(backend):
     """The accuracy-agnostic property (RetroInfer §4.3) over a long decode with index updates."""
     k, v, q, n = drifting_decode(0)
-    idx = WaveIndex.build(k[:, :n], v[:, :n], WaveConfig(**SMALL), backend=backend)
+    idx = WaveIndex.build(k[:, :n], v[:, :n], config=WaveConfig(**SMALL), backend=backend)
     buf = rk.WaveBuffer(idx, cache_fraction=0.2)
     c0 = idx.n_clusters
     for t in range(len(q)):
@@ -61,7 +61,7 @@ def test_buffer_never_changes_results(backend):
 def test_cache_size_extremes(fraction):
     """No cache: every cluster is a miss. A cache as large as the host tier: only compulsory misses."""
     k, v, q, n = drifting_decode(1, steps=40)
-    idx = WaveIndex.build(k[:, :n], v[:, :n], WaveConfig(**SMALL), backend="fast")
+    idx = WaveIndex.build(k[:, :n], v[:, :n], config=WaveConfig(**SMALL), backend="fast")
     buf = rk.WaveBuffer(idx, cache_fraction=fraction)
     seen = [set() for _ in range(k.shape[0])]
     for t in range(len(q)):
@@ -231,7 +231,7 @@ TestBufferMachine = BufferMachine.TestCase
 def test_fast_equals_reference_on_a_decode(seed, fraction, block):
     """The same retrieval sequence from a real index: the same hits, misses, admissions and evictions."""
     k, v, q, n = drifting_decode(seed, steps=60)
-    idx = WaveIndex.build(k[:, :n], v[:, :n], WaveConfig(**{**SMALL, "update_every": 16}), backend="fast")
+    idx = WaveIndex.build(k[:, :n], v[:, :n], config=WaveConfig(**{**SMALL, "update_every": 16}), backend="fast")
     bufs = [rk.WaveBuffer(idx, fraction, block, backend=b) for b in ("reference", "fast")]
     for t in range(len(q)):
         idx.attend(q[t], buffer=bufs[1])
@@ -252,7 +252,7 @@ def test_validation():
     rng = np.random.default_rng(3)
     k, v = rng.standard_normal((2, 2, 100, 4)).astype(np.float32)
     cfg = WaveConfig(n_sink=2, n_local=8, tokens_per_cluster=4)
-    idx = WaveIndex.build(k, v, cfg)
+    idx = WaveIndex.build(k, v, config=cfg)
     with pytest.raises(TypeError, match="index"):
         rk.WaveBuffer("not an index")
     for bad in (-0.1, 1.5, float("nan")):
@@ -276,7 +276,7 @@ def test_validation():
         with pytest.raises(ValueError, match="retrieval"):
             buf.gather(bad)
     with pytest.raises(ValueError, match="buffer"):
-        WaveIndex.build(k, v, cfg).attend(rng.standard_normal((2, 4)).astype(np.float32), buffer=buf)
+        WaveIndex.build(k, v, config=cfg).attend(rng.standard_normal((2, 4)).astype(np.float32), buffer=buf)
     with pytest.raises(ValueError):
         buf.read_cluster(0, c)
     assert "WaveBuffer(" in repr(buf) and "hit_ratio=n/a" in repr(buf)

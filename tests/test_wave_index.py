@@ -33,7 +33,7 @@ def cases(draw):
 
 
 def grow(k, v, n, cfg, backend, bulk=False):
-    idx = WaveIndex.build(k[:, :n], v[:, :n], cfg, backend=backend)
+    idx = WaveIndex.build(k[:, :n], v[:, :n], config=cfg, backend=backend)
     if bulk and k.shape[1] > n:
         idx.append(k[:, n:], v[:, n:])
     for t in range(n, k.shape[1]) if not bulk else ():
@@ -148,7 +148,7 @@ def test_short_input_is_exact_and_updates_grow_the_index(rng):
     k = rng.standard_normal((2, 200, 8)).astype(np.float32)
     v = rng.standard_normal((2, 200, 8)).astype(np.float32)
     q = rng.standard_normal((4, 8)).astype(np.float32)
-    idx = WaveIndex.build(k[:, :70], v[:, :70], cfg)               # 2 middle tokens < 16: no clusters
+    idx = WaveIndex.build(k[:, :70], v[:, :70], config=cfg)               # 2 middle tokens < 16: no clusters
     assert idx.n_clusters == 0
     np.testing.assert_allclose(idx.attend(q), rk.full_attention(q, k[:, :70], v[:, :70]), atol=1e-6)
     added = sum(idx.append(k[:, t], v[:, t]) for t in range(70, 200))
@@ -181,7 +181,7 @@ def test_validation(rng):
         idx.attend(np.zeros((3, 8), np.float32))
     with pytest.raises(ValueError, match="NaN"):
         idx.attend(np.full((2, 8), np.nan, np.float32))
-    with pytest.raises(ValueError, match="k, v must have shapes"):
+    with pytest.raises(ValueError, match="append expects k of shape"):
         idx.append(np.zeros((3, 8), np.float32), np.zeros((3, 8), np.float32))
     with pytest.raises(ValueError, match="buffer"):
         idx.attend(np.zeros((2, 8), np.float32), buffer=object())
@@ -199,7 +199,7 @@ def test_real_model_beats_streaming_llm_and_estimation_helps(captured):
             full = rk.full_attention(q, k, v)
             scores = np.einsum("hgd,hnd->hgn", q.reshape(k.shape[0], -1, q.shape[1]), k)    # (Hkv, G, N)
             for budget in recall:
-                idx = WaveIndex.build(k, v, WaveConfig(retrieval_budget=budget), backend="reference")
+                idx = WaveIndex.build(k, v, config=WaveConfig(retrieval_budget=budget), backend="reference")
                 out = idx.attend(q)
                 hits = [np.isin(np.argsort(-scores[h], axis=1)[:, :32], idx.last_stats.exact_ids[h]).mean()
                         for h in range(k.shape[0])]
@@ -207,7 +207,7 @@ def test_real_model_beats_streaming_llm_and_estimation_helps(captured):
                 if budget == 0.018:
                     errs["wave"].append(np.linalg.norm(out - full) / np.linalg.norm(full))
                     n_exact = len(idx.last_stats.exact_ids[0])
-                    idx_ne = WaveIndex.build(k, v, WaveConfig(estimation=False), backend="reference")
+                    idx_ne = WaveIndex.build(k, v, config=WaveConfig(estimation=False), backend="reference")
                     errs["noest"].append(np.linalg.norm(idx_ne.attend(q) - full) / np.linalg.norm(full))
                     keep = np.r_[0:4, t + 1 - (n_exact - 4):t + 1]   # StreamingLLM with the same exact budget
                     o_s = rk.full_attention(q, k[:, keep], v[:, keep])
@@ -217,3 +217,48 @@ def test_real_model_beats_streaming_llm_and_estimation_helps(captured):
     assert med["wave"] < med["stream"], med
     assert med["wave"] < med["noest"], med
     assert np.mean(recall[0.1]) > np.mean(recall[0.018]), recall
+
+
+def test_fast_attend_on_two_indexes_from_two_threads_is_exact(rng):
+    """Each index owns its execution-buffer workspace: threads on different indexes never share one
+    (a module-level workspace gave 143 wrong results of 300 here)."""
+    import threading
+
+    cfg = WaveConfig(n_sink=2, n_local=4, tokens_per_cluster=4, segment_tokens=64, retrieval_budget=1.0)
+    idx, want, qs = [], [], []
+    for n in (300, 700):                            # different sizes: different buffer widths
+        k = rng.standard_normal((2, n, 16)).astype(np.float32)
+        v = rng.standard_normal((2, n, 16)).astype(np.float32)
+        q = rng.standard_normal((30, 4, 16)).astype(np.float32)
+        idx.append(WaveIndex.build(k, v, config=cfg, backend="fast"))
+        qs.append(q)
+        want.append([idx[-1].attend(q[t]) for t in range(len(q))])
+    wrong = []
+
+    def run(i):
+        for _ in range(5):
+            for t in range(len(qs[i])):
+                if not np.array_equal(idx[i].attend(qs[i][t]), want[i][t]):
+                    wrong.append((i, t))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not wrong
+
+
+def test_public_gather_results_are_the_callers_own(rng):
+    """gather_execution_buffer without a workspace returns fresh arrays: a later call cannot overwrite them."""
+    from retrokv.fast import wave_index as F
+
+    cfg = WaveConfig(n_sink=2, n_local=4, tokens_per_cluster=4, segment_tokens=64)
+    k = rng.standard_normal((2, 200, 8)).astype(np.float32)
+    idx = WaveIndex.build(k, k, config=cfg, backend="fast")
+    sk, sv, sids = idx.steady
+    r1 = np.array([[0, 1], [2, 3]])
+    first = F.gather_execution_buffer(idx.meta, sk, sv, sids, r1)
+    keep = first.keys.copy()
+    F.gather_execution_buffer(idx.meta, sk, sv, sids, np.array([[4, 5], [6, 7]]))
+    np.testing.assert_array_equal(first.keys, keep)

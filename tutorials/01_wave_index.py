@@ -61,7 +61,7 @@ print(f"layer {LAYER}: {hkv} KV heads, {g} query heads per group, {n} tokens, he
 # last position attends; `last_stats` says what each zone got.
 
 # %%
-index = WaveIndex.build(k, v, WaveConfig(), backend="fast")
+index = WaveIndex.build(k, v, config=WaveConfig(), backend="fast")
 q = q_all[:, -1]                                        # (Hq, d): the last position's query
 out = index.attend(q)
 s = index.last_stats
@@ -157,7 +157,7 @@ for b in budgets:
         kk, vv, qq = k[:, :t + 1], v[:, :t + 1], q_all[:, t]
         full = rk.full_attention(qq, kk, vv)
         for m, est in (("wave", True), ("wave, no estimation", False)):
-            idx = WaveIndex.build(kk, vv, WaveConfig(retrieval_budget=b, estimation=est), backend="fast")
+            idx = WaveIndex.build(kk, vv, config=WaveConfig(retrieval_budget=b, estimation=est), backend="fast")
             o = idx.attend(qq)
             e[m].append(np.linalg.norm(o - full) / np.linalg.norm(full))
         exact = int(np.mean([len(x) for x in idx.last_stats.exact_ids]))

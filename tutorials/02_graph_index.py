@@ -163,7 +163,7 @@ for t in range(N_DECODE):
     full = rk.full_attention(qt, k, v)
     out = graph.attend(qt)
     errs.append(np.linalg.norm(out - full) / np.linalg.norm(full))
-    dens.append(graph.last_stats["density"])
+    dens.append(graph.last_stats.density)
 print(f"relative output error: median {np.median(errs):.4f}, max {np.max(errs):.4f}; "
       f"density {np.mean(dens):.3f} of the tokens attended exactly")
 plt.figure(figsize=(5, 3))

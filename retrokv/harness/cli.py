@@ -1,9 +1,11 @@
-"""``retrokv`` command line: ``retrokv eval`` runs the evaluation harness (:mod:`retrokv.eval`) on SmolLM2.
+"""The ``retrokv`` command: ``retrokv demo``, ``retrokv eval`` and ``retrokv sparsity`` on the embedded SmolLM2.
 
 Example (writes ``results/eval.md`` and ``results/eval_*.png``)::
 
     retrokv eval --tasks passkey --methods full,streaming,wave,graph --lengths 4096,8192 --samples 20 \
         --backend fast --ppl --layer-errors --out results
+
+Every argument is checked before the model loads, and every error is one line on stderr (exit 2).
 """
 from __future__ import annotations
 
@@ -14,7 +16,14 @@ import sys
 
 import numpy as np
 
-METHODS = ("plain", "full", "streaming", "topk", "quest", "ivf", "wave", "graph")
+from .. import methods as _methods
+
+METHODS = ("plain",) + _methods.names()
+MAX_CONTEXT = 8192      # SmolLM2-135M's trained context (max_position_embeddings)
+
+
+class CLIError(Exception):
+    """A bad argument found before any work: printed as one line."""
 
 
 def _csv(kind, allowed=None):
@@ -46,10 +55,15 @@ def _csv(kind, allowed=None):
 
 
 def build_parser():
+    from . import demo, sparsity
     from .eval import TASKS
 
     p = argparse.ArgumentParser(prog="retrokv", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("demo", help="passkey prompts answered with full, StreamingLLM, wave and graph attention")
+    demo.add_arguments(d)
+    s = sub.add_parser("sparsity", help="how sparse SmolLM2's attention is, and how far queries sit from keys")
+    sparsity.add_arguments(s)
     e = sub.add_parser("eval", help="synthetic retrieval tasks, perplexity and per-layer error on SmolLM2")
     e.add_argument("--tasks", type=_csv("tasks", TASKS), default=["passkey"], help=f"comma list of {TASKS}")
     e.add_argument("--methods", type=_csv("methods", METHODS), default=["full", "streaming", "wave", "graph"],
@@ -67,12 +81,50 @@ def build_parser():
     return p
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
+def check_eval_args(args):
+    """Everything ``retrokv eval`` can refuse without the model, so that no error comes after minutes of work."""
     if args.samples < 1:
-        print("retrokv eval: --samples must be >= 1", file=sys.stderr)
+        raise CLIError(f"--samples must be >= 1, got {args.samples}")
+    if args.ppl and args.ppl_tokens < 1:
+        raise CLIError(f"--ppl-tokens must be >= 1, got {args.ppl_tokens}")
+    longest = max(args.lengths) + (args.ppl_tokens if args.ppl else 0)
+    if longest > MAX_CONTEXT:
+        raise CLIError(f"--lengths {max(args.lengths)}" + (f" + --ppl-tokens {args.ppl_tokens}" if args.ppl else "")
+                       + f" exceeds SmolLM2's {MAX_CONTEXT}-token context")
+    check_out_dir(args.out)
+
+
+def check_out_dir(path):
+    """Create ``path`` and prove it writable now, not after the run."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, ".retrokv-write-test")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise CLIError(f"--out {path!r} is not a writable folder: {e.strerror or e}") from None
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "demo":
+            from . import demo
+
+            demo.check_args(args)
+            return demo.run(args)
+        if args.command == "sparsity":
+            from . import sparsity
+
+            sparsity.check_args(args)
+            return sparsity.run(args)
+        check_eval_args(args)
+        return run_eval(args)
+    except CLIError as e:
+        print(f"retrokv {args.command}: error: {e}", file=sys.stderr)
         return 2
-    return run_eval(args)
 
 
 def run_eval(args):
@@ -80,7 +132,6 @@ def run_eval(args):
     from .data import natural_text_ids
     from .models import load_smollm2
 
-    os.makedirs(args.out, exist_ok=True)
     model, tok = load_smollm2()
     progress = not args.quiet
     rows, ppl_rows, layer_rows = [], [], {}

@@ -62,21 +62,37 @@ COLUMNS = ["length", "method", "samples", "accuracy", "ppl", "ppl_delta_%", "den
 
 
 def _lengths(s):
-    vals = [int(x) for x in s.split(",") if x.strip()]
+    try:
+        vals = [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        vals = []
     if not vals or min(vals) < 256:
         raise argparse.ArgumentTypeError(f"lengths must be a comma list of ints >= 256, got {s!r}")
     return vals
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(ap):
+    """The demo's options (shared by ``python -m retrokv.harness.demo`` and ``retrokv demo``)."""
     ap.add_argument("--lengths", type=_lengths, default=[4096, 8192])
     ap.add_argument("--samples", type=int, default=3, help="passkey prompts per length (depths evenly spaced)")
     ap.add_argument("--backend", choices=("reference", "fast"), default="fast")
     ap.add_argument("--ppl-tokens", type=int, default=64, help="predicted tokens for the perplexity column (0: skip)")
-    args = ap.parse_args(argv)
-    if args.samples < 1 or args.ppl_tokens < 0:
-        ap.error("--samples must be >= 1 and --ppl-tokens >= 0")
+
+
+def check_args(args):
+    """Refuse bad options before the model loads."""
+    from .cli import MAX_CONTEXT, CLIError
+
+    if args.samples < 1:
+        raise CLIError(f"--samples must be >= 1, got {args.samples}")
+    if args.ppl_tokens < 0:
+        raise CLIError(f"--ppl-tokens must be >= 0, got {args.ppl_tokens}")
+    if max(args.lengths) + args.ppl_tokens > MAX_CONTEXT:
+        raise CLIError(f"--lengths {max(args.lengths)} + --ppl-tokens {args.ppl_tokens} exceeds SmolLM2's "
+                       f"{MAX_CONTEXT}-token context")
+
+
+def run(args):
     from .models import load_smollm2
 
     t0 = time.time()
@@ -86,6 +102,12 @@ def main(argv=None):
           f"({time.time() - t0:.0f} s):\n")
     print(E.markdown_table(rows, COLUMNS))
     return 0
+
+
+def main(argv=None):
+    from .cli import main as cli_main
+
+    return cli_main(["demo", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -137,13 +137,11 @@ def make_samples(tok, task, lengths, samples, seed=0, depths=None):
 
 # ---------------------------------------------------------------------------------------------- methods
 def method_config(method, n_tokens):
-    """The config each method runs with at ``n_tokens`` of context (paper defaults; StreamingLLM gets
-    the wave index's exact budget: 4 sinks + 64 local + 1.8% of the clusters' tokens)."""
-    from ..baselines import StreamingConfig
+    """The config each method runs with at ``n_tokens`` of context: :func:`retrokv.methods.default_config`
+    (``None`` for ``"plain"``, the untouched model)."""
+    from .. import methods
 
-    if method == "streaming":
-        return StreamingConfig(n_sink=4, n_recent=64 + int(math.ceil(0.018 * n_tokens)))
-    return None
+    return None if method == "plain" else methods.default_config(method, n_tokens)
 
 
 def _forward(model, ids, cache):
@@ -209,13 +207,13 @@ def _config(configs, method, n):
 
 
 def _label_method(m):
-    from ..hf import METHODS
+    from .. import methods
 
     pair = (m, m) if isinstance(m, str) else m
     if not (isinstance(pair, tuple) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
         raise TypeError(f"a method is a name or a (label, method) pair of strings, got {m!r}")
-    if pair[1] not in METHODS + ("plain",):
-        raise ValueError(f"method must be one of {METHODS + ('plain',)}, got {pair[1]!r}")
+    if pair[1] not in methods.names() + ("plain",):
+        raise ValueError(f"method must be one of {methods.names() + ('plain',)}, got {pair[1]!r}")
     return pair
 
 
@@ -284,7 +282,7 @@ def perplexity(model, ids, n_context, methods=("full",), configs=None, backend=N
     out = {}
     for m in methods:
         nll, logits = [], logits0
-        with _Method(model, m, _config(configs, m, len(ids)), backend, saved, n_context) as run:
+        with _Method(model, m, _config(configs, m, n_context), backend, saved, n_context) as run:
             for t in tqdm(range(n_context, len(ids)), desc=f"ppl {m}", disable=not progress, leave=False):
                 nll.append(float(-torch.log_softmax(logits, -1)[ids[t]]))
                 if t + 1 < len(ids):
@@ -300,7 +298,7 @@ def layer_errors(captured, method="wave", config=None, backend=None, n_queries=1
     the keys before the last ``n_queries`` positions; each of those positions' queries then attends
     through it (the context grows by appending the keys in between, as in decoding).
     """
-    from ..hf import build_index
+    from .. import methods
     from ..reference.attention import full_attention
 
     rows = []
@@ -309,7 +307,7 @@ def layer_errors(captured, method="wave", config=None, backend=None, n_queries=1
         n = k.shape[1]
         p = n - n_queries
         cfg = config if config is not None else method_config(method, n)
-        index = build_index(method, k[:, :p], v[:, :p], q[:, :p], cfg, backend)
+        index = methods.build(method, k[:, :p], v[:, :p], q[:, :p], config=cfg, backend=backend)
         errs, dens, recs = [], [], []
         for t in range(p, n):
             if t > p:
@@ -318,10 +316,9 @@ def layer_errors(captured, method="wave", config=None, backend=None, n_queries=1
             o = full_attention(q[:, t].astype(np.float64), k[:, :t].astype(np.float64), v[:, :t].astype(np.float64))
             errs.append(float(np.linalg.norm(o - o_hat) / np.linalg.norm(o)))
             st = index.last_stats
-            st = st.as_dict() if hasattr(st, "as_dict") else st
-            dens.append(float(st["density"]))
-            if "exact_ids" in st:
-                recs.append(_recall(q[:, t], k[:, :t], st["exact_ids"], k_recall))
+            dens.append(float(st.density))
+            if getattr(st, "exact_ids", None) is not None:
+                recs.append(_recall(q[:, t], k[:, :t], st.exact_ids, k_recall))
         rows.append({"layer": layer, "error": float(np.median(errs)), "density": float(np.mean(dens)),
                      "recall": float(np.mean(recs)) if recs else float("nan")})
     return rows

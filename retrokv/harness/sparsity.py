@@ -9,15 +9,13 @@ keys to the key distribution, and the recall@100 of a plain IVF index probed wit
 """
 from __future__ import annotations
 
-import argparse
+import sys
 import time
 
 import numpy as np
 from tqdm import tqdm
 
 from .analysis import ivf_recall_curves, mass_fraction, ood_distances
-from .data import natural_text_ids
-from .models import capture_qkv, load_smollm2
 
 
 def sparsity_ood_table(qkv, n_decode=64, fractions=(0.05, 0.2), top_k=100):
@@ -44,13 +42,26 @@ def sparsity_ood_table(qkv, n_decode=64, fractions=(0.05, 0.2), top_k=100):
     return "\n".join([head, sep, *rows])
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description="retrokv demo: attention sparsity and the query/key gap on SmolLM2")
+def add_arguments(ap):
+    """The report's options (shared by ``python -m retrokv.harness.sparsity`` and ``retrokv sparsity``)."""
     ap.add_argument("--tokens", type=int, default=4096, help="prompt length (built-in natural text)")
     ap.add_argument("--decode", type=int, default=64, help="last positions used as decode queries")
-    args = ap.parse_args(argv)
-    if args.decode >= args.tokens // 2:
-        ap.error(f"--decode ({args.decode}) must be less than half of --tokens ({args.tokens})")
+
+
+def check_args(args):
+    """Refuse bad options before the model loads."""
+    from .cli import MAX_CONTEXT, CLIError
+
+    if not 256 <= args.tokens <= MAX_CONTEXT:
+        raise CLIError(f"--tokens must be in [256, {MAX_CONTEXT}], got {args.tokens}")
+    if not 1 <= args.decode < args.tokens // 2:
+        raise CLIError(f"--decode must be >= 1 and less than half of --tokens ({args.tokens}), got {args.decode}")
+
+
+def run(args):
+    from .data import natural_text_ids
+    from .models import capture_qkv, load_smollm2
+
     t0 = time.time()
     print("loading SmolLM2-135M-Instruct (embedded GGUF, offline) ...")
     model, tok = load_smollm2()
@@ -62,7 +73,14 @@ def main(argv=None):
     print()
     print(sparsity_ood_table(qkv, n_decode=args.decode))
     print(f"\n({time.time() - t0:.0f} s)")
+    return 0
+
+
+def main(argv=None):
+    from .cli import main as cli_main
+
+    return cli_main(["sparsity", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
