@@ -34,16 +34,15 @@ class GraphConfig:
         n_query_neighbors: exact nearest keys per prefill query used by the projection (RoarGraph: 100).
         max_degree: out-degree bound M (RoarGraph: 35).
         pool_cap: candidates considered per target before pruning (RoarGraph's build list L: 500).
-        search_L: candidate-list length of the beam search (at least ``top_k``). 150 gives recall@100
-            of about 0.95 on SmolLM2 at 4K-8K tokens (``benchmarks/ood_recall.py``); longer contexts
-            need more (L = 700 on layer 8 at 32K tokens). See docs/graph_index.md.
+        search_L: candidate-list length of the beam search (at least ``top_k``); longer contexts need
+            a longer list for the same recall (measured in docs/graph_index.md).
         metric: distance between keys in the occlusion pruning, ``"l2"`` (Euclidean) or ``"ip"``
             (negative inner product, RoarGraph's choice for inner-product data). ``"l2"`` reached
             recall@100 = 0.95 with fewer keys scored on SmolLM2 Q/K (docs/graph_index.md).
         enhance: add nearest-key edges to free slots (RoarGraph's connectivity enhancement).
         build_queries: use at most this many prefill queries (evenly strided, always including the
             last) for the projection; ``None`` uses all, as the paper does. The exact k-NN of every
-            prefill query dominates the build time (~3.6 s per SmolLM2 layer at 4K tokens on 2 cores).
+            prefill query dominates the build time (measured in docs/graph_index.md).
     """
     n_sink: int = 128
     n_recent: int = 512

@@ -8,7 +8,7 @@ the previous attention implementation. No model code is copied or patched.
 * **Prefill** (any forward pass that does not continue the sequences the indexes hold: a prompt,
   including a one-token prompt of a new ``generate``) runs dense (transformers' SDPA) and then
   builds the method's index (through :mod:`retrokv.methods`) for every layer, per sequence of the batch (the batch is flattened into
-  the head axis per DESIGN.md only within a sequence; each sequence has its own index, built on its
+  the head axis only within a sequence; each sequence has its own index, built on its
   non-padding tokens).
 * **Decode** (one new token at the position that follows each index's tokens): the new key/value is appended to the index (it joins the steady/static
   window, RetroInfer §4.1 / RetrievalAttention §3.3) and the query attends through the index.

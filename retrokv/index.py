@@ -2,7 +2,7 @@
 
 A *decode index* holds one layer's KV cache of one sequence, ``keys (Hkv, N, d)`` and
 ``values (Hkv, N, dv)``, and answers one decode query at a time by reading only part of it
-(DESIGN.md, "Decode indexes: one interface")::
+(docs/index.md, "Architecture")::
 
     index = Index.build(keys, values, prefill_queries=None, config=None, backend=None)
     out = index.attend(q)                       # q (Hq, d) -> (Hq, dv); return_lse=True adds lse (Hq,)

@@ -223,3 +223,38 @@ def test_keep_prefill_saves_every_layer_without_building_and_refuses_to_decode(s
     cfg = model.config
     assert k.shape == v.shape == (1, cfg.num_key_value_heads, ids.shape[1], cfg.head_dim)
     assert q.shape == (1, cfg.num_attention_heads, ids.shape[1], cfg.head_dim) and valid.all()
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "index"])
+def test_a_new_generate_with_a_one_token_prompt_starts_a_new_index(smollm2, prompts, cache):
+    """A one-token prompt after a long generate is a new sequence, not the next decode step of the old one."""
+    import torch
+    from retrokv import hf
+
+    model, tok = smollm2
+    one = {"input_ids": prompts.input_ids[:1, -1:], "attention_mask": torch.ones((1, 1), dtype=torch.long)}
+    want = _generate(model, tok, one)
+    hf.attach(model, "wave", backend="fast")
+    try:
+        _generate(model, tok, _single(prompts), **({"cache": hf.index_cache()} if cache == "index" else {}))
+        got = _generate(model, tok, one, **({"cache": hf.index_cache()} if cache == "index" else {}))
+    finally:
+        hf.detach(model)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "index"])
+def test_beam_search_is_refused_with_a_clear_error(smollm2, prompts, cache):
+    """The indexes cannot follow the cache's beam reorders: refuse, never a silent wrong answer or IndexError."""
+    from retrokv import hf
+
+    model, tok = smollm2
+    hf.attach(model, "full", backend="fast")
+    try:
+        with pytest.raises(ValueError, match="beam search"):
+            _generate(model, tok, _single(prompts), num_beams=2,
+                      **({"cache": hf.index_cache()} if cache == "index" else {}))
+    finally:
+        hf.detach(model)
+    plain = _generate(model, tok, _single(prompts), num_beams=2)    # detached: beam search works again
+    assert plain.shape[1] > _single(prompts)["input_ids"].shape[1]

@@ -50,7 +50,7 @@ def load_smollm2(dtype="float32"):
 
 @dataclass
 class LayerQKV:
-    """One layer's attention inputs and output for one forward pass, shaped per DESIGN.md.
+    """One layer's attention inputs and output for one forward pass, shaped as in docs/index.md ("Conventions").
 
     ``q``: post-RoPE queries ``(Hq, T, d)``; ``k``: post-RoPE keys ``(Hkv, N, d)``; ``k_pre``: keys
     before RoPE ``(Hkv, N, d)``; ``v``: values ``(Hkv, N, d)``; ``out``: the model's own attention output
