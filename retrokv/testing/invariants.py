@@ -252,14 +252,14 @@ def check_jensen_lower_bound(q, keys, clusters=None, centroids=None, sizes=None,
     or paired with a wrong size can break it.
 
     Args:
-        q: ``(d,)`` or ``(G, d)`` queries (any ``q`` must satisfy it).
-        keys: ``(n, d)`` keys; or a :class:`~retrokv.reference.wave_index.MetaIndex` (``index.meta``), with
-            ``q (Hq, d)`` and the clusters, centroids and sizes taken from it per KV head.
-        clusters: ``(n,)`` cluster id of each key, or a sequence of member-index arrays.
-        centroids: ``(C, d)`` the centroids your index stores (default: the float64 means).
-        sizes: ``(C,)`` the sizes your estimate uses (default: the member counts).
-        scale: score scale (default ``1/sqrt(d)``; the bound holds for any positive scale).
-        slack: allowed excess in log-mass (default ``1e-6 + 8 eps32 * scale * max |q| |k|``: float32
+        q (array): ``(d,)`` or ``(G, d)`` queries (any ``q`` must satisfy it).
+        keys (array | MetaIndex): ``(n, d)`` keys; or a :class:`~retrokv.reference.wave_index.MetaIndex`
+            (``index.meta``), with ``q (Hq, d)`` and the clusters, centroids and sizes taken from it per KV head.
+        clusters (array | sequence | None): ``(n,)`` cluster id of each key, or member-index arrays.
+        centroids (array | None): ``(C, d)`` the centroids your index stores (default: the float64 means).
+        sizes (array | None): ``(C,)`` the sizes your estimate uses (default: the member counts).
+        scale (float | None): score scale (default ``1/sqrt(d)``; the bound holds for any positive scale).
+        slack (float | None): allowed excess in log-mass (default ``1e-6 + 8 eps32 * scale * max |q| |k|``: float32
             rounding of a stored centroid).
     """
     if clusters is None and hasattr(keys, "offsets") and hasattr(keys, "centroids"):

@@ -185,13 +185,14 @@ def lazy_reference(q, documents, k_tail, v_tail, *, start=0, config=None):
     document-local RoPE, re-positioned on the fly.
 
     Args:
-        q: ``(Hq, d)`` a decode query, or ``(Hq, T, d)`` the last T tail tokens (prefill: every document
-            visible, causal over the tail); rotated to logical positions.
-        documents: a sequence of ``(keys, values)``, each ``(Hkv, L, d)``; keys rotated to positions
+        q (array): ``(Hq, d)`` a decode query, or ``(Hq, T, d)`` the last T tail tokens (prefill: every
+            document visible, causal over the tail); rotated to logical positions.
+        documents (sequence): ``(keys, values)`` pairs, each ``(Hkv, L, d)``; keys rotated to positions
             ``0 .. L-1`` as if the document were prefilled alone.
-        k_tail, v_tail: ``(Hkv, M, d)`` tokens after the documents (logical positions), ``M >= T``.
-        start: logical position of the first document (e.g. after a preamble).
-        config: :class:`retrokv.LazyConfig` (block size, RoPE ``theta`` and convention).
+        k_tail (array): ``(Hkv, M, d)`` keys of the tokens after the documents (logical positions), ``M >= T``.
+        v_tail (array): ``(Hkv, M, dv)`` their values.
+        start (int): logical position of the first document (e.g. after a preamble).
+        config (LazyConfig | None): block size, RoPE ``theta`` and convention (default ``LazyConfig()``).
 
     Returns ``(out, lse)``. ``out`` is :class:`retrokv.DocumentStore`'s lazy attention; ``lse`` is that
     of the Block-Attention layout (:func:`logical_keys`), which is the same sum of exponentials.

@@ -18,6 +18,12 @@ def _shape(x):
     return "x".join(str(s) for s in np.shape(x))
 
 
+def _repr_pretty_(self, printer, cycle):
+    """IPython's pretty-printing hook, which hypothesis uses for falsifying examples: show our short repr,
+    not every array element."""
+    printer.text(repr(self))
+
+
 @dataclass(frozen=True)
 class GQAShape:
     """Head counts and sizes: ``Hq = Hkv * G`` query heads, ``N`` keys of width ``d``, values of width
@@ -83,6 +89,8 @@ class AttentionProblem:
                 f"scale={'1/sqrt(d)' if self.scale is None else f'{self.scale:.4g}'}, "
                 f"scores in [{lo:.3g}, {hi:.3g}], |v| <= {float(np.abs(self.v).max(initial=0)):.3g})")
 
+    _repr_pretty_ = _repr_pretty_
+
 
 @dataclass(frozen=True, eq=False)
 class RopeProblem:
@@ -99,6 +107,8 @@ class RopeProblem:
         p = np.asarray(self.positions)
         return (f"RopeProblem(x {_shape(self.x)}, positions {int(p.min())}..{int(p.max())}, delta={self.delta}, "
                 f"theta={self.theta:g}, convention={self.convention!r})")
+
+    _repr_pretty_ = _repr_pretty_
 
 
 @dataclass(frozen=True, eq=False)
@@ -121,6 +131,8 @@ class MethodProblem:
         return (f"MethodProblem({self.method}, {self.regime}: q {_shape(self.q)}, k {_shape(self.k)}, "
                 f"v {_shape(self.v)}{pq}, config={self.config!r})")
 
+    _repr_pretty_ = _repr_pretty_
+
 
 @dataclass(frozen=True, eq=False)
 class LazyProblem:
@@ -141,3 +153,5 @@ class LazyProblem:
         lengths = [int(k.shape[1]) for k, _ in self.documents]
         return (f"LazyProblem(documents of lengths {lengths} from position {self.start}, tail {_shape(self.k_tail)}, "
                 f"q {_shape(self.q)}, config={self.config!r})")
+
+    _repr_pretty_ = _repr_pretty_

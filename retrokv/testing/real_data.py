@@ -117,11 +117,12 @@ def load_real_qkv(layers=DEFAULT_LAYERS, n_tokens=DEFAULT_TOKENS, *, directory=N
     """The real-data sample: read from the cache, or generated once from the embedded SmolLM2 and cached.
 
     Args:
-        layers: which of the model's 30 layers to keep.
-        n_tokens: prompt length (the built-in natural text, deterministic for a given Python).
-        directory: cache folder (default :func:`cache_dir`).
-        model: an already loaded ``(model, tokenizer)`` to capture from, instead of loading SmolLM2.
-        refresh: regenerate even if a cached file exists.
+        layers (sequence of int): which of the model's 30 layers to keep.
+        n_tokens (int): prompt length (the built-in natural text, deterministic for a given Python).
+        directory (str | None): cache folder (default :func:`cache_dir`).
+        model (tuple | None): an already loaded ``(model, tokenizer)`` to capture from, instead of
+            loading SmolLM2.
+        refresh (bool): regenerate even if a cached file exists.
 
     Raises:
         ImportError: the sample is not cached and torch / transformers / the embedded model is missing.

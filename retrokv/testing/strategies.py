@@ -28,6 +28,7 @@ Only this module needs hypothesis.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import numpy as np
 from hypothesis import strategies as st
@@ -43,6 +44,21 @@ METHODS = ("wave", "topk", "streaming", "quest", "ivf", "graph", "lazy")
 EXP_OVERFLOW_F32 = float(np.log(np.finfo(np.float32).max))      # ~88.72: exp() beyond this is inf
 
 
+def _strategy(fn):
+    """``st.composite(fn)`` exposed as a plain function of this module (``fn``'s name, docstring and
+    signature without ``draw``), so that documentation tools and ``help()`` see an ordinary function."""
+    built = st.composite(fn)
+
+    def strategy(*args, **kwargs):
+        return built(*args, **kwargs)
+
+    for attr in ("__name__", "__qualname__", "__doc__", "__module__"):
+        setattr(strategy, attr, getattr(fn, attr))
+    sig = inspect.signature(fn)
+    strategy.__signature__ = sig.replace(parameters=list(sig.parameters.values())[1:])
+    return strategy
+
+
 def seeds():
     """Seeds for ``np.random.default_rng``."""
     return st.integers(0, 2**32 - 1)
@@ -55,7 +71,7 @@ def _n(min_n, max_n):
     return st.one_of(st.sampled_from(edges), middle) if edges else middle
 
 
-@st.composite
+@_strategy
 def gqa_shapes(draw, *, max_kv_heads=3, max_group=4, min_n=0, max_n=70, head_dims=(1, 3, 8, 17, 64),
                value_dims=None, decode=None, max_t=9, causal=False):
     """A :class:`GQAShape`. ``value_dims=None`` draws ``dv = d`` or another width; ``decode=None`` draws
@@ -126,7 +142,7 @@ def _raw_scores(q, k, g):
     return np.einsum("htd,hnd->htn", q3, np.repeat(k, g, axis=0))
 
 
-@st.composite
+@_strategy
 def attention_problems(draw, *, regimes=REGIMES, decode=None, causal=None, scales=(None,), **shape_kwargs):
     """An :class:`AttentionProblem` in one of ``regimes``.
 
@@ -149,7 +165,7 @@ def causal_problems(**kwargs):
     return attention_problems(decode=False, causal=True, **kwargs).filter(lambda p: p.q.shape[1] > 1)
 
 
-@st.composite
+@_strategy
 def rope_problems(draw, *, head_dims=(2, 8, 64, 128), thetas=(1e4, 1e5, 5e5), max_tokens=32,
                   offsets=(0, 1, 4095, 8192, 1 << 20, (1 << 20) + 12345, 3_000_000)):
     """A :class:`RopeProblem`: vectors ``(h, n, d)``, positions ``offset + [0, span)`` with offsets up to
@@ -182,7 +198,7 @@ def _fraction():
     return st.one_of(st.sampled_from([0.02, 0.1, 0.25, 0.5, 1.0]), st.floats(0.001, 1.0))
 
 
-@st.composite
+@_strategy
 def method_configs(draw, method, *, full_budget=False):
     """A config object for ``method`` (one of ``METHODS``), drawn small. ``full_budget=True`` draws one
     that reads every token exactly (retrieval budget 1, top-k/page budget/window >= any N here), for
@@ -227,7 +243,7 @@ def method_configs(draw, method, *, full_budget=False):
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 
-@st.composite
+@_strategy
 def method_problems(draw, method, *, regimes=REGIMES, full_budget=False, max_n=120, **shape_kwargs):
     """A :class:`MethodProblem`: one decode step of ``method`` (any of ``METHODS`` but ``"lazy"``, see
     :func:`lazy_problems`) with a drawn config. ``oracles.method_reference(problem)`` is retrokv's
@@ -247,7 +263,7 @@ def method_problems(draw, method, *, regimes=REGIMES, full_budget=False, max_n=1
     return MethodProblem(method, config, q, k, v, pq, regime)
 
 
-@st.composite
+@_strategy
 def lazy_problems(draw, *, max_docs=3, max_doc_len=24, max_tail=8, decode=None, starts=(0, 3, 100, 4096)):
     """A :class:`LazyProblem`: 0..``max_docs`` documents prefilled alone (keys at positions ``0..L-1``),
     laid out from ``start``, then a tail whose last T tokens are the queries (or one decode query)."""

@@ -163,7 +163,7 @@ def attention_close(out, q, k, v, *, causal=False, scale=None, lse=None, dtype=N
         # one unit in the last place of the largest value, plus what float32 score rounding alone can
         # move the output by (a score s is rounded by up to eps32 |s|, which scales its weight by as much);
         # the reference can be lucky and round its scores exactly, a correct kernel need not be
-        floor = eps * vmax + 2 * min(EPS["float32"], eps) * smax * vmax
+        floor = eps * vmax + min(EPS["float32"], eps) * smax * vmax
         floor = max(floor, np.finfo(np.float64).tiny)
     else:
         floor = float(atol_floor)
@@ -181,7 +181,7 @@ def attention_close(out, q, k, v, *, causal=False, scale=None, lse=None, dtype=N
         ref_l = round_to(ref_l, lse_precision).astype(np.float64) if lse_precision != "float64" else ref_l
         fin = np.isfinite(truth_l)
         lmax = float(np.abs(truth_l[fin]).max(initial=0.0))
-        lfloor = (EPS[lse_precision] * (1.0 + lmax) + 2 * EPS["float32"] * smax) if lse_floor is None else float(lse_floor)
+        lfloor = (EPS[lse_precision] * (1.0 + lmax) + EPS["float32"] * smax) if lse_floor is None else float(lse_floor)
         c_lse = _compare("lse", xl, truth_l, float(_errors(ref_l, base_l).max(initial=0.0)),
                          lse_precision, atol_factor, lfloor)
 
@@ -211,20 +211,25 @@ def assert_attention_close(out, q, k, v, *, causal=False, scale=None, lse=None, 
     base-2 LSE by ``ln 2`` first); a row with no visible key must have ``lse = -inf``.
 
     Args:
-        out: the tested output, ``(Hq, dv)`` or ``(Hq, T, dv)``: NumPy, torch (any device, bfloat16
-            included) or CuPy.
-        q, k, v: the inputs the kernel got, in retrokv's layout (``q (Hq, [T,] d)``, ``k, v (Hkv, N, d)``,
-            query head ``h`` reads KV head ``h // (Hq // Hkv)``). Transpose a ``(B, H, T, d)`` layout first.
-        causal: bottom-right aligned causal mask (query ``t`` of T sees keys ``0 .. N - T + t``).
-        scale: score scale, default ``1 / sqrt(d)``.
-        lse: the kernel's log-sum-exp, ``q``'s shape without ``d``; judged in its own precision.
-        dtype: the precision to judge ``out`` as (default: ``out``'s dtype), e.g. ``"bfloat16"`` for a
-            kernel that computes in bfloat16 but returns float32.
-        atol_factor: how many times the same-precision reference's error the output may have
+        out (array): the tested output, ``(Hq, dv)`` or ``(Hq, T, dv)``: NumPy, torch (any device,
+            bfloat16 included) or CuPy.
+        q (array): the queries the kernel got, ``(Hq, d)`` or ``(Hq, T, d)`` (retrokv's layout: transpose
+            a ``(B, H, T, d)`` tensor to ``(B*H, T, d)`` first).
+        k (array): keys ``(Hkv, N, d)``; query head ``h`` reads KV head ``h // (Hq // Hkv)``.
+        v (array): values ``(Hkv, N, dv)``.
+        causal (bool): bottom-right aligned causal mask (query ``t`` of T sees keys ``0 .. N - T + t``).
+        scale (float | None): score scale, default ``1 / sqrt(d)``.
+        lse (array | None): the kernel's log-sum-exp, ``q``'s shape without ``d``; judged in its own precision.
+        dtype (str | dtype | None): the precision to judge ``out`` as (default: ``out``'s dtype), e.g.
+            ``"bfloat16"`` for a kernel that computes in bfloat16 but returns float32.
+        atol_factor (float): how many times the same-precision reference's error the output may have
             (FlashAttention's tests use 2; retrokv's fast-path tests use 4).
-        atol_floor: absolute slack on ``out``; default one unit in the last place of ``max |v|``.
-        lse_floor: absolute slack on ``lse``; default one unit in the last place of ``1 + max |lse|``.
-        reference: a trusted implementation of a *different* attention (a sparse method), called as
+        atol_floor (float | None): absolute slack on ``out``; default one unit in the last place of
+            ``max |v|`` plus ``eps32 max|v| max_j (scale sum_i |q_i k_ji|)`` over the keys carrying weight
+            (what float32 rounding of the scores alone can move the output by).
+        lse_floor (float | None): absolute slack on ``lse``; default one unit in the last place of
+            ``1 + max |lse|`` plus ``eps32 max_j (scale sum_i |q_i k_ji|)``.
+        reference (callable | None): a trusted implementation of a *different* attention (a sparse method), called as
             ``reference(q, k, v)`` on float32 inputs rounded to the tested precision and returning
             ``out`` or ``(out, lse)``: e.g. ``functools.partial(oracles.wave_reference,
             config=cfg)``. ``out`` must then equal it up to ``atol_factor`` times the rounding noise of
