@@ -13,9 +13,9 @@ multiple worse than a straightforward implementation at its precision, never mor
 reference is retrokv's NumPy reference attention. float16 and bfloat16 are emulated on the CPU by
 rounding the inputs and the output through that precision (computing in float32 in between, as
 tensor cores accumulate); bfloat16 rounding uses ``ml_dtypes`` when installed and otherwise the
-round-to-nearest-even of the top 16 bits of a float32, in NumPy. A small absolute floor (one unit in
-the last place of the largest value by default) covers the cases where the reference happens to be
-exact.
+round-to-nearest-even of the top 16 bits of a float32, in NumPy. A small absolute floor covers the
+cases where the reference happens to be (nearly) exact: one unit in the last place of ``max |v|``, plus
+what float32 rounding of the scores alone can move the output by.
 """
 from __future__ import annotations
 
@@ -149,7 +149,8 @@ def attention_close(out, q, k, v, *, causal=False, scale=None, lse=None, dtype=N
         # the expected output: the trusted method on the inputs as the kernel saw them (rounded to its precision)
         truth_o, truth_l = _pair(reference(*(np.ascontiguousarray(a, np.float32) for a in rounded)), "reference")
         truth_name = "reference"
-        target = f"the reference {getattr(reference, '__name__', None) or getattr(getattr(reference, 'func', None), '__name__', type(reference).__name__)}"
+        fn = getattr(reference, "func", reference)                  # see through functools.partial
+        target = f"the reference {getattr(fn, '__name__', type(fn).__name__)}"
         # the allowed error: the rounding noise of exact attention at this precision on the same inputs
         base_o, base_l, smax = _oracle(qa, ka, va, False, None)
         ref_o, ref_l, _ = same_precision_reference()
@@ -161,8 +162,9 @@ def attention_close(out, q, k, v, *, causal=False, scale=None, lse=None, dtype=N
     eps = EPS[precision]
     if atol_floor is None:
         # one unit in the last place of the largest value, plus what float32 score rounding alone can
-        # move the output by (a score s is rounded by up to eps32 |s|, which scales its weight by as much);
-        # the reference can be lucky and round its scores exactly, a correct kernel need not be
+        # move the output by: a dot product q.k is rounded by about eps32 * sum_i |q_i k_i|, which scales
+        # that key's weight by as much. The reference can happen to round its scores luckily; a correct
+        # kernel summing in another order need not.
         floor = eps * vmax + min(EPS["float32"], eps) * smax * vmax
         floor = max(floor, np.finfo(np.float64).tiny)
     else:
@@ -174,7 +176,7 @@ def attention_close(out, q, k, v, *, causal=False, scale=None, lse=None, dtype=N
     if lse is not None:
         if truth_l is None:
             raise TypeError("lse was given but the reference returns no lse; return (out, lse) from it")
-        lse_precision = precision_of(lse) if dtype is None else precision
+        lse_precision = precision_of(lse)      # kernels often return a float32 lse with a bf16 out
         xl = to_numpy(lse, "lse")
         if xl.shape != truth_l.shape:
             raise AssertionError(f"lse has shape {xl.shape}, expected {truth_l.shape} (q's shape without head_dim)")
