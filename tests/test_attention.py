@@ -6,32 +6,10 @@ import pytest
 from hypothesis import given, strategies as st
 
 import retrokv as rk
+from retrokv.testing import assert_attention_close
+from retrokv.testing.oracles import attention_oracle as oracle   # float64 attention, written the plain way
 
 BACKENDS = ["reference", "fast"]
-
-
-def oracle(q, k, v, causal=False, scale=None):
-    """Float64 attention, written the plain way, as the ground truth (returns out, lse)."""
-    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-    decode = q.ndim == 2
-    q3 = q[:, None] if decode else q
-    hq, t, d = q3.shape
-    hkv, n, _ = k.shape
-    g = hq // hkv
-    scale = 1 / np.sqrt(d) if scale is None else scale
-    out = np.zeros((hq, t, v.shape[-1]))
-    lse = np.full((hq, t), -np.inf)
-    for h in range(hq):
-        for i in range(t):
-            limit = n - t + i + 1 if (causal and not decode) else n
-            if limit <= 0:
-                continue
-            s = k[h // g, :limit] @ q3[h, i] * scale
-            m = s.max()
-            p = np.exp(s - m)
-            out[h, i] = p @ v[h // g, :limit] / p.sum()
-            lse[h, i] = m + np.log(p.sum())
-    return (out[:, 0], lse[:, 0]) if decode else (out, lse)
 
 
 @st.composite
@@ -66,18 +44,12 @@ def test_reference_matches_float64_oracle(case):
 
 @given(qkv())
 def test_fast_error_is_a_small_multiple_of_reference_error(case):
-    """FlashAttention-style tolerance: fast's error vs float64 is at most 4x the reference's own (+ a float32 ulp floor)."""
+    """FlashAttention-style tolerance (retrokv.testing): fast's error vs float64 is at most 4x the reference's
+    own, + a floor of one float32 ulp of max|v| and of what float32 rounding of the scores can cause (the
+    reference can round a large score luckily; a fixed 4-ulp floor failed on scores ~50)."""
     q, k, v, causal = case
-    o64, l64 = oracle(q, k, v, causal)
-    ref_o, ref_l = rk.partial_attention(q, k, v, causal=causal, backend="reference")
     fast_o, fast_l = rk.partial_attention(q, k, v, causal=causal, backend="fast")
-    assert fast_o.shape == ref_o.shape and fast_l.shape == ref_l.shape
-    assert np.array_equal(np.isneginf(fast_l), np.isneginf(l64))   # empty rows agree
-    fin = np.isfinite(l64)
-    ulp = 4 * np.finfo(np.float32).eps
-    assert np.abs(fast_o - o64).max(initial=0) <= 4 * np.abs(ref_o - o64).max(initial=0) + ulp
-    err_fast, err_ref = np.abs(fast_l[fin] - l64[fin]), np.abs(ref_l[fin] - l64[fin])
-    assert err_fast.max(initial=0) <= 4 * err_ref.max(initial=0) + ulp * (1 + np.abs(l64[fin]).max(initial=0))
+    assert_attention_close(fast_o, q, k, v, causal=causal, lse=fast_l, atol_factor=4)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

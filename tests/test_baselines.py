@@ -9,17 +9,7 @@ from hypothesis import strategies as st
 import retrokv.fast.baselines as fb
 import retrokv.reference.baselines as rb
 from retrokv.baselines import IVFConfig, IVFIndex, QuestIndex, StreamingLLM, TopKOracle
-
-
-def full64(q, k, v):
-    """Float64 oracle of decode attention with GQA, and its log-sum-exp."""
-    g = q.shape[0] // k.shape[0]
-    kk = np.repeat(k.astype(np.float64), g, axis=0)
-    vv = np.repeat(v.astype(np.float64), g, axis=0)
-    s = np.einsum("hd,hnd->hn", q.astype(np.float64), kk) / np.sqrt(q.shape[-1])
-    m = s.max(axis=1, keepdims=True)
-    p = np.exp(s - m)
-    return np.einsum("hn,hnd->hd", p, vv) / p.sum(1, keepdims=True), (np.log(p.sum(1)) + m[:, 0])
+from retrokv.testing.oracles import attention_oracle as full64   # float64 decode attention and its lse
 
 
 @st.composite

@@ -7,6 +7,7 @@ from hypothesis import given, strategies as st
 
 import retrokv as rk
 from retrokv.reference.rope import rope_cos_sin
+from retrokv.testing.invariants import check_rotation_composes
 
 
 @st.composite
@@ -77,7 +78,8 @@ def test_rotate_by_composes_and_inverts(backend, rng):
     x = rng.standard_normal((3, 10, 64)).astype(np.float32)
     p = np.arange(10)
     at_p = rk.apply_rope(x, p, backend=backend)
-    np.testing.assert_allclose(rk.rotate_by(at_p, 37, backend=backend), rk.apply_rope(x, p + 37, backend=backend), atol=2e-5)
+    # R(37) R(p) x = R(p + 37) x, with this test's own tolerance
+    check_rotation_composes(lambda y, pos: rk.rotate_by(y, pos, backend=backend), 37, p, x, atol=2e-5)
     np.testing.assert_allclose(rk.rotate_by(at_p, -p, backend=backend), x, atol=2e-5)
     np.testing.assert_allclose(np.linalg.norm(at_p, axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-5)  # orthogonal
 
