@@ -19,7 +19,7 @@ import numba
 import numpy as np
 
 __all__ = ["SIMULATOR", "MAX_TILE", "MAX_D", "is_cupy", "xp", "asnumpy", "float_array", "geometry", "split", "launch",
-           "argsort_stable"]
+           "argsort_stable", "device_xp", "pinned_copy"]
 
 SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
 
@@ -101,3 +101,28 @@ def launch(kernel, n_blocks, *args, threads=None):
 def argsort_stable(m, a, axis=-1):
     """Stable argsort along ``axis`` (CuPy's argsort is always stable and rejects ``kind``)."""
     return np.argsort(a, axis=axis, kind="stable") if m is np else m.argsort(a, axis=axis)
+
+
+def device_xp():
+    """The namespace of device arrays the GPU path allocates itself: CuPy on a GPU, NumPy under the simulator."""
+    if SIMULATOR:
+        return np
+    import cupy
+
+    return cupy
+
+
+def pinned_copy(x):
+    """``x`` copied into page-locked host memory mapped into the device's address space (zero-copy).
+
+    A kernel reads such an array directly over PCIe, which is how RetroInfer's gather kernel reads
+    cache misses from the host tier (§4.4). Under the simulator it is a plain NumPy copy.
+    """
+    x = np.ascontiguousarray(x)
+    if SIMULATOR:
+        return x.copy()
+    from numba import cuda
+
+    out = cuda.mapped_array(x.shape, x.dtype)
+    out[...] = x
+    return out
