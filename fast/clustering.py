@@ -19,7 +19,7 @@ import numpy as np
 from retrokv.reference.clustering import (Clusters, _normalise, block_rows, kmeans_flops,  # not hot
                                           plan_clusters, segment_bounds)
 
-from ._dispatch import require_numpy
+from ._dispatch import any_cupy, cuda, require_numpy
 
 __all__ = ["Clusters", "plan_clusters", "segment_bounds", "segmented_kmeans", "kmeans_flops", "assign",
            "block_rows"]
@@ -72,7 +72,9 @@ def _sums_by_cluster(x, order, offsets):
 
 
 def segmented_kmeans(keys, values, n_clusters, n_segments, iters=10):
-    """Same contract and results as :func:`retrokv.reference.clustering.segmented_kmeans`."""
+    """Same contract and results as :func:`retrokv.reference.clustering.segmented_kmeans` (CUDA for CuPy input)."""
+    if any_cupy(keys, values):
+        return cuda("clustering").segmented_kmeans(keys, values, n_clusters, n_segments, iters)
     require_numpy("segmented_kmeans", keys, values)
     keys = np.ascontiguousarray(keys, dtype=np.float32)
     values = np.ascontiguousarray(values, dtype=np.float32)
