@@ -1,0 +1,57 @@
+"""The cudasim ring: every CUDA kernel of ``retrokv.fast.cuda`` against the NumPy reference.
+
+It runs in one of two ways, and is skipped otherwise (``make test``'s main pytest run collects these
+files and reports them skipped):
+
+* ``NUMBA_ENABLE_CUDASIM=1`` (a separate process: the variable must be set before Numba is
+  imported): the kernels run in Numba's CUDA simulator on NumPy arrays, on any CPU. This is what CI runs;
+* a machine with CuPy and a GPU: the same tests on CuPy arrays, marked ``gpu``.
+
+Sizes are tiny: the simulator runs each CUDA thread as a Python thread.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+from cuda_helpers import Arrays
+
+SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+
+
+def _gpu_available():
+    if SIMULATOR:
+        return False
+    try:
+        import cupy
+
+        return bool(cupy.cuda.is_available())
+    except Exception:       # no CuPy, or CuPy without a driver
+        return False
+
+
+GPU = _gpu_available()
+REASON = "CUDA kernels need NUMBA_ENABLE_CUDASIM=1 (simulator) or CuPy with a GPU"
+
+if SIMULATOR:
+    # The simulator's syncthreads is a barrier between Python threads; with the default 5 ms GIL switch
+    # interval every barrier waits for switches (measured: 10x slower per barrier than at 1 us).
+    sys.setswitchinterval(1e-6)
+
+
+def pytest_collection_modifyitems(config, items):
+    here = os.path.dirname(__file__)
+    for item in items:
+        if not str(item.fspath).startswith(here):
+            continue
+        if not (SIMULATOR or GPU):
+            item.add_marker(pytest.mark.skip(reason=REASON))
+        elif GPU:
+            item.add_marker(pytest.mark.gpu)
+
+
+@pytest.fixture(scope="session", params=["cupy" if GPU else "numpy"])
+def arrays(request):
+    return Arrays(request.param)
