@@ -308,7 +308,7 @@ def read_cluster(state, h, i):
         tier = state.device
     else:
         blocks = np.arange(s, s + n)
-        tier = host
+        tier = HostTier(*(np.asarray(x) for x in host))           # plain NumPy views of the pinned arrays
     d, dv = tier.keys.shape[3], tier.values.shape[3]
     return tuple(m.asarray(x) for x in (tier.keys[h, blocks].reshape(-1, d)[:size],
                                         tier.values[h, blocks].reshape(-1, dv)[:size],
