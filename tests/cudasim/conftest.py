@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import sys
 
+import numpy as np
 import pytest
 
 from cuda_helpers import Arrays
@@ -36,9 +37,36 @@ GPU = _gpu_available()
 REASON = "CUDA kernels need NUMBA_ENABLE_CUDASIM=1 (simulator) or CuPy with a GPU"
 
 if SIMULATOR:
+    import threading
+
+    from numba.cuda.simulator import kernelapi
+    from numba.np import numpy_support
+
     # The simulator's syncthreads is a barrier between Python threads; with the default 5 ms GIL switch
     # interval every barrier waits for switches (measured: 10x slower per barrier than at 1 us).
     sys.setswitchinterval(1e-6)
+
+    # The simulator hands out a block's shared array with an unlocked check-then-set (numba 0.68,
+    # simulator/kernelapi.py FakeCUDAShared.array): with frequent thread switches two threads of one
+    # block can each get a private array, a race the simulator has and a GPU does not (seen as a rare
+    # wrong result). The same lookup, keyed by the calling line as the simulator keys it, under a lock:
+    _shared_lock = threading.Lock()
+
+    def _shared_array(self, shape, dtype):
+        if shape == 0:
+            return _simulator_shared_array(self, shape, dtype)
+        if isinstance(dtype, kernelapi.types.Type):
+            dtype = numpy_support.as_dtype(dtype)
+        caller = sys._getframe(1)
+        key = (caller.f_code.co_filename, caller.f_lineno)
+        with _shared_lock:
+            res = self._allocations.get(key)
+            if res is None:
+                res = self._allocations[key] = np.empty(shape, dtype)
+        return res
+
+    _simulator_shared_array = kernelapi.FakeCUDAShared.array
+    kernelapi.FakeCUDAShared.array = _shared_array
 
 
 def pytest_collection_modifyitems(config, items):

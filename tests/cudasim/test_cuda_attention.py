@@ -26,7 +26,7 @@ def qkv(draw):
     return q, k, v, causal
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(qkv())
 def test_error_is_a_small_multiple_of_reference_error(arrays, case):
     q, k, v, causal = case
@@ -65,7 +65,7 @@ def test_half_precision_storage(arrays, rng):
     np.testing.assert_allclose(out, ref.full_attention(q, k.astype(np.float32), v.astype(np.float32)), atol=2e-6)
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(qkv(), st.integers(1, 4), st.integers(0, 2**31 - 1))
 def test_partition_merges_to_full_attention(arrays, case, n_parts, seed):
     q, k, v, _ = case

@@ -26,7 +26,7 @@ def keys_values(draw):
     return k, v, c, s, iters
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(keys_values())
 def test_structure_and_reference_equality(arrays, case):
     k, v, c, s, iters = case

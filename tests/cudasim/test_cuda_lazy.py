@@ -52,7 +52,7 @@ def close(arrays, got, want):
         np.testing.assert_allclose(x[fin], y[fin], atol=1e-5, rtol=1e-5)   # the Numba ring's tolerance
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(workloads())
 def test_prefill_and_decode_match_reference(arrays, w):
     q, kt, vt, pool_k, pool_v, table, offsets, block, conv = w

@@ -27,7 +27,7 @@ def _check(arrays, got, want):
         np.testing.assert_allclose(got, want, rtol=0, atol=4 * np.finfo(np.float32).eps * max(1.0, np.abs(want).max(initial=0)))
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(rows())
 def test_apply_rope_matches_reference(arrays, case):
     x, pos, theta, conv = case

@@ -44,7 +44,7 @@ def runs(draw):
     return hkv, d, dv, n, block, frac, steps, r, grow, draw(st.integers(0, 2**31 - 1))
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(runs())
 def test_steps_match_reference(arrays, run):
     hkv, d, dv, n, block, frac, steps, r, grow, seed = run

@@ -60,7 +60,7 @@ def test_module_is_a_driver_ops():
         assert callable(getattr(cu, name)), name
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(cases())
 def test_each_kernel_matches_reference(arrays, case):
     k, v, q, s, c, seg, r, e = case
@@ -90,7 +90,7 @@ def test_each_kernel_matches_reference(arrays, case):
     np.testing.assert_allclose(lc[np.isfinite(lrf)], lrf[np.isfinite(lrf)], atol=1e-5, rtol=1e-5)
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(cases())
 def test_composed_step_equals_reference_driver(arrays, case):
     k, v, q, s, c, seg, r, e = case
