@@ -20,6 +20,10 @@ Same names, signatures and results as ``reference/wave_index.py`` for the steps 
   partial by :func:`merge_partials`, these are exactly Eq. 2's weights;
 * :func:`partial_attention`, :func:`merge_partials`: the split-K kernels of :mod:`.attention`.
 
+One extra, optional op: :func:`attend_execution_buffer` is the exact partial over the whole padded
+buffer in one launch (the split-K kernel with a per-row key limit ``lengths[h]``), where the
+reference driver slices one head at a time (``Hkv`` launches, which at batch 8 is 64 small ones).
+
 ``gather_execution_buffer`` returns ``lengths`` as a host (NumPy) array: it copies the ``Hkv``
 lengths to the host once to size the buffer, and the driver slices each head's rows with them.
 """
@@ -33,12 +37,12 @@ from numba import cuda, float32
 from retrokv.reference.wave_index import ExecBuffer, MetaIndex, Zones, concat_meta  # types and appends: not hot
 
 from ._xp import MAX_TILE, argsort_stable, asnumpy, float_array, geometry, launch, xp
-from .attention import merge_partials, partial_attention
+from .attention import attention_partials, merge_chunks, merge_partials, partial_attention
 from .clustering import segmented_kmeans
 
 __all__ = ["MetaIndex", "ExecBuffer", "Zones", "empty_meta", "build_meta_index", "concat_meta",
            "rank_clusters", "select_zones", "gather_execution_buffer", "estimate_partial",
-           "partial_attention", "merge_partials"]
+           "partial_attention", "merge_partials", "attend_execution_buffer"]
 
 NEG_INF = float32(-math.inf)
 
@@ -237,3 +241,14 @@ def estimate_partial(scores, sizes, value_sums, estimation):
         launch(_estimate_kernel, hkv * g, m.ascontiguousarray(scores), m.ascontiguousarray(sizes),
                float_array(m, value_sums), estimation, np.int64(geometry().tile), out, lse)
     return out, lse
+
+
+def attend_execution_buffer(q, buf, scale):
+    """Exact ``(out (Hq, dv), lse (Hq,))`` of ``q (Hq, d)`` over each head's rows ``:lengths[h]`` of ``buf``,
+    in one split-K launch (equal to ``partial_attention`` per head, then concatenated)."""
+    m = xp(q, buf.keys)
+    q = float_array(m, q)
+    hkv = buf.keys.shape[0]
+    g = q.shape[0] // hkv
+    limits = m.asarray(np.repeat(np.asarray(buf.lengths, np.int64), g))      # row h*G + j stops at lengths[h]
+    return merge_chunks(*attention_partials(q, buf.keys, buf.values, 1, g, limits, scale))

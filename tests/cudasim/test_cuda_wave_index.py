@@ -102,6 +102,13 @@ def test_composed_step_equals_reference_driver(arrays, case):
     assert np.array_equal(arrays.host(ret), zones.retrieval) and np.array_equal(arrays.host(est), zones.estimation)
     np.testing.assert_allclose(arrays.host(out), want, atol=2e-5, rtol=1e-4)
     np.testing.assert_allclose(arrays.host(lse), want_lse, atol=2e-5, rtol=1e-5)
+    # the optional one-launch exact partial equals the per-head slices the driver takes
+    one = cu.attend_execution_buffer(arrays.dev(q), buf, scale)
+    g = q.shape[0] // k.shape[0]
+    per_head = [cu.partial_attention(arrays.dev(q[h * g:(h + 1) * g]), buf.keys[h:h + 1, :int(buf.lengths[h])],
+                                     buf.values[h:h + 1, :int(buf.lengths[h])], scale=scale) for h in range(k.shape[0])]
+    for i in range(2):
+        np.testing.assert_allclose(arrays.host(one[i]), np.concatenate([arrays.host(p[i]) for p in per_head]), atol=1e-6)
 
 
 def test_full_budget_is_full_attention(arrays, rng):
