@@ -29,7 +29,7 @@ bench_rc=${PIPESTATUS[0]}
 
 {
   echo
-  echo "## gpu-marked tests (\`$PY -m pytest -q -m gpu tests/cudasim\`, exit status $tests_rc)"
+  echo "### gpu-marked tests (\`$PY -m pytest -q -m gpu tests/cudasim\`, exit status $tests_rc)"
   echo
   echo '```'
   tail -n 15 "$LOGS/gpu_tests.log"

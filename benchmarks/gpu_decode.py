@@ -50,7 +50,7 @@ def have_gpu():
 
 
 def not_measured(path):
-    text = ("# GPU decode benchmark\n\nnot measured: no GPU was available.\n\n"
+    text = ("GPU decode benchmark: not measured: no GPU was available.\n\n"
             f"Command (on a machine with CuPy and an NVIDIA GPU):\n\n    {COMMAND}\n")
     print(text)
     if os.path.exists(path) and "not measured" not in open(path).read():
@@ -134,7 +134,7 @@ def section_full(b, sizes, batches, bw):
 
     from retrokv.fast.cuda import attention as cu
 
-    b.say("## 1. Full decode attention (one step)\n")
+    b.say("### 1. Full decode attention (one step)\n")
     b.say("| N | batch | KV dtype | retrokv CUDA ms | torch SDPA ms | HBM bound ms | retrokv / bound | SDPA / bound |")
     b.say("|---|---|---|---|---|---|---|---|")
     for n in sizes:
@@ -170,7 +170,7 @@ def section_wave(b, sizes, batches):
     from retrokv.fast.cuda import wave_index as wi
     from retrokv.reference.clustering import plan_clusters
 
-    b.say("## 2. Wave attend vs full attention (float32 KV, one step)\n")
+    b.say("### 2. Wave attend vs full attention (float32 KV, one step)\n")
     b.say("| N | batch | clusters/head | build s | full ms | wave ms | full / wave | full MB read | wave MB read |")
     b.say("|---|---|---|---|---|---|---|---|---|")
     builds = {}
@@ -209,7 +209,7 @@ def section_prefill(b, n, build):
     import torch
     import torch.nn.functional as F
 
-    b.say(f"## 3. Index build vs dense prefill of one Llama-3-8B layer at N = {n}\n")
+    b.say(f"### 3. Index build vs dense prefill of one Llama-3-8B layer at N = {n}\n")
     if build is None:
         b.say("not run: no index of this size was built in section 2\n")
         return
@@ -245,7 +245,7 @@ def section_buffer(b, n, steps):
     from retrokv.fast.cuda import wave_index as wi
     from retrokv.reference.clustering import plan_clusters
 
-    b.say(f"## 4. Wave buffer: 5% cache, {steps} steps with locality, N = {n}, batch 1\n")
+    b.say(f"### 4. Wave buffer: 5% cache, {steps} steps with locality, N = {n}, batch 1\n")
     k, v = b.rand((HKV, n, D), offset=0.5), b.rand((HKV, n, D))
     c, seg = plan_clusters(n - STEADY)
     r, e = budgets(c)
@@ -282,7 +282,7 @@ def section_host_kv(b, n, bs):
     from retrokv.fast.cuda import wave_index as wi
     from retrokv.reference.clustering import plan_clusters
 
-    b.say(f"## 5. KV in host memory: N = {n}, batch {bs}, served by the wave index + buffer\n")
+    b.say(f"### 5. KV in host memory: N = {n}, batch {bs}, served by the wave index + buffer\n")
     h = bs * HKV
     c, seg = plan_clusters(n - STEADY)
     r, e = budgets(c)
@@ -336,7 +336,7 @@ def main():
     elif not have_gpu():
         return not_measured(args.out)
     b = Bench(args.sim, args.budget_s)
-    b.say("# GPU decode benchmark\n")
+    b.say("GPU decode benchmark, Llama-3-8B shapes (Hkv 8, G 4, d 128), batch flattened into heads.\n")
     if not args.sim:
         import cupy
 
