@@ -17,23 +17,8 @@ import sys
 import numpy as np
 import pytest
 
-from cuda_helpers import Arrays
+from cuda_helpers import GPU, SIMULATOR, Arrays
 
-SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
-
-
-def _gpu_available():
-    if SIMULATOR:
-        return False
-    try:
-        import cupy
-
-        return bool(cupy.cuda.is_available())
-    except Exception:       # no CuPy, or CuPy without a driver
-        return False
-
-
-GPU = _gpu_available()
 REASON = "CUDA kernels need NUMBA_ENABLE_CUDASIM=1 (simulator) or CuPy with a GPU"
 
 if SIMULATOR:
@@ -48,8 +33,9 @@ if SIMULATOR:
 
     # The simulator hands out a block's shared array with an unlocked check-then-set (numba 0.68,
     # simulator/kernelapi.py FakeCUDAShared.array): with frequent thread switches two threads of one
-    # block can each get a private array, a race the simulator has and a GPU does not (seen as a rare
-    # wrong result). The same lookup, keyed by the calling line as the simulator keys it, under a lock:
+    # block can each get a private array, a race the simulator has and a GPU does not (one early run of
+    # this ring failed once without an explanation, before this lock; not reproduced since). The same
+    # lookup, keyed by the calling line as the simulator keys it, under a lock:
     _shared_lock = threading.Lock()
 
     def _shared_array(self, shape, dtype):

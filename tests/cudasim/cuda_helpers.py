@@ -1,7 +1,25 @@
 """Helpers of the cudasim ring: the array module under test, a float64 attention oracle, the tolerance rule."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
+
+SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+
+
+def _gpu_available():
+    if SIMULATOR:
+        return False
+    try:
+        import cupy
+
+        return bool(cupy.cuda.is_available())
+    except Exception:       # no CuPy, or CuPy without a driver
+        return False
+
+
+GPU = _gpu_available()
 
 
 class Arrays:
