@@ -11,7 +11,10 @@ a head's whole context, so the keys are cut into ``n_chunks`` chunks and the gri
 G query heads of one GQA group and the same chunk are neighbouring blocks and read the same K/V
 lines while they are in L2. A block streams its chunk in tiles of ``tile`` keys:
 
-1. every thread scores some keys of the tile, ``s_j = q . k_j * scale``, into shared memory;
+1. the block copies the tile's keys into shared memory as float32: a head's keys are contiguous, so
+   consecutive threads read consecutive elements (coalesced); then each thread scores keys of the tile,
+   ``s_j = q . k_j * scale``, walking the coordinates from a per-key offset so that the threads of a
+   warp read different shared-memory banks;
 2. each thread reads the tile's scores, forms the new running max ``m' = max(m, max_j s_j)`` and the
    rescale factor ``alpha = exp(m - m')`` (online softmax: Milakov & Gimelshein; FlashAttention);
 3. ``p_j = exp(s_j - m')`` go to shared memory; the running denominator becomes ``l alpha + sum p_j``
@@ -40,12 +43,14 @@ from ._xp import MAX_D, MAX_TILE, float_array, geometry, launch, split, xp
 __all__ = ["full_attention", "partial_attention", "merge_partials", "attention_partials", "merge_chunks"]
 
 NEG_INF = float32(-math.inf)
+K_SH = 8192            # floats of a key tile staged in shared memory (32 KB): tile keys = K_SH // d
 
 
 @cuda.jit
 def _chunk_kernel(q, k, v, t_len, g, limits, scale, chunk, tile, m_part, l_part, acc_part):
     """Block ``b``: row ``r = b % R`` (query head ``r // T``, position ``r % T``), key chunk ``c = b // R``."""
     q_sh = cuda.shared.array(MAX_D, float32)       # the row's query, read by every key of the chunk
+    k_sh = cuda.shared.array(K_SH, float32)        # the tile's keys, row after row
     s_sh = cuda.shared.array(MAX_TILE, float32)    # scores of the current tile
     p_sh = cuda.shared.array(MAX_TILE, float32)    # their exp-weights
     rows, d = q.shape
@@ -66,10 +71,17 @@ def _chunk_kernel(q, k, v, t_len, g, limits, scale, chunk, tile, m_part, l_part,
     l = float32(0.0)
     for b0 in range(j0, j1, tile):
         nb = min(tile, j1 - b0)
-        for jj in range(tid, nb, nt):              # 1. scores of the tile
+        for e in range(tid, nb * d, nt):           # 1. stage the tile (coalesced), then score it
+            k_sh[e] = float32(k[h, b0 + e // d, e % d])
+        cuda.syncthreads()
+        for jj in range(tid, nb, nt):
             s = float32(0.0)
-            for x in range(d):
-                s += q_sh[x] * float32(k[h, b0 + jj, x])
+            x = jj % d                             # skewed start: no bank conflicts between keys
+            for _ in range(d):
+                s += q_sh[x] * k_sh[jj * d + x]
+                x += 1
+                if x == d:
+                    x = 0
             s_sh[jj] = s * scale
         cuda.syncthreads()
         m_new = m                                  # 2. running max (every thread the same value)
@@ -148,7 +160,8 @@ def attention_partials(rows, k, v, t_len, g, limits, scale):
     acc_part = xm.zeros((n_chunks, n_rows, dv), np.float32)
     if n and n_rows:
         launch(_chunk_kernel, n_chunks * n_rows, rows, k, v, np.int64(t_len), np.int64(g), limits,
-               np.float32(scale), np.int64(chunk), np.int64(geometry().tile), m_part, l_part, acc_part)
+               np.float32(scale), np.int64(chunk), np.int64(max(1, min(geometry().tile, K_SH // d))),
+               m_part, l_part, acc_part)
     return m_part, l_part, acc_part
 
 
