@@ -23,7 +23,7 @@ __all__ = ["SIMULATOR", "MAX_TILE", "MAX_D", "is_cupy", "xp", "asnumpy", "float_
 
 SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
 
-# Largest shared-memory tile (keys or clusters) any kernel declares; launch tiles are <= this.
+# Largest shared-memory tile (keys or clusters) any kernel declares; launch tiles and threads are <= this.
 MAX_TILE = 128
 # Largest head dimension kept in shared memory (queries staged once per block).
 MAX_D = 512
@@ -75,6 +75,10 @@ def geometry():
         else:
             from numba import cuda
 
+            # Numba synchronises the host with the stream of every CuPy array it receives (a full stall per
+            # kernel argument) unless told not to. CuPy's work and these kernels all run on the legacy
+            # default stream, which orders them already, so the stall buys nothing.
+            numba.config.CUDA_ARRAY_INTERFACE_SYNC = False
             sms = cuda.get_current_device().MULTIPROCESSOR_COUNT
             # 4 resident blocks per SM hide the latency of the key reads; chunks of >= 256 keys
             # keep the partial (m, l, acc) traffic small next to the K/V reads.
