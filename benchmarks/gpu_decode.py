@@ -101,6 +101,11 @@ class Bench:
         print(line, flush=True)
         self.lines.append(line)
 
+    def save(self, path):
+        """Write what was measured so far: a run cut short by its time limit still leaves its tables."""
+        with open(path, "w") as f:
+            f.write("\n".join(self.lines) + "\n")
+
 
 def copy_bandwidth(b):
     """Bytes per second of a device-to-device copy (read + write): the HBM bound's denominator."""
@@ -348,16 +353,21 @@ def main():
     bw = copy_bandwidth(b)
     b.say(f"Command: `{COMMAND}`. Device-to-device copy bandwidth measured in this run: {bw / 1e9:.0f} GB/s.\n")
     section_full(b, args.sizes, args.batches, bw)
+    b.save(args.out)
     builds = section_wave(b, [n for n in args.sizes if n <= 2**17] or args.sizes[:1], args.batches)
+    b.save(args.out)
     n_pre = 131072 if not args.sim else args.sizes[0]
     section_prefill(b, n_pre, builds.get((n_pre, 1)))
-    if b.left() > 0:
-        section_buffer(b, 131072 if not args.sim else args.sizes[0], args.buffer_steps)
-    if b.left() > 0:
-        section_host_kv(b, args.host_tokens, 1)
+    b.save(args.out)
+    for name, run in (("wave buffer", lambda: section_buffer(b, n_pre, args.buffer_steps)),
+                      ("host-memory KV", lambda: section_host_kv(b, args.host_tokens, 1))):
+        if b.left() > 0:
+            run()
+        else:
+            b.say(f"{name}: not run: time budget ({args.budget_s:.0f} s) spent\n")
+        b.save(args.out)
     b.say(f"Total time {time.perf_counter() - b.t0:.0f} s.")
-    with open(args.out, "w") as f:
-        f.write("\n".join(b.lines) + "\n")
+    b.save(args.out)
     print(f"wrote {args.out}")
 
 
