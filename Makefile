@@ -20,8 +20,11 @@ demo: $(STAMP)
 	$(BIN)/retrokv demo
 
 # pytest runs the tutorials (small sizes) into docs/tutorials/*.ipynb, which the strict docs build renders.
+# The cudasim ring runs the CUDA kernels in Numba's CUDA simulator: its own process, since the variable
+# must be set before Numba is imported (docs/gpu.md).
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -x --durations=15
+	NUMBA_ENABLE_CUDASIM=1 $(BIN)/python -m pytest -q -x tests/cudasim
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -q
 
 docs: $(STAMP)

@@ -1,11 +1,25 @@
 """Array-type dispatch for the fast backend: NumPy arrays run Numba kernels, CuPy arrays CUDA kernels.
 
-Nothing falls back silently from the GPU to the CPU: a CuPy array reaching a function that has no
-CUDA kernel raises instead of being copied to the host.
+Nothing falls back silently from the GPU to the CPU: a CuPy array reaching a function without a CUDA
+kernel raises instead of being copied to the host. The functions that the papers themselves run on
+the CPU say so in the error (:data:`CPU_BY_PAPER`).
 """
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
+
+_GRAPH = ("RetrievalAttention (arXiv 2409.10516, §3.3) builds and searches its graph on the CPU over KV "
+          "offloaded to host memory, while the GPU attends the static tokens; combine the two with "
+          "retrokv.fast.cuda.graph_index.co_attention")
+_LRU = ("RetroInfer (arXiv 2505.02922, §4.4) keeps the wave buffer's control plane (mapping table, LRU) "
+        "on the CPU; retrokv.fast.cuda.wave_buffer runs it there and moves only cluster ids")
+
+# fn -> why the paper runs it on the CPU
+CPU_BY_PAPER = {**{fn: _GRAPH for fn in ("knn", "key_neighbors", "prune", "project", "add_reverse_edges",
+                                         "enhance", "connect", "build_graph", "graph_search")},
+                "plan_step": _LRU}
 
 
 def is_cupy(x) -> bool:
@@ -13,13 +27,24 @@ def is_cupy(x) -> bool:
     return type(x).__module__.split(".")[0] == "cupy"
 
 
+def any_cupy(*arrays) -> bool:
+    """True when any argument is a CuPy array: the call belongs to :mod:`retrokv.fast.cuda`."""
+    return any(is_cupy(a) for a in arrays)
+
+
+def cuda(name):
+    """The CUDA module ``retrokv.fast.cuda.<name>``, imported on first use (numba.cuda, no CuPy import)."""
+    return importlib.import_module(f"retrokv.fast.cuda.{name}")
+
+
 def require_numpy(fn: str, *arrays) -> None:
-    """Raise ``TypeError`` if any argument is a CuPy array: ``fn`` has no CUDA kernel."""
+    """Raise ``TypeError`` if any argument is a CuPy array (``fn`` runs on the CPU) or not a NumPy array."""
     for a in arrays:
         if is_cupy(a):
-            raise TypeError(
-                f"retrokv.fast.{fn} got a CuPy array but has no CUDA kernel in this build; "
-                "pass NumPy arrays (cupy.asnumpy) or use backend='reference'"
-            )
+            if fn in CPU_BY_PAPER:
+                raise TypeError(f"retrokv.fast.{fn} runs on the CPU by design: {CPU_BY_PAPER[fn]}; "
+                                "pass NumPy arrays (cupy.asnumpy)")
+            raise TypeError(f"retrokv.fast.{fn} got a CuPy array but has no CUDA kernel in this build; "
+                            "pass NumPy arrays (cupy.asnumpy) or use backend='reference'")
         if not isinstance(a, (np.ndarray, np.generic, list, tuple, int, float)):
             raise TypeError(f"retrokv.fast.{fn} expected NumPy arrays, got {type(a).__name__}")

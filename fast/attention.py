@@ -17,7 +17,7 @@ import os
 import numba as nb
 import numpy as np
 
-from ._dispatch import require_numpy
+from ._dispatch import any_cupy, cuda, require_numpy
 
 __all__ = ["full_attention", "partial_attention", "merge_partials"]
 
@@ -110,7 +110,9 @@ def _plan(hkv, rows, n):
 
 
 def partial_attention(q, k, v, causal=False, scale=None):
-    """Same contract as :func:`retrokv.reference.attention.partial_attention`; Numba kernel."""
+    """Same contract as :func:`retrokv.reference.attention.partial_attention`; Numba kernel (CUDA for CuPy input)."""
+    if any_cupy(q, k, v):
+        return cuda("attention").partial_attention(q, k, v, causal=causal, scale=scale)
     require_numpy("partial_attention", q, k, v)
     q = np.asarray(q, dtype=np.float32)
     k = np.ascontiguousarray(k, dtype=np.float32)
@@ -144,6 +146,8 @@ def full_attention(q, k, v, causal=False, scale=None):
 def merge_partials(parts):
     """Same contract as :func:`retrokv.reference.attention.merge_partials`; one pass over the parts."""
     parts = list(parts)
+    if any_cupy(*[a for part in parts for a in part]):
+        return cuda("attention").merge_partials(parts)
     require_numpy("merge_partials", *[o for o, _ in parts])
     outs = np.ascontiguousarray(np.stack([np.asarray(o, np.float32) for o, _ in parts]))   # (P, ..., dv)
     lses = np.ascontiguousarray(np.stack([np.asarray(l, np.float32) for _, l in parts]))   # (P, ...)

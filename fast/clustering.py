@@ -24,7 +24,7 @@ import numpy as np
 from retrokv.reference import clustering as _ref
 from retrokv.reference.clustering import Clusters, block_rows, kmeans_flops, plan_clusters, segment_bounds  # not hot
 
-from ._dispatch import require_numpy
+from ._dispatch import any_cupy, cuda, require_numpy
 
 __all__ = ["Clusters", "plan_clusters", "segment_bounds", "segmented_kmeans", "kmeans_flops", "assign",
            "group_by_cluster", "cluster_sums", "block_rows"]
@@ -87,7 +87,10 @@ def cluster_sums(x, order, offsets):
 
 
 def segmented_kmeans(keys, values, n_clusters, n_segments, iters=10, ops=None):
-    """The reference driver :func:`retrokv.reference.clustering.segmented_kmeans` with this module's kernels."""
+    """The reference driver :func:`retrokv.reference.clustering.segmented_kmeans` with this module's kernels
+    (the CUDA kernels of :mod:`retrokv.fast.cuda.clustering` for CuPy input)."""
+    if any_cupy(keys, values):
+        return cuda("clustering").segmented_kmeans(keys, values, n_clusters, n_segments, iters, ops)
     require_numpy("segmented_kmeans", keys, values)
     return _ref.segmented_kmeans(keys, values, n_clusters, n_segments, iters,
                                  ops=sys.modules[__name__] if ops is None else ops)

@@ -19,7 +19,7 @@ import numpy as np
 
 from retrokv.reference.rope import rope_cos_sin
 
-from ._dispatch import require_numpy
+from ._dispatch import any_cupy, cuda, require_numpy
 from .attention import _merge_chunks, merge_partials, partial_attention
 from .rope import apply_rope
 
@@ -169,7 +169,10 @@ def _pool(pool_k, pool_v):
 
 def lazy_prefill_attention(q, k_tail, v_tail, pool_k, pool_v, table, offsets, block=16,
                            theta=10000.0, convention="half", scale=None):
-    """Same contract as :func:`retrokv.reference.lazy.lazy_prefill_attention`; fused Numba kernel."""
+    """Same contract as :func:`retrokv.reference.lazy.lazy_prefill_attention`; fused Numba kernel (CUDA for CuPy)."""
+    if any_cupy(q, k_tail, v_tail, pool_k, pool_v):
+        return cuda("lazy").lazy_prefill_attention(q, k_tail, v_tail, pool_k, pool_v, table, offsets, block,
+                                                   theta, convention, scale)
     require_numpy("lazy_prefill_attention", q, k_tail, v_tail, pool_k, pool_v)
     pool_k, pool_v = _pool(pool_k, pool_v)
     q = np.asarray(q, dtype=np.float32)
@@ -180,7 +183,10 @@ def lazy_prefill_attention(q, k_tail, v_tail, pool_k, pool_v, table, offsets, bl
 
 def lazy_decode_attention(q, k_tail, v_tail, pool_k, pool_v, table, offsets, block=16,
                           theta=10000.0, convention="half", scale=None):
-    """Same contract as :func:`retrokv.reference.lazy.lazy_decode_attention`; fused Numba kernel."""
+    """Same contract as :func:`retrokv.reference.lazy.lazy_decode_attention`; fused Numba kernel (CUDA for CuPy)."""
+    if any_cupy(q, k_tail, v_tail, pool_k, pool_v):
+        return cuda("lazy").lazy_decode_attention(q, k_tail, v_tail, pool_k, pool_v, table, offsets, block,
+                                                  theta, convention, scale)
     require_numpy("lazy_decode_attention", q, k_tail, v_tail, pool_k, pool_v)
     pool_k, pool_v = _pool(pool_k, pool_v)
     q = np.asarray(q, dtype=np.float32)
@@ -192,6 +198,8 @@ def lazy_decode_attention(q, k_tail, v_tail, pool_k, pool_v, table, offsets, blo
 
 def materialize(pool_k, pool_v, table, offsets, block=16, theta=10000.0, convention="half"):
     """Same contract as :func:`retrokv.reference.lazy.materialize`: a NumPy gather, then the fast RoPE kernel."""
+    if any_cupy(pool_k, pool_v):
+        return cuda("lazy").materialize(pool_k, pool_v, table, offsets, block, theta, convention)
     require_numpy("materialize", pool_k, pool_v)
     table = np.asarray(table, dtype=np.int64).reshape(-1, 3)
     hkv, d, dv = pool_k.shape[0], pool_k.shape[2], pool_v.shape[2]
@@ -209,6 +217,9 @@ def materialize(pool_k, pool_v, table, offsets, block=16, theta=10000.0, convent
 def block_attention(q, k_tail, v_tail, pool_k, pool_v, table, offsets, block=16,
                     theta=10000.0, convention="half", scale=None):
     """Same contract as :func:`retrokv.reference.lazy.block_attention`; materialise, then the core kernel."""
+    if any_cupy(q, k_tail, v_tail, pool_k, pool_v):
+        return cuda("lazy").block_attention(q, k_tail, v_tail, pool_k, pool_v, table, offsets, block, theta,
+                                            convention, scale)
     require_numpy("block_attention", q, k_tail, v_tail, pool_k, pool_v)
     k_docs, v_docs = materialize(pool_k, pool_v, table, offsets, block, theta, convention)
     k = np.concatenate([k_docs, np.asarray(k_tail, np.float32)], axis=1)     # (Hkv, L + M, d)

@@ -14,7 +14,7 @@ import numpy as np
 
 from retrokv.reference.rope import rope_cos_sin, rope_inv_freq, rotate_half  # not hot: tables and helpers
 
-from ._dispatch import require_numpy
+from ._dispatch import any_cupy, cuda, require_numpy
 
 __all__ = ["rope_inv_freq", "rope_cos_sin", "apply_rope", "rotate_by", "rotate_half"]
 
@@ -41,7 +41,9 @@ def _rope_rows(x, pos, inv_freq, interleaved):
 
 
 def apply_rope(x, positions, theta=10000.0, convention="half"):
-    """Same contract as :func:`retrokv.reference.rope.apply_rope`; one fused Numba pass."""
+    """Same contract as :func:`retrokv.reference.rope.apply_rope`; one fused Numba pass (CUDA for CuPy input)."""
+    if any_cupy(x, positions):
+        return cuda("rope").apply_rope(x, positions, theta, convention)
     require_numpy("apply_rope", x, positions)
     x = np.asarray(x, dtype=np.float32)
     d = x.shape[-1]

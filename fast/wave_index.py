@@ -30,7 +30,7 @@ from retrokv.reference import wave_index as _ref
 from retrokv.reference.wave_index import (ExecBuffer, MetaIndex, Workspace, Zones, concat_meta,  # not hot
                                           empty_meta, estimation_as_pseudo_tokens)
 
-from ._dispatch import require_numpy
+from ._dispatch import any_cupy, cuda, require_numpy
 from .attention import merge_partials, partial_attention
 from .clustering import segmented_kmeans
 
@@ -52,7 +52,9 @@ def _take_rows(x, order):
 
 
 def build_meta_index(keys, values, positions, n_clusters, n_segments, iters=10):
-    """Same contract as :func:`retrokv.reference.wave_index.build_meta_index`."""
+    """Same contract as :func:`retrokv.reference.wave_index.build_meta_index` (CUDA for CuPy input)."""
+    if any_cupy(keys, values):
+        return cuda("wave_index").build_meta_index(keys, values, positions, n_clusters, n_segments, iters)
     require_numpy("build_meta_index", keys, values)
     hkv, m, d = keys.shape
     dv = values.shape[2]
@@ -117,7 +119,9 @@ def _gqa_rank(scores):
 
 
 def rank_clusters(q, centroids, sizes, scale):
-    """Same contract as :func:`retrokv.reference.wave_index.rank_clusters`; Numba kernels."""
+    """Same contract as :func:`retrokv.reference.wave_index.rank_clusters`; Numba kernels (CUDA for CuPy input)."""
+    if any_cupy(q, centroids):
+        return cuda("wave_index").rank_clusters(q, centroids, sizes, scale)
     hkv, c, d = centroids.shape
     qb = np.ascontiguousarray(q.reshape(hkv, -1, d), dtype=np.float32)   # (Hkv, G, d)
     scores = _centroid_scores(qb, centroids, sizes, np.float32(scale))    # (Hkv, G, C)
@@ -126,6 +130,8 @@ def rank_clusters(q, centroids, sizes, scale):
 
 def select_zones(rank, n_retrieve, n_estimate):
     """Same contract as the reference: top ``n_retrieve + n_estimate`` by partition, then sorted."""
+    if any_cupy(rank):
+        return cuda("wave_index").select_zones(rank, n_retrieve, n_estimate)
     hkv, c = rank.shape
     top = min(c, n_retrieve + n_estimate)
     if top == 0:
@@ -171,6 +177,8 @@ def buffer_arrays(hkv, width, d, dv, workspace=None):
 
 def gather_execution_buffer(meta, steady_k, steady_v, steady_ids, retrieval, workspace=None):
     """Same contract as the reference; the clusters are copied as contiguous blocks in parallel."""
+    if any_cupy(steady_k, meta.keys, retrieval):
+        return cuda("wave_index").gather_execution_buffer(meta, steady_k, steady_v, steady_ids, retrieval)
     hkv, s, d = steady_k.shape
     dv = steady_v.shape[2]
     sizes = np.take_along_axis(meta.sizes, retrieval, axis=1)              # (Hkv, r)
@@ -218,6 +226,8 @@ def _estimate(scores, sizes, value_sums, est):
 
 def estimate_partial(scores, sizes, value_sums, estimation):
     """Same contract as :func:`retrokv.reference.wave_index.estimate_partial`; one weighted pass."""
+    if any_cupy(scores, value_sums):
+        return cuda("wave_index").estimate_partial(scores, sizes, value_sums, estimation)
     hkv, g, _ = scores.shape
     out, lse = _estimate(scores, sizes, value_sums, np.ascontiguousarray(estimation, dtype=np.int64))
     return out.reshape(hkv * g, -1), lse.reshape(hkv * g)
@@ -225,7 +235,11 @@ def estimate_partial(scores, sizes, value_sums, estimation):
 
 def tripartite_attention(q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_estimate, scale=None,
                          gather=None, workspace=None, ops=None):
-    """The reference driver :func:`retrokv.reference.wave_index.tripartite_attention` with this module's kernels."""
-    require_numpy("tripartite_attention", q, steady_k, steady_v)
+    """The reference driver :func:`retrokv.reference.wave_index.tripartite_attention` with this module's kernels
+    (the CUDA kernels of :mod:`retrokv.fast.cuda.wave_index` for CuPy input)."""
+    if ops is None and any_cupy(q, steady_k, steady_v):
+        ops = cuda("wave_index")
+    elif ops is None:
+        require_numpy("tripartite_attention", q, steady_k, steady_v)
     return _ref.tripartite_attention(q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_estimate, scale,
                                      gather, workspace, ops=sys.modules[__name__] if ops is None else ops)

@@ -92,12 +92,17 @@ def assign(x, centroids):
     return np.concatenate(blocks + [np.zeros(0, np.int64)]).astype(np.int64)
 
 
+def _array_module(x):
+    """NumPy, or CuPy for a CuPy array: the driver's array-level work runs where the data lives."""
+    return __import__("cupy") if type(x).__module__.split(".")[0] == "cupy" else np
+
+
 def _normalise(v64, previous):
     """L2-normalise float64 rows to float32; a zero row keeps its previous centroid."""
-    norm = np.sqrt((v64 * v64).sum(axis=1, keepdims=True))          # (c, 1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        unit = (v64 / norm).astype(np.float32)
-    return np.where(norm > 0, unit, previous)
+    xp = _array_module(v64)
+    norm = xp.sqrt((v64 * v64).sum(axis=1, keepdims=True))          # (c, 1)
+    unit = (v64 / xp.where(norm > 0, norm, 1.0)).astype(xp.float32)
+    return xp.where(norm > 0, unit, previous)
 
 
 def group_by_cluster(assign, n_clusters):
@@ -128,40 +133,41 @@ def segmented_kmeans(keys, values, n_clusters, n_segments, iters=10, ops=None):
     ``group_by_cluster`` and ``cluster_sums`` (default: this module's; the fast path passes its own).
     """
     ops = _THIS if ops is None else ops
-    keys = np.ascontiguousarray(keys, dtype=np.float32)
-    values = np.ascontiguousarray(values, dtype=np.float32)
+    xp = _array_module(keys)                                          # NumPy, or CuPy for the CUDA kernels
+    keys = xp.ascontiguousarray(keys, dtype=xp.float32)
+    values = xp.ascontiguousarray(values, dtype=xp.float32)
     m, d = keys.shape
     dv = values.shape[1]
     if m == 0 or n_clusters == 0:
-        return Clusters(np.zeros((0, d), np.float32), np.zeros((0, dv), np.float32), np.zeros(0, np.int64),
-                        np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64))
+        z = xp.zeros
+        return Clusters(z((0, d), xp.float32), z((0, dv), xp.float32), z(0, xp.int64), z(1, xp.int64),
+                        z(0, xp.int64), z(0, xp.int64))
     per_seg = n_clusters // n_segments
-    mean = keys.astype(np.float64).mean(axis=0).astype(np.float32)   # (d,)
+    mean = keys.astype(xp.float64).mean(axis=0).astype(xp.float32)   # (d,)
     x = keys - mean                                                   # (M, d) centred keys
     bounds = segment_bounds(m, n_segments)
 
     # 1-2. spherical k-means inside each segment, from evenly spaced initial keys
     cents = []
     for s in range(n_segments):
-        xs = x[bounds[s]:bounds[s + 1]]                               # (L, d)
-        init = (np.arange(per_seg) * len(xs)) // per_seg               # evenly spaced positions
-        c = _normalise(xs[init].astype(np.float64), xs[init])          # (c, d)
+        xs = x[int(bounds[s]):int(bounds[s + 1])]                     # (L, d)
+        init = xp.asarray((np.arange(per_seg) * len(xs)) // per_seg)  # evenly spaced positions
+        c = _normalise(xs[init].astype(xp.float64), xs[init])          # (c, d)
         for _ in range(iters - 1):
             a = ops.assign(xs, c)                                      # max inner product
             order, offsets, counts = ops.group_by_cluster(a, per_seg)
             sums = ops.cluster_sums(xs, order, offsets)
-            c = np.where(counts[:, None] > 0, _normalise(sums, c), c)  # empty clusters keep theirs
+            c = xp.where(counts[:, None] > 0, _normalise(sums, c), c)  # empty clusters keep theirs
         cents.append(c)
-    cent = np.concatenate(cents)                                      # (C, d)
+    cent = xp.concatenate(cents)                                      # (C, d)
 
     # 3. global assignment against every centroid; inverted lists in token order
     final = ops.assign(x, cent)                                        # (M,)
     order, offsets, sizes = ops.group_by_cluster(final, n_clusters)
     key_sums = ops.cluster_sums(keys, order, offsets)                  # raw keys: Jensen needs them
     value_sums = ops.cluster_sums(values, order, offsets)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        centroids = np.where(sizes[:, None] > 0, key_sums / sizes[:, None], 0.0).astype(np.float32)
-    return Clusters(centroids, value_sums.astype(np.float32), sizes, offsets, order, final)
+    centroids = xp.where(sizes[:, None] > 0, key_sums / xp.maximum(sizes, 1)[:, None], 0.0).astype(xp.float32)
+    return Clusters(centroids, value_sums.astype(xp.float32), sizes, offsets, order, final)
 
 
 _THIS = sys.modules[__name__]

@@ -32,7 +32,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .attention import merge_partials, partial_attention
-from .clustering import segmented_kmeans
+from .clustering import _array_module, segmented_kmeans
 
 __all__ = ["MetaIndex", "ExecBuffer", "Zones", "Workspace", "empty_meta", "build_meta_index", "concat_meta",
            "rank_clusters", "select_zones", "gather_execution_buffer", "estimate_partial",
@@ -243,6 +243,7 @@ def tripartite_attention(q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_
     ``partial_attention``, ``estimate_partial``, ``merge_partials``; default: this module's).
     """
     ops = _THIS if ops is None else ops
+    xp = _array_module(q)                                              # NumPy, or CuPy for the CUDA kernels
     hkv, _, d = steady_k.shape
     g = q.shape[0] // hkv
     scale = 1.0 / np.sqrt(d) if scale is None else scale
@@ -253,14 +254,15 @@ def tripartite_attention(q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_
     #    (heads retrieve different numbers of tokens)
     buf = gather(retrieval) if gather is not None else \
         ops.gather_execution_buffer(meta, steady_k, steady_v, steady_ids, retrieval, workspace)
-    exact = [ops.partial_attention(q[h * g:(h + 1) * g], buf.keys[h:h + 1, :buf.lengths[h]],
-                                   buf.values[h:h + 1, :buf.lengths[h]], scale=scale) for h in range(hkv)]
-    exact = (np.concatenate([o for o, _ in exact]), np.concatenate([l for _, l in exact]))   # (Hq, dv), (Hq,)
+    lengths = [int(n) for n in buf.lengths]
+    exact = [ops.partial_attention(q[h * g:(h + 1) * g], buf.keys[h:h + 1, :lengths[h]],
+                                   buf.values[h:h + 1, :lengths[h]], scale=scale) for h in range(hkv)]
+    exact = (xp.concatenate([o for o, _ in exact]), xp.concatenate([l for _, l in exact]))   # (Hq, dv), (Hq,)
     # 3. estimation zone from centroids, sizes and value sums; 4. log-sum-exp merge
     est = ops.estimate_partial(scores, meta.sizes, meta.value_sums, estimation)
     out, lse = ops.merge_partials([exact, est])
     # the buffer may be a reused workspace: the ids handed back are copies
-    zones = Zones(retrieval, estimation, [buf.ids[h, :buf.lengths[h]].copy() for h in range(hkv)])
+    zones = Zones(retrieval, estimation, [buf.ids[h, :lengths[h]].copy() for h in range(hkv)])
     return out, lse, zones
 
 
