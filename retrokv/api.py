@@ -36,11 +36,12 @@ def partial_attention(q, k, v, causal=False, scale=None, backend=None, check_fin
     gives ``(0, -inf)``. Partials over disjoint key sets combine exactly with :func:`merge_partials`
     (RetrievalAttention App. B). Arguments as :func:`full_attention`.
     """
-    q, k, v = V.check_qkv(q, k, v, finite=check_finite)
+    q, k, v = V.check_qkv(q, k, v, finite=V.check_bool(check_finite, "check_finite"))
     scale = V.check_scale(scale)
+    causal = V.check_bool(causal, "causal")          # a string such as "no" must not act as True
     if causal and q.ndim == 3 and q.shape[1] > k.shape[1]:
         raise ValueError(f"causal attention needs at least T={q.shape[1]} keys for T queries, got N={k.shape[1]}")
-    return module(backend).partial_attention(q, k, v, causal=bool(causal), scale=scale)
+    return module(backend).partial_attention(q, k, v, causal=causal, scale=scale)
 
 
 def merge_partials(parts, backend=None):
@@ -78,9 +79,10 @@ def _check_rope(x, positions, theta, convention):
         np.broadcast_shapes(pos.shape, x.shape[:-1])
     except ValueError:
         raise ValueError(f"positions of shape {pos.shape} do not broadcast to x's leading shape {tuple(x.shape[:-1])}") from None
-    if not (isinstance(theta, (int, float)) and theta > 1):
-        raise ValueError(f"theta must be a number > 1, got {theta!r}")
-    return x, pos, float(theta), V.check_convention(convention)
+    theta = V.check_real(theta, "theta", "a number > 1")       # NumPy scalars (np.float32(1e5)) included
+    if not theta > 1 or not np.isfinite(theta):
+        raise ValueError(f"theta must be a finite number > 1, got {theta!r}")
+    return x, pos, theta, V.check_convention(convention)
 
 
 def apply_rope(x, positions, theta=10000.0, convention="half", backend=None):
