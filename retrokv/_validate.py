@@ -110,6 +110,6 @@ def check_scale(scale):
 
 
 def check_convention(convention):
-    if convention not in ("half", "interleaved"):
+    if not isinstance(convention, str) or convention not in ("half", "interleaved"):
         raise ValueError(f"convention must be 'half' (HF Llama rotate_half) or 'interleaved', got {convention!r}")
     return convention

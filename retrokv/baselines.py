@@ -27,10 +27,10 @@ __all__ = ["StreamingConfig", "TopKConfig", "IVFConfig", "QuestConfig",
            "StreamingLLM", "TopKOracle", "IVFIndex", "QuestIndex"]
 
 
-def _validate_fields(cfg, positive=(), nonneg=()):
+def _validate_fields(cfg, positive=(), nonneg=(), optional=()):
     for name in positive:
         val = getattr(cfg, name)
-        if val is not None:
+        if val is not None or name not in optional:     # None only where the field documents it (n_lists, nprobe)
             check_int(val, f"{type(cfg).__name__}.{name}", 1)
     for name in nonneg:
         check_int(getattr(cfg, name), f"{type(cfg).__name__}.{name}", 0)
@@ -76,7 +76,8 @@ class IVFConfig:
     iters: int = 10
 
     def __post_init__(self):
-        _validate_fields(self, positive=("top_k", "n_lists", "nprobe", "iters"), nonneg=("n_sink", "n_recent"))
+        _validate_fields(self, positive=("top_k", "n_lists", "nprobe", "iters"), nonneg=("n_sink", "n_recent"),
+                         optional=("n_lists", "nprobe"))
         # NumPy floats are fractions too; True is not (it used to pass as 1)
         frac = V.check_real(self.probe_fraction, "IVFConfig.probe_fraction", "a float in (0, 1]")
         if not 0 < frac <= 1:

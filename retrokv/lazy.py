@@ -352,6 +352,9 @@ class DocumentStore:
         """
         pos = V.check_int(start, "start", 0)
         positioned = V.check_bool(positioned, "positioned")
+        if isinstance(documents, (str, bytes, Document)) or not hasattr(documents, "__iter__"):
+            raise TypeError(f"documents must be a sequence of stored documents (token sequences, keys or "
+                            f"Documents), got {type(documents).__name__}")
         docs, offsets, rows = [], [], []
         for i, item in enumerate(documents):
             doc = self.get(item)

@@ -76,8 +76,7 @@ class WaveConfig:
             if getattr(self, count) is not None:
                 object.__setattr__(self, count, V.check_int(getattr(self, count), f"WaveConfig.{count}", 0,
                                                             "None or an int >= 0 (a number of clusters)"))
-        if not isinstance(self.estimation, bool):
-            raise TypeError(f"WaveConfig.estimation must be a bool, got {type(self.estimation).__name__}")
+        object.__setattr__(self, "estimation", V.check_bool(self.estimation, "WaveConfig.estimation"))
         object.__setattr__(self, "scale", V.check_scale(self.scale))
 
     def n_retrieve(self, n_clusters):
