@@ -212,7 +212,7 @@ class DocumentStore:
         self._free.extend(range(have // self.config.block, n_blocks))
         self._k, self._v = k, v
 
-    def put(self, tokens, keys, values, key=None, replace=False) -> Document:
+    def put(self, tokens, keys, values, key=None, replace: bool = False) -> Document:
         """Store a document prefilled alone from position 0; a document already stored is reused as is.
 
         Args:
