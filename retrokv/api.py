@@ -21,7 +21,8 @@ def full_attention(q, k, v, causal=False, scale=None, backend=None, check_finite
             positions). Ignored for a single decode query, which sees every key.
         scale: score scale, default ``1 / sqrt(d)``.
         backend: ``"reference"`` or ``"fast"``.
-        check_finite: reject NaN/inf in the inputs (one extra pass over K and V).
+        check_finite: reject NaN/inf in the inputs (one extra pass over K and V). With ``False`` a NaN
+            propagates: every output row that reads it is NaN, on both backends.
 
     Returns:
         ``(Hq, dv)`` or ``(Hq, T, dv)`` float32 output. With ``N = 0`` the output is zero.
