@@ -84,8 +84,17 @@ def _merge_chunks(m_part, l_part, acc_part):
         h = item // rows
         r = item % rows
         m = np.float32(-np.inf)
+        nan = False
         for c in range(n_chunks):
             m = max(m, m_part[h, c, r])
+            # max() drops NaN, and a row whose every score is NaN keeps m = -inf with l = NaN: look
+            # for NaN explicitly so that NaN inputs (check_finite=False) give NaN, as in the reference
+            nan = nan or m_part[h, c, r] != m_part[h, c, r] or l_part[h, c, r] != l_part[h, c, r]
+        if nan:
+            for x in range(dv):
+                out[h, r, x] = np.nan
+            lse[h, r] = np.nan
+            continue
         if m == -np.inf:
             continue                      # no key visible: (0, -inf), the merge identity
         total = np.float32(0.0)

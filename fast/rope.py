@@ -48,7 +48,7 @@ def apply_rope(x, positions, theta=10000.0, convention="half"):
     x = np.asarray(x, dtype=np.float32)
     d = x.shape[-1]
     pos = np.broadcast_to(np.asarray(positions), x.shape[:-1]).astype(np.float32).reshape(-1)
-    rows = np.ascontiguousarray(x.reshape(-1, d))
+    rows = np.ascontiguousarray(x.reshape(pos.shape[0], d))     # explicit row count: reshape(-1, 0) is ambiguous
     out = _rope_rows(rows, np.ascontiguousarray(pos), rope_inv_freq(d, theta), convention == "interleaved")
     return out.reshape(x.shape)
 

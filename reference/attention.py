@@ -50,7 +50,8 @@ def partial_attention(q, k, v, causal=False, scale=None):
     n = k.shape[1]
 
     # scores[h, g, t, j] = q . k_j for the KV head h that query head (h, g) reads
-    scores = (qb.reshape(hkv, g * t, d) @ k.transpose(0, 2, 1)).reshape(hkv, g, t, n) * scale  # (Hkv, G, T, N)
+    with np.errstate(invalid="ignore", over="ignore"):   # NaN/inf inputs (check_finite=False) propagate quietly
+        scores = (qb.reshape(hkv, g * t, d) @ k.transpose(0, 2, 1)).reshape(hkv, g, t, n) * scale  # (Hkv, G, T, N)
     if causal and not decode:
         # query t may read keys up to N - T + t (queries are the last T positions)
         allowed = np.arange(n)[None, :] <= (n - t + np.arange(t))[:, None]   # (T, N)
@@ -60,12 +61,14 @@ def partial_attention(q, k, v, causal=False, scale=None):
     m_safe = np.where(np.isfinite(m), m, 0.0).astype(np.float32)  # a row with no keys keeps exp() at 0
     p = np.exp(scores - m_safe)                                   # (Hkv, G, T, N)
     denom = p.sum(axis=-1, keepdims=True)                          # (Hkv, G, T, 1)
-    num = (p.reshape(hkv, g * t, n) @ v).reshape(hkv, g, t, -1)    # (Hkv, G, T, dv)
+    dv = v.shape[-1]
+    num = (p.reshape(hkv, g * t, n) @ v).reshape(hkv, g, t, dv)    # (Hkv, G, T, dv); explicit dv: G or T may be 0
     with np.errstate(divide="ignore", invalid="ignore"):
-        out = np.where(denom > 0, num / denom, 0.0).astype(np.float32)
+        # only a row with no visible key (denom exactly 0) is (0, -inf); a NaN denominator (NaN in the
+        # inputs, check_finite=False) must stay NaN, as in the fast path, not turn into a clean 0
+        out = np.where(denom == 0, 0.0, num / denom).astype(np.float32)
         lse = (np.log(denom) + m_safe)[..., 0].astype(np.float32)  # log(0) = -inf for empty rows
 
-    dv = v.shape[-1]
     out = out.reshape(hkv * g, t, dv)
     lse = lse.reshape(hkv * g, t)
     if decode:
@@ -93,6 +96,7 @@ def merge_partials(parts):
     w = np.exp(lses - m_safe)                                                 # (P, ...): 0 for empty parts
     total = w.sum(axis=0)
     with np.errstate(divide="ignore", invalid="ignore"):
-        out = np.where(total[..., None] > 0, (w[..., None] * outs).sum(axis=0) / total[..., None], 0.0)
+        # total is 0 only when every part is empty; NaN (NaN inputs) propagates as in the fast path
+        out = np.where(total[..., None] == 0, 0.0, (w[..., None] * outs).sum(axis=0) / total[..., None])
         lse = np.log(total) + m_safe
     return out.astype(np.float32), lse.astype(np.float32)

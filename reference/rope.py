@@ -72,7 +72,8 @@ def apply_rope(x, positions, theta=10000.0, convention="half"):
     pos = np.broadcast_to(np.asarray(positions), x.shape[:-1])
     cos, sin = rope_cos_sin(pos, x.shape[-1], theta, convention)            # (..., d)
     rot = rotate_half(x) if convention == "half" else _rotate_pairs(x)
-    return (x * cos + rot * sin).astype(np.float32)
+    with np.errstate(invalid="ignore"):          # inf * 0 in an unchecked input is NaN, quietly, as in the fast path
+        return (x * cos + rot * sin).astype(np.float32)
 
 
 def rotate_by(x_rot, delta, theta=10000.0, convention="half"):

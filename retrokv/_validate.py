@@ -1,14 +1,22 @@
 """Input validation at the public boundary: every error names the argument, what it got and what it expected."""
 from __future__ import annotations
 
+from numbers import Integral, Real
+
 import numpy as np
 
 
 def as_array(x, name):
-    """Accept NumPy, CuPy or torch arrays (torch crosses without a copy); reject anything else."""
+    """Accept NumPy, CuPy or torch arrays (torch crosses without a copy); reject anything else.
+
+    torch ``bfloat16`` and ``float16`` tensors are upcast to float32 first (a copy): NumPy has no
+    bfloat16 (``.numpy()`` refuses it) and every kernel computes in float32 anyway.
+    """
     mod = type(x).__module__.split(".")[0]
     if mod == "torch":
         x = x.detach()
+        if x.is_floating_point() and x.element_size() < 4:     # bfloat16 / float16 (and float8 kinds)
+            x = x.float()
         if x.device.type == "cpu":
             x = x.numpy()
         else:
@@ -53,16 +61,56 @@ def check_qkv(q, k, v, finite=True):
     return q, k, v
 
 
+def _is_bool(x):
+    return isinstance(x, (bool, np.bool_))
+
+
+def check_real(x, name, expected="a number"):
+    """A real number as a Python float: Python or NumPy ints and floats pass; bools, strings, arrays and
+    complex numbers raise ``TypeError`` (``True`` is an int to Python, never a number we mean)."""
+    if _is_bool(x) or not isinstance(x, Real):
+        raise TypeError(f"{name} must be {expected}, got {type(x).__name__} {x!r}")
+    return float(x)
+
+
+def check_int(x, name, lo=None, expected=None):
+    """A Python or NumPy integer as a Python int, ``>= lo`` when given. Bools and floats (even ``2.0``)
+    raise ``TypeError``; an int below ``lo`` raises ``ValueError``."""
+    expected = expected or ("an int" if lo is None else f"an int >= {lo}")
+    if _is_bool(x) or not isinstance(x, Integral):
+        raise TypeError(f"{name} must be {expected}, got {type(x).__name__} {x!r}")
+    if lo is not None and x < lo:
+        raise ValueError(f"{name} must be {expected}, got {x!r}")
+    return int(x)
+
+
+def check_index(x, name, n, what="an index"):
+    """An integer in ``[0, n)`` (Python or NumPy int; bools and floats raise ``TypeError``)."""
+    expected = f"an int in [0, {n})"
+    x = check_int(x, name, expected=f"{expected} ({what})")
+    if not 0 <= x < n:
+        raise ValueError(f"{name} must be {expected} ({what}), got {x}")
+    return x
+
+
+def check_bool(x, name):
+    """A real bool (Python or NumPy): a string such as ``"no"`` or a number is not silently truthy."""
+    if not _is_bool(x):
+        raise TypeError(f"{name} must be a bool, got {type(x).__name__} {x!r}")
+    return bool(x)
+
+
 def check_scale(scale):
     if scale is None:
         return None
-    if not isinstance(scale, (int, float, np.floating)) or not np.isfinite(scale) or scale <= 0:
+    scale = check_real(scale, "scale", "a positive finite number or None")
+    if not np.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
-    return float(scale)
+    return scale
 
 
 def check_convention(convention):
-    if convention not in ("half", "interleaved"):
+    if not isinstance(convention, str) or convention not in ("half", "interleaved"):
         raise ValueError(f"convention must be 'half' (HF Llama rotate_half) or 'interleaved', got {convention!r}")
     return convention
 
@@ -110,9 +158,3 @@ def check_append(k, v, hkv, d, dv, finite=True):
     xp = np if isinstance(k, np.ndarray) else __import__("cupy")
     return xp.array(k, dtype=xp.float32, order="C", copy=True), xp.array(v, dtype=xp.float32, order="C", copy=True)
 
-
-def check_int(x, name, lo=0):
-    """``x`` as an int ``>= lo``: NumPy integers are accepted, bools and floats are not."""
-    if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer)) or x < lo:
-        raise ValueError(f"{name} must be an int >= {lo}, got {x!r}")
-    return int(x)

@@ -19,16 +19,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .sparse import SparseIndex, check_int, check_kv
+from . import _validate as V
+from .sparse import SparseIndex, check_int
 
 __all__ = ["StreamingConfig", "TopKConfig", "IVFConfig", "QuestConfig",
            "StreamingLLM", "TopKOracle", "IVFIndex", "QuestIndex"]
 
 
-def _validate_fields(cfg, positive=(), nonneg=()):
+def _validate_fields(cfg, positive=(), nonneg=(), optional=()):
     for name in positive:
         val = getattr(cfg, name)
-        if val is not None:
+        if val is not None or name not in optional:     # None only where the field documents it (n_lists, nprobe)
             check_int(val, f"{type(cfg).__name__}.{name}", 1)
     for name in nonneg:
         check_int(getattr(cfg, name), f"{type(cfg).__name__}.{name}", 0)
@@ -74,16 +75,24 @@ class IVFConfig:
     iters: int = 10
 
     def __post_init__(self):
-        _validate_fields(self, positive=("top_k", "n_lists", "nprobe", "iters"), nonneg=("n_sink", "n_recent"))
-        if not (isinstance(self.probe_fraction, (int, float)) and 0 < self.probe_fraction <= 1):
+        _validate_fields(self, positive=("top_k", "n_lists", "nprobe", "iters"), nonneg=("n_sink", "n_recent"),
+                         optional=("n_lists", "nprobe"))
+        # NumPy floats are fractions too; True is not (it used to pass as 1)
+        frac = V.check_real(self.probe_fraction, "IVFConfig.probe_fraction", "a float in (0, 1]")
+        if not 0 < frac <= 1:
             raise ValueError(f"IVFConfig.probe_fraction must be in (0, 1], got {self.probe_fraction!r}")
+        object.__setattr__(self, "probe_fraction", frac)
 
 
 @dataclass(frozen=True)
 class QuestConfig:
     """Quest (arXiv 2406.10774): 16-key pages, element-wise min/max bound, a budget of 1024 tokens
     (64 pages) read per head on top of the static tokens. Quest keeps the first two layers dense;
-    that choice belongs to the caller (one index is one layer)."""
+    that choice belongs to the caller (one index is one layer).
+
+    Quest reads whole pages: ``attend`` reads ``token_budget // page_size`` pages, i.e. the budget
+    rounded down to whole pages, so ``token_budget`` must be at least ``page_size`` (a smaller budget
+    used to read one whole page silently)."""
     n_sink: int = 128
     n_recent: int = 512
     page_size: int = 16
@@ -92,6 +101,9 @@ class QuestConfig:
 
     def __post_init__(self):
         _validate_fields(self, positive=("page_size", "token_budget", "top_k"), nonneg=("n_sink", "n_recent"))
+        if self.token_budget < self.page_size:
+            raise ValueError(f"QuestConfig.token_budget must be >= page_size ({self.page_size}): Quest reads whole "
+                             f"pages, got token_budget={self.token_budget}")
 
 
 class TopKOracle(SparseIndex):

@@ -71,6 +71,7 @@ class DenseIndex:
 
     def attend(self, q, return_lse=False):
         """``q (Hq, d) -> (Hq, dv)`` over every token (and ``lse (Hq,)`` with ``return_lse``)."""
+        return_lse = V.check_bool(return_lse, "return_lse")
         hkv, d, dv = self.shape
         q = V.as_array(q, "q")
         if q.ndim != 2 or q.shape[1] != d or q.shape[0] == 0 or q.shape[0] % hkv:

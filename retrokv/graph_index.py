@@ -67,8 +67,7 @@ class GraphConfig:
                              f"got {self.n_query_neighbors}")
         if self.metric not in ("ip", "l2"):
             raise ValueError(f"GraphConfig.metric must be 'ip' or 'l2', got {self.metric!r}")
-        if not isinstance(self.enhance, bool):
-            raise TypeError(f"GraphConfig.enhance must be a bool, got {type(self.enhance).__name__}")
+        object.__setattr__(self, "enhance", V.check_bool(self.enhance, "GraphConfig.enhance"))
 
 
 class GraphIndex(SparseIndex):

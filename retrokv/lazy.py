@@ -8,19 +8,33 @@ physical blocks serve every order and every position; attention re-positions the
 (:meth:`~DocumentStore.prefill_attention` rotates K blocks by ``+S_d`` inside the kernel,
 :meth:`~DocumentStore.decode_attention` de-rotates the query by ``-S_d`` once per document).
 :meth:`~DocumentStore.block_attention` is the Block-Attention baseline (materialised re-rotated copies).
+
+**Request lifetime.** A :class:`LazyRequest` is bound to the store that made it and to the
+*generation* of every document it names (a counter the store bumps each time it stores a document).
+Using it after one of its documents was evicted (``capacity_tokens``) or replaced
+(``put(..., replace=True)``) raises :class:`StaleRequestError` naming the document, instead of reading
+whatever now occupies the freed blocks; a request given to another store raises ``ValueError``.
+Make a new request after putting the document again.
 """
 from __future__ import annotations
 
-import importlib
+import itertools
+import reprlib
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import _validate as V
-from .backend import resolve
+from .backend import impl, resolve
 
-__all__ = ["LazyConfig", "Document", "LazyRequest", "StoreStats", "DocumentStore"]
+__all__ = ["LazyConfig", "Document", "LazyRequest", "StoreStats", "DocumentStore", "StaleRequestError"]
+
+_STORE_IDS = itertools.count(1)      # a store's identity for its requests (id() can be reused after GC)
+
+
+class StaleRequestError(ValueError):
+    """A :class:`LazyRequest` names a document that was evicted or replaced after the request was made."""
 
 
 @dataclass(frozen=True)
@@ -36,22 +50,31 @@ class LazyConfig:
     capacity_tokens: int | None = None
 
     def __post_init__(self):
-        if not isinstance(self.block, int) or self.block <= 0:
-            raise ValueError(f"block must be a positive int, got {self.block!r}")
-        if not (isinstance(self.theta, (int, float)) and self.theta > 1):
-            raise ValueError(f"theta must be a number > 1, got {self.theta!r}")
+        # NumPy ints/floats are accepted and stored as Python numbers; bools are refused (True is not a size)
+        object.__setattr__(self, "block", V.check_int(self.block, "LazyConfig.block", 1))
+        theta = V.check_real(self.theta, "LazyConfig.theta", "a number > 1")
+        if not theta > 1 or not np.isfinite(theta):
+            raise ValueError(f"LazyConfig.theta must be a finite number > 1, got {self.theta!r}")
+        object.__setattr__(self, "theta", theta)
         V.check_convention(self.convention)
-        if self.capacity_tokens is not None and (not isinstance(self.capacity_tokens, int) or self.capacity_tokens < self.block):
-            raise ValueError(f"capacity_tokens must be None or an int >= block ({self.block}), got {self.capacity_tokens!r}")
+        if self.capacity_tokens is not None:
+            object.__setattr__(self, "capacity_tokens", V.check_int(
+                self.capacity_tokens, "LazyConfig.capacity_tokens", self.block,
+                f"None or an int >= block ({self.block})"))
 
 
 @dataclass(frozen=True)
 class Document:
-    """One stored document: its key (the token tuple, by default), length and physical blocks."""
+    """One stored document: its key (the token tuple, by default), length and physical blocks.
+
+    ``generation`` is unique within the store: a document put again after an eviction, or replaced,
+    is a new generation, which is how a :class:`LazyRequest` notices that it went stale."""
 
     key: tuple
     length: int
     blocks: tuple                       # physical block ids, in token order
+    generation: int = 0
+    tokens: tuple = field(default=(), repr=False)   # the token ids it was put with
 
 
 @dataclass(frozen=True)
@@ -61,7 +84,12 @@ class LazyRequest:
     ``table`` rows are ``(physical block, valid tokens, document index)`` in logical order;
     ``question_start`` is the logical position of the first token after the documents;
     ``rotations`` is what attention rotates each document by: its offset, or 0 for a ``positioned``
-    request whose stored keys already sit at their final positions.
+    request whose stored keys already sit at their final positions. The arrays are read-only.
+
+    A request is valid only with the store that made it (``store_id``) and while every document it
+    names is still stored at the same :attr:`Document.generation`; otherwise the store's attention
+    methods and :meth:`~DocumentStore.materialize` raise :class:`StaleRequestError` (evicted or
+    replaced document) or ``ValueError`` (another store's request).
     """
 
     documents: tuple
@@ -69,16 +97,19 @@ class LazyRequest:
     table: np.ndarray                   # (nb, 3) int64
     question_start: int
     rotations: np.ndarray               # (n_docs,) int64
+    store_id: int = 0                   # the DocumentStore that made it
 
 
 @dataclass
 class StoreStats:
-    """Counters: documents stored, ``put`` calls answered from the store, evictions, bytes of KV written
-    into the pool and bytes materialised by the Block-Attention baseline."""
+    """Counters: ``put`` calls, ``put`` calls answered from the store, evictions, replacements
+    (``put(..., replace=True)``), bytes of KV written into the pool and bytes materialised by the
+    Block-Attention baseline."""
 
     puts: int = 0
     reused: int = 0
     evictions: int = 0
+    replaced: int = 0
     bytes_written: int = 0
     bytes_materialized: int = 0
 
@@ -100,10 +131,12 @@ class DocumentStore:
             raise TypeError(f"config must be a LazyConfig, got {type(config).__name__}")
         self.config = config
         self.backend = resolve(backend)
-        self._impl = importlib.import_module(f"retrokv.{self.backend}.lazy")
+        self._impl = impl(self.backend, "lazy")
         self._docs: OrderedDict = OrderedDict()          # key -> Document, least recently used first
         self._free: list = []
         self._k = self._v = None                         # (layers, Hkv, n_blocks * B, d)
+        self._id = next(_STORE_IDS)                      # stamped on every request this store makes
+        self._generation = 0                             # bumped for every document stored
         self.stats = StoreStats()
 
     # ---- storage -------------------------------------------------------------------------------
@@ -114,6 +147,14 @@ class DocumentStore:
         if isinstance(tokens, tuple):
             return tokens                                # the token tuple itself, or a caller's own key
         arr = np.asarray(tokens)
+        if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+            raise TypeError(f"tokens must be a 1-D sequence of ints, got {arr.dtype} array of shape {arr.shape}")
+        return tuple(int(t) for t in arr)
+
+    @staticmethod
+    def _tokens(tokens):
+        """The token ids as a tuple of ints (``put`` records them to tell documents with one key apart)."""
+        arr = np.asarray(tokens.tokens if isinstance(tokens, Document) else tokens)
         if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
             raise TypeError(f"tokens must be a 1-D sequence of ints, got {arr.dtype} array of shape {arr.shape}")
         return tuple(int(t) for t in arr)
@@ -146,7 +187,7 @@ class DocumentStore:
         if limit is not None and n_blocks > limit:
             raise ValueError(f"a document of {n_blocks} blocks exceeds capacity_tokens={cap}")
         while limit is not None and self.n_blocks_used + n_blocks > limit:
-            _, old = self._docs.popitem(last=False)
+            _, old = self._docs.popitem(last=False)      # requests naming it go stale (generation check)
             self._free.extend(old.blocks)
             self.stats.evictions += 1
         if len(self._free) < n_blocks:
@@ -170,35 +211,92 @@ class DocumentStore:
         self._free.extend(range(have // self.config.block, n_blocks))
         self._k, self._v = k, v
 
-    def put(self, tokens, keys, values, key=None) -> Document:
+    def put(self, tokens, keys, values, key=None, replace: bool = False) -> Document:
         """Store a document prefilled alone from position 0; a document already stored is reused as is.
 
         Args:
-            tokens: the document's token ids (its identity; ``len(tokens)`` must equal L).
+            tokens: the document's token ids (its identity; ``len(tokens)`` must equal L). A document
+                may be empty (L = 0): it occupies no block and adds nothing to attention.
             keys: ``(layers, Hkv, L, d)`` or ``(Hkv, L, d)`` post-RoPE keys at positions ``0 .. L-1``.
             values: same shape as ``keys`` (last axis ``dv``).
-            key: an optional hashable identity to use instead of the token tuple.
+            key: an optional identity to use instead of the token tuple: a hashable tuple.
+            replace: what to do when ``key`` is already stored with other content (other tokens,
+                another length, or KV that differs by more than re-prefill rounding, i.e. a relative
+                1e-3). ``False`` (default): raise ``ValueError``, the stored document is never
+                silently kept in place of the one given. ``True``: evict the stored document and store
+                this one as a new generation; requests made before then become stale
+                (:class:`StaleRequestError`). The same content put again is always reused as is.
         """
+        replace = V.check_bool(replace, "replace")
+        if key is not None:
+            # get/request/`in` read a tuple as a key and anything else as tokens: any other key type
+            # could be stored but never found again
+            if not isinstance(key, tuple):
+                raise TypeError(f"key must be a tuple (or None: the token tuple), got {type(key).__name__}")
+            try:
+                hash(key)
+            except TypeError:
+                raise TypeError(f"key must be a hashable tuple, got {reprlib.repr(key)}") from None
         key = self._key(tokens) if key is None else key
-        self.stats.puts += 1
-        if key in self._docs:
-            self.stats.reused += 1
-            self._docs.move_to_end(key)
-            return self._docs[key]
+        toks = self._tokens(tokens)
         keys, values = self._check_kv(keys, values)
         length = keys.shape[2]
-        if len(np.asarray(tokens).reshape(-1)) != length:
-            raise ValueError(f"keys hold L={length} tokens but tokens has {len(np.asarray(tokens).reshape(-1))}")
+        if len(toks) != length:
+            raise ValueError(f"keys hold L={length} tokens but tokens has {len(toks)}")
         b = self.config.block
-        blocks = self._allocate(-(-length // b), (keys.shape[0], keys.shape[1], keys.shape[3], values.shape[3]))
+        n_blocks = -(-length // b)
+        cap = self.config.capacity_tokens
+        if cap is not None and n_blocks > cap // b:      # before a replace evicts anything
+            raise ValueError(f"a document of {n_blocks} blocks exceeds capacity_tokens={cap}")
+        self.stats.puts += 1
+        old = self._docs.get(key)
+        if old is not None:
+            why = self._differs(old, toks, keys, values)
+            if not why or not replace:
+                if why:
+                    raise ValueError(f"key {reprlib.repr(key)} is already stored with {why}; pass replace=True "
+                                     "to replace it (requests made before then become stale)")
+                self.stats.reused += 1
+                self._docs.move_to_end(key)
+                return old
+            del self._docs[key]                          # replace: free its blocks, new generation below
+            self._free.extend(old.blocks)
+            self.stats.replaced += 1
+        shape = (keys.shape[0], keys.shape[1], keys.shape[3], values.shape[3])
+        if self._k is None:
+            self._grow(0, shape)                         # fix the pool's shape even for an empty document
+        blocks = self._allocate(n_blocks, shape)
         for i, phys in enumerate(blocks):
             n = min(b, length - i * b)
             self._k[:, :, phys * b:phys * b + n] = keys[:, :, i * b:i * b + n]
             self._v[:, :, phys * b:phys * b + n] = values[:, :, i * b:i * b + n]
-        doc = Document(key=key, length=length, blocks=blocks)
+        self._generation += 1
+        doc = Document(key=key, length=length, blocks=blocks, generation=self._generation, tokens=toks)
         self._docs[key] = doc
         self.stats.bytes_written += keys.nbytes + values.nbytes
         return doc
+
+    def _rows(self, doc):
+        """Pool rows of a stored document, in token order: ``(L,)`` int64."""
+        b = self.config.block
+        return np.concatenate([np.arange(p * b, p * b + min(b, doc.length - i * b)) for i, p in enumerate(doc.blocks)]
+                              or [np.zeros(0, np.int64)]).astype(np.int64)
+
+    def _differs(self, old, toks, keys, values):
+        """Why ``(toks, keys, values)`` is not the stored document ``old`` (``""`` when it is).
+
+        KV may differ by re-prefill rounding (another batch size, another kernel); anything beyond a
+        relative 1e-3 of the stored magnitudes is another document under the same key."""
+        if old.length != keys.shape[2]:
+            return f"length {old.length}, not {keys.shape[2]}"
+        if old.tokens != toks:
+            return "other tokens"
+        rows = self._rows(old)
+        for name, pool, new in (("keys", self._k, keys), ("values", self._v, values)):
+            stored = pool[:, :, rows]
+            if stored.size and np.abs(stored - new).max() > 1e-3 * max(float(np.abs(stored).max()), 1e-6):
+                return f"other {name} (max difference {float(np.abs(stored - new).max()):.3g})"
+        return ""
 
     def get(self, tokens):
         """The stored :class:`Document` for ``tokens`` (or a key), or ``None``; marks it recently used."""
@@ -214,9 +312,7 @@ class DocumentStore:
         doc = self.get(tokens)
         if doc is None:
             raise KeyError("tokens: document not in the store")
-        b = self.config.block
-        rows = np.concatenate([np.arange(p * b, p * b + min(b, doc.length - i * b)) for i, p in enumerate(doc.blocks)]
-                              or [np.zeros(0, np.int64)])
+        rows = self._rows(doc)                           # empty for an empty document: (layers, Hkv, 0, d)
         return self._k[:, :, rows], self._v[:, :, rows]
 
     def __contains__(self, tokens):
@@ -253,14 +349,19 @@ class DocumentStore:
         ``positioned=True`` the stored keys already carry their final positions (a position-aware
         cache of materialised copies): offsets are still reported but no rotation is applied.
         """
-        if not isinstance(start, (int, np.integer)) or start < 0:
-            raise ValueError(f"start must be a non-negative int, got {start!r}")
+        pos = V.check_int(start, "start", 0)
+        positioned = V.check_bool(positioned, "positioned")
+        if isinstance(documents, (str, bytes, Document)) or not hasattr(documents, "__iter__"):
+            raise TypeError(f"documents must be a sequence of stored documents (token sequences, keys or "
+                            f"Documents), got {type(documents).__name__}")
         docs, offsets, rows = [], [], []
-        pos = int(start)
         for i, item in enumerate(documents):
             doc = self.get(item)
             if doc is None:
                 raise KeyError(f"documents[{i}] is not in the store (put it first)")
+            if isinstance(item, Document) and item.generation != doc.generation:
+                raise StaleRequestError(f"documents[{i}] (key {reprlib.repr(item.key)}) is an older copy: the "
+                                        "store has replaced or re-put it since; pass the key or the new Document")
             docs.append(doc)
             offsets.append(pos)
             b = self.config.block
@@ -268,12 +369,29 @@ class DocumentStore:
             pos += doc.length
         table = np.asarray(rows, dtype=np.int64).reshape(-1, 3)
         offs = np.asarray(offsets, dtype=np.int64)
+        rot = np.zeros_like(offs) if positioned else offs.copy()
+        for a in (table, offs, rot):
+            a.setflags(write=False)                      # the kernels trust the table: no edits after the checks
         return LazyRequest(documents=tuple(docs), offsets=offs, table=table, question_start=pos,
-                           rotations=np.zeros_like(offs) if positioned else offs)
+                           rotations=rot, store_id=self._id)
 
-    def _run(self, fn, request, q, k, v, layer, decode):
+    def _check_request(self, request):
+        """Refuse a request that is not this store's, or that names an evicted or replaced document."""
         if not isinstance(request, LazyRequest):
             raise TypeError(f"request must be a LazyRequest from DocumentStore.request, got {type(request).__name__}")
+        if request.store_id != self._id:
+            raise ValueError("request was made by another DocumentStore: a request is bound to the store that "
+                             "made it (its block table indexes that store's pool)")
+        for i, doc in enumerate(request.documents):
+            now = self._docs.get(doc.key)
+            if now is None or now.generation != doc.generation:
+                how = "evicted" if now is None else "replaced"
+                raise StaleRequestError(f"request is stale: documents[{i}] (key {reprlib.repr(doc.key)}) was {how} "
+                                        "after the request was made; put it again and make a new request")
+
+    def _run(self, fn, request, q, k, v, layer, decode):
+        self._check_request(request)
+        layer = V.check_int(layer, "layer", 0)
         q, k, v = V.check_qkv(q, k, v)
         if (q.ndim == 2) != decode:
             raise ValueError(f"q must have shape {'(Hq, d)' if decode else '(Hq, T, d)'}, got {tuple(q.shape)}")
@@ -286,14 +404,14 @@ class DocumentStore:
             pool_k = np.zeros((k.shape[0], 0, k.shape[2]), np.float32)
             pool_v = np.zeros((v.shape[0], 0, v.shape[2]), np.float32)
         else:
-            if not isinstance(layer, (int, np.integer)) or not 0 <= layer < self._k.shape[0]:
-                raise ValueError(f"layer must be in [0, {self._k.shape[0]}), got {layer!r}")
+            V.check_index(layer, "layer", self._k.shape[0], "a stored layer")
             if (k.shape[0], k.shape[2], v.shape[2]) != (self._k.shape[1], self._k.shape[3], self._v.shape[3]):
                 raise ValueError(f"k/v (Hkv, d, dv) = {(k.shape[0], k.shape[2], v.shape[2])} differ from the "
                                  f"store's {(self._k.shape[1], self._k.shape[3], self._v.shape[3])}")
             pool_k, pool_v = self._k[layer], self._v[layer]
         return fn(np.asarray(q, np.float32), np.asarray(k, np.float32), np.asarray(v, np.float32),
-                  pool_k, pool_v, request.table, request.rotations, c.block, c.theta, c.convention)
+                  pool_k, pool_v, np.array(request.table), np.array(request.rotations), c.block, c.theta,
+                  c.convention)
 
     def prefill_attention(self, request, q, k, v, layer=0):
         """Lazy prefill: ``q (Hq, T, d)`` at logical positions attends to every document (keys rotated
@@ -309,18 +427,20 @@ class DocumentStore:
     def block_attention(self, request, q, k, v, layer=0):
         """Block-Attention baseline: materialise re-rotated copies, then ordinary attention; ``q`` is
         ``(Hq, T, d)`` (causal tail) or ``(Hq, d)``. Equal to the lazy methods up to float rounding."""
-        self.stats.bytes_materialized += self._materialized_bytes(request)
-        return self._run(self._impl.block_attention, request, q, k, v, layer, np.ndim(q) == 2)[0]
+        out = self._run(self._impl.block_attention, request, q, k, v, layer, np.ndim(q) == 2)[0]
+        self.stats.bytes_materialized += self._materialized_bytes(request)   # counted once it succeeded
+        return out
 
     def materialize(self, request, layer=0):
         """Block-Attention's copies for one layer: ``(k (Hkv, L, d), v (Hkv, L, dv))`` at logical positions."""
-        if self._k is None or not 0 <= layer < self._k.shape[0]:
-            raise ValueError(f"layer must index a stored layer, got {layer!r}")
+        self._check_request(request)
+        if self._k is None:
+            raise ValueError("the store is empty: put a document first (the pool's shape is unknown)")
+        layer = V.check_index(layer, "layer", self._k.shape[0], "a stored layer")
         self.stats.bytes_materialized += self._materialized_bytes(request)
         c = self.config
-        offsets = request.rotations
-        return self._impl.materialize(self._k[layer], self._v[layer], request.table, offsets, c.block,
-                                      c.theta, c.convention)
+        return self._impl.materialize(self._k[layer], self._v[layer], np.array(request.table),
+                                      np.array(request.rotations), c.block, c.theta, c.convention)
 
     def _materialized_bytes(self, request):
         n = int(request.table[:, 1].sum()) if len(request.table) else 0

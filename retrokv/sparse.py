@@ -138,6 +138,7 @@ class SparseIndex:
 
         ``q (Hq, d)`` -> ``(Hq, dv)`` (and ``lse (Hq,)`` with ``return_lse=True``). Fills ``last_stats``.
         """
+        return_lse = V.check_bool(return_lse, "return_lse")
         q3, _ = self._check_q(q, batch=False)
         q2 = q3[:, 0]
         static = self._core.partial_attention(q2, self._sk[:, :self._ns], self._sv[:, :self._ns])

@@ -18,6 +18,7 @@ from numbers import Integral, Real
 
 import numpy as np
 
+from . import _validate as V
 from .backend import impl
 from .wave_index import WaveIndex
 
@@ -125,8 +126,8 @@ class WaveBuffer:
 
     def read_cluster(self, h, i):
         """``(keys, values, ids)`` of cluster ``i`` of head ``h``, from the tier that holds it."""
-        if not 0 <= h < self._state.host.sizes.shape[0] or not 0 <= i < self.n_clusters:
-            raise ValueError(f"(h, i) must index a head and a cluster, got ({h}, {i})")
+        h = V.check_index(h, "h", self._state.host.sizes.shape[0], "a KV head")
+        i = V.check_index(i, "i", self.n_clusters, "a cluster")   # 1.5 or True must not reach NumPy indexing
         return self._mod.read_cluster(self._state, h, i)
 
     # ------------------------------------------------------------------ the step

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from numbers import Integral, Real
+from numbers import Integral
 
 import numpy as np
 
@@ -24,19 +24,19 @@ from .index import IndexStats, resolve_config
 __all__ = ["WaveConfig", "WaveIndex", "WaveStats"]
 
 
-def _budget_ok(x):
-    return not isinstance(x, bool) and ((isinstance(x, Integral) and x >= 0)
-                                        or (isinstance(x, Real) and not isinstance(x, Integral) and 0.0 <= x <= 1.0))
 
 
 @dataclass(frozen=True)
 class WaveConfig:
     """Wave index settings; the defaults are RetroInfer's (§4.2, §5.1 and its released code).
 
-    Budgets are fractions of the clusters when given as a float in ``[0, 1]`` (recomputed as the
-    index grows, which reproduces the paper's "+1 retrieval, +15 estimation clusters per 64 new
-    clusters") or fixed cluster counts when given as an int. ``estimation=False`` drops the
-    estimation zone (the ablation of RetroInfer Fig. 19a).
+    ``retrieval_budget`` and ``estimation_budget`` are **fractions** of the clusters, floats in
+    ``[0, 1]``, recomputed as the index grows (which reproduces the paper's "+1 retrieval, +15
+    estimation clusters per 64 new clusters"); ``1.0`` retrieves every cluster (full attention).
+    ``retrieval_clusters`` / ``estimation_clusters`` are fixed cluster **counts**; when set they
+    override the fraction. An int budget is refused (``retrieval_budget=1`` would read as "one
+    cluster" to some and "100%" to others): use the count fields for counts. ``estimation=False``
+    drops the estimation zone (the ablation of RetroInfer Fig. 19a).
     """
 
     n_sink: int = 4                      # attention-sink tokens, always exact
@@ -44,45 +44,58 @@ class WaveConfig:
     tokens_per_cluster: int = 16         # ~1 centroid per 16 keys
     segment_tokens: int = 8192           # k-means segment length
     kmeans_iters: int = 10               # per-segment rounds + the final global pass
-    retrieval_budget: float | int = 0.018   # top 1.8% of clusters, attended exactly
-    estimation_budget: float | int = 0.232  # next 23.2% of clusters, estimated
+    retrieval_budget: float = 0.018      # top 1.8% of clusters, attended exactly
+    estimation_budget: float = 0.232     # next 23.2% of clusters, estimated
     update_every: int = 1024             # tokens leaving the window that trigger an index update
     update_clusters: int = 64            # clusters made from each update
     estimation: bool = True              # False: no estimation zone (ablation)
     scale: float | None = None           # score scale, default 1/sqrt(d)
+    retrieval_clusters: int | None = None    # a fixed count of retrieved clusters (overrides the fraction)
+    estimation_clusters: int | None = None   # a fixed count of estimated clusters (overrides the fraction)
 
     def __post_init__(self):
         ints = {"n_sink": 0, "n_local": 0, "tokens_per_cluster": 1, "segment_tokens": 1, "kmeans_iters": 1,
                 "update_every": 1, "update_clusters": 1}
         for name, low in ints.items():
             x = getattr(self, name)
-            if isinstance(x, bool) or not isinstance(x, Integral) or x < low:
+            if isinstance(x, (bool, np.bool_)) or not isinstance(x, Integral) or x < low:
                 raise ValueError(f"WaveConfig.{name} must be an int >= {low}, got {x!r}")
-        for name in ("retrieval_budget", "estimation_budget"):
-            if not _budget_ok(getattr(self, name)):
-                raise ValueError(f"WaveConfig.{name} must be a float fraction in [0, 1] or an int count >= 0, "
-                                 f"got {getattr(self, name)!r}")
-        if not isinstance(self.estimation, bool):
-            raise TypeError(f"WaveConfig.estimation must be a bool, got {type(self.estimation).__name__}")
-        V.check_scale(self.scale)
+            object.__setattr__(self, name, int(x))           # NumPy ints stored as Python ints
+        for name, count in (("retrieval_budget", "retrieval_clusters"), ("estimation_budget", "estimation_clusters")):
+            x = getattr(self, name)
+            if isinstance(x, Integral) and not isinstance(x, (bool, np.bool_)):
+                raise TypeError(f"WaveConfig.{name} is a fraction of the clusters, a float in [0, 1]; got the int "
+                                f"{x!r}. For a fixed number of clusters use {count}={int(x)}; for all clusters, "
+                                f"{name}=1.0")
+            x = V.check_real(x, f"WaveConfig.{name}", "a float fraction in [0, 1]")
+            if not 0.0 <= x <= 1.0:
+                raise ValueError(f"WaveConfig.{name} must be a float fraction in [0, 1], got {getattr(self, name)!r}")
+            object.__setattr__(self, name, x)
+            if getattr(self, count) is not None:
+                object.__setattr__(self, count, V.check_int(getattr(self, count), f"WaveConfig.{count}", 0,
+                                                            "None or an int >= 0 (a number of clusters)"))
+        object.__setattr__(self, "estimation", V.check_bool(self.estimation, "WaveConfig.estimation"))
+        object.__setattr__(self, "scale", V.check_scale(self.scale))
 
     def n_retrieve(self, n_clusters):
-        """Clusters in the retrieval zone when the index holds ``n_clusters``."""
-        return _count(self.retrieval_budget, n_clusters)
+        """Clusters in the retrieval zone when the index holds ``n_clusters``: ``retrieval_clusters``
+        when set, else ``retrieval_budget`` of them (at least one for a positive budget)."""
+        return _count(self.retrieval_budget, self.retrieval_clusters, n_clusters)
 
     def n_estimate(self, n_clusters):
         """Clusters in the estimation zone (never overlapping the retrieval zone)."""
         if not self.estimation:
             return 0
-        return min(_count(self.estimation_budget, n_clusters), n_clusters - self.n_retrieve(n_clusters))
+        return min(_count(self.estimation_budget, self.estimation_clusters, n_clusters),
+                   n_clusters - self.n_retrieve(n_clusters))
 
 
-def _count(budget, n_clusters):
-    if isinstance(budget, Integral):
-        return int(min(budget, n_clusters))
-    if budget <= 0 or n_clusters == 0:
+def _count(fraction, count, n_clusters):
+    if count is not None:
+        return int(min(count, n_clusters))
+    if fraction <= 0 or n_clusters == 0:
         return 0
-    return int(min(n_clusters, max(1, math.floor(budget * n_clusters + 1e-9))))
+    return int(min(n_clusters, max(1, math.floor(fraction * n_clusters + 1e-9))))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -126,6 +139,7 @@ class WaveIndex:
         ``prefill_queries`` is unused (the wave index needs none); ``config`` fields may be overridden
         by keyword (``WaveIndex.build(k, v, n_local=128)``)."""
         config = resolve_config(WaveConfig, config, overrides)
+        check_finite = V.check_bool(check_finite, "check_finite")
         backend = resolve(backend)
         keys, values = V.check_kv(keys, values, finite=check_finite)
         hkv, n, d = keys.shape
@@ -184,6 +198,8 @@ class WaveIndex:
         ``buffer``: a :class:`retrokv.WaveBuffer` over this index; it changes where the retrieved
         KV is read from, never the result. Sets :attr:`last_stats` (a :class:`WaveStats`).
         """
+        return_lse = V.check_bool(return_lse, "return_lse")
+        check_finite = V.check_bool(check_finite, "check_finite")
         q = V.as_array(q, "q")
         hkv, d, dv = self.shape
         if q.ndim != 2 or q.shape[1] != d or q.shape[0] == 0 or q.shape[0] % hkv:
@@ -236,7 +252,7 @@ class WaveIndex:
         Returns the number of clusters added.
         """
         hkv, d, dv = self.shape
-        k, v = V.check_append(k, v, hkv, d, dv, finite=check_finite)
+        k, v = V.check_append(k, v, hkv, d, dv, finite=V.check_bool(check_finite, "check_finite"))
         n = k.shape[1]
         self._sk = np.concatenate([self._sk, k], axis=1)
         self._sv = np.concatenate([self._sv, v], axis=1)

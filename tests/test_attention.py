@@ -166,3 +166,96 @@ def test_set_backend_changes_the_default():
             rk.set_backend("cuda")
     finally:
         rk.set_backend(before)
+
+
+# ---- issue 13: silent-wrong paths and loose checks ---------------------------------------------------
+
+@pytest.mark.parametrize("where", ["k_first", "k_middle", "k_only_key", "q", "v"])
+@pytest.mark.parametrize("block", [False, True])
+def test_nan_inputs_propagate_alike_on_both_backends(where, block, rng):
+    """check_finite=False with a NaN: every row that reads it is NaN on both backends, never a clean number.
+
+    Before the fix the reference turned a NaN denominator into 0 (a finite, wrong output) and the fast
+    path dropped a row whose every score was NaN as if it saw no key (0, -inf)."""
+    n = 1 if where == "k_only_key" else 9
+    q = rng.standard_normal((4, 3, 8) if block else (4, 8)).astype(np.float32)
+    k = rng.standard_normal((2, n, 8)).astype(np.float32)
+    v = rng.standard_normal((2, n, 8)).astype(np.float32)
+    clean = rk.partial_attention(q, k, v)                     # before the NaN goes in
+    if where == "q":
+        q[1, ..., 2] = np.nan                         # query head 1 only
+        bad = np.array([False, True, False, False])
+    else:
+        (k if where.startswith("k") else v)[0, 0 if where != "k_middle" else 4, 3] = np.nan
+        bad = np.array([True, True, False, False])    # KV head 0 is read by query heads 0 and 1
+    results = {b: rk.partial_attention(q, k, v, backend=b, check_finite=False) for b in BACKENDS}
+    for b, (out, lse) in results.items():
+        if where == "v":                              # a NaN value coordinate poisons that coordinate only
+            assert np.isnan(out[bad][..., 3]).all() and not np.isnan(lse).any(), b
+        else:
+            assert np.isnan(out[bad]).all() and np.isnan(lse[bad]).all(), b
+        np.testing.assert_allclose(out[~bad], clean[0][~bad], atol=1e-5, err_msg=b)   # other rows untouched
+    out_r, out_f = results["reference"][0], results["fast"][0]
+    np.testing.assert_array_equal(np.isnan(out_r), np.isnan(out_f))
+    with pytest.raises(ValueError, match="NaN"):     # the default still refuses them at the boundary
+        rk.full_attention(q, k, v)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_lse_propagates_through_the_backend_merge(backend):
+    """The backends' own merge (used inside every index) keeps a NaN part NaN instead of dropping it."""
+    mod = __import__(f"retrokv.{backend}", fromlist=["attention"]).attention
+    o = np.ones((2, 3), np.float32)
+    out, lse = mod.merge_partials([(o, np.array([0.0, np.nan], np.float32)), (o, np.zeros(2, np.float32))])
+    assert np.isfinite(out[0]).all() and np.isnan(out[1]).all() and np.isnan(lse[1])
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 8), (4, 0, 8), (0, 8)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_empty_query_axes_give_empty_results_on_both_backends(shape, causal, rng):
+    """Hq = 0 or T = 0: both backends return empty (out, lse) of the right shapes (the reference crashed)."""
+    q = np.zeros(shape, np.float32)
+    k = rng.standard_normal((2, 5, 8)).astype(np.float32)
+    v = rng.standard_normal((2, 5, 6)).astype(np.float32)
+    for b in BACKENDS:
+        out, lse = rk.partial_attention(q, k, v, causal=causal, backend=b)
+        assert out.shape == shape[:-1] + (6,) and lse.shape == shape[:-1] and out.dtype == np.float32, b
+
+
+@pytest.mark.parametrize("causal", ["no", 1, 0, None, np.int64(1)])
+def test_causal_must_be_a_real_bool(causal):
+    """``causal="no"`` used to act as True; only bools (Python or NumPy) are accepted."""
+    q, k = np.zeros((2, 3, 4), np.float32), np.zeros((1, 5, 4), np.float32)
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        rk.full_attention(q, k, k, causal=causal)
+
+
+def test_numpy_bool_causal_and_numpy_scale_are_accepted(rng):
+    q = rng.standard_normal((2, 3, 4)).astype(np.float32)
+    k = rng.standard_normal((1, 5, 4)).astype(np.float32)
+    np.testing.assert_array_equal(rk.full_attention(q, k, k, causal=np.bool_(True), scale=np.float32(0.5)),
+                                  rk.full_attention(q, k, k, causal=True, scale=0.5))
+    np.testing.assert_array_equal(rk.full_attention(q, k, k, scale=np.int64(2)), rk.full_attention(q, k, k, scale=2.0))
+
+
+@pytest.mark.parametrize("scale,exc", [(True, TypeError), ("0.5", TypeError), (np.array([0.5]), TypeError),
+                                       (0.0, ValueError), (float("inf"), ValueError)])
+def test_scale_must_be_a_positive_number(scale, exc):
+    q, k = np.zeros((2, 4), np.float32), np.zeros((1, 5, 4), np.float32)
+    with pytest.raises(exc, match="scale must be"):
+        rk.full_attention(q, k, k, scale=scale)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_torch_tensors_are_upcast(backend, dtype, rng):
+    """torch bfloat16 has no ``.numpy()``: it used to raise ``Got unsupported ScalarType BFloat16``."""
+    torch = pytest.importorskip("torch")
+    tq = torch.from_numpy(rng.standard_normal((4, 3, 8)).astype(np.float32)).to(getattr(torch, dtype))
+    tk = torch.from_numpy(rng.standard_normal((2, 6, 8)).astype(np.float32)).to(getattr(torch, dtype))
+    out = rk.full_attention(tq, tk, tk, causal=True, backend=backend)
+    q32, k32 = tq.float().numpy(), tk.float().numpy()          # the exact values the tensors hold
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, rk.full_attention(q32, k32, k32, causal=True, backend=backend), atol=1e-7)
+    o2, l2 = rk.merge_partials([(tq[:, 0], tq[:, 0, 0]), (tq[:, 1], tq[:, 1, 0])], backend=backend)
+    assert o2.shape == (4, 8) and np.isfinite(l2).all()

@@ -178,3 +178,30 @@ def test_validation_errors(rng):
         idx.append(np.zeros((2, 7), np.float32), np.zeros((2, 8), np.float32))
     with pytest.raises(NotImplementedError):
         StreamingLLM.build(k, k).search(np.zeros((2, 8), np.float32))
+
+
+# ---- issue 13: numbers in the configs ------------------------------------------------------------------
+
+def test_quest_budget_below_one_page_is_refused(rng):
+    """``QuestConfig(token_budget=8, page_size=16)`` used to read a whole 16-token page silently."""
+    from retrokv.baselines import QuestConfig
+
+    with pytest.raises(ValueError, match=r"token_budget must be >= page_size \(16\).*got token_budget=8"):
+        QuestConfig(token_budget=8, page_size=16)
+    k = rng.standard_normal((1, 200, 8)).astype(np.float32)
+    with pytest.raises(ValueError, match="token_budget"):
+        QuestIndex.build(k, k, page_size=16, token_budget=15)
+    # a budget that is not a multiple is rounded down to whole pages (documented)
+    idx = QuestIndex.build(k, k, n_sink=0, n_recent=0, page_size=16, token_budget=40)
+    assert idx.n_pages == 2
+    idx.attend(rng.standard_normal((1, 8)).astype(np.float32))
+    assert idx.last_stats.tokens_attended == 32
+
+
+def test_ivf_probe_fraction_refuses_bools_and_accepts_numpy_floats():
+    with pytest.raises(TypeError, match="probe_fraction"):
+        IVFConfig(probe_fraction=True)
+    with pytest.raises(ValueError, match="probe_fraction"):
+        IVFConfig(probe_fraction=0.0)
+    cfg = IVFConfig(probe_fraction=np.float32(0.25))
+    assert cfg.probe_fraction == 0.25 and type(cfg.probe_fraction) is float

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 import retrokv as rk
-from retrokv.lazy import DocumentStore, LazyConfig, LazyRequest
+from retrokv.lazy import DocumentStore, LazyConfig, LazyRequest, StaleRequestError
 
 BACKENDS = ["reference", "fast"]
 
@@ -154,7 +154,7 @@ def test_reordering_reuses_the_same_physical_copies():
     assert held == sum(k.nbytes + v.nbytes for _, k, v, _ in docs)
     reqs = [store.request([docs[i][0] for i in order]) for order in ([0, 1, 2], [2, 0, 1], [1, 2, 0], [2, 1, 0])]
     for tokens, k, v, _ in docs:                       # a second put of a stored document is a no-op
-        assert store.put(tokens, k * 0, v * 0) is store.get(tokens)
+        assert store.put(tokens, k, v) is store.get(tokens)
     assert store.stats.bytes_written == written and store.nbytes == held and store.stats.reused == 3
     blocks = {tuple(sorted(r.table[:, 0])) for r in reqs}
     assert len(blocks) == 1                            # every order reads the same physical blocks
@@ -313,3 +313,162 @@ def test_model_lazy_equals_block_attention_materialisation(smollm2):
         block = model(torch.tensor([question]), position_ids=pos, past_key_values=cache).logits[0].numpy()
     assert np.abs(lazy - block).max() <= 1e-3 * np.abs(block).max()
     assert (lazy.argmax(-1) == block.argmax(-1)).all()
+
+
+# ---- issue 13: request lifetime, replacing documents, empty documents, indices and numbers -----------
+
+def _q_tail(rng, hkv=1, g=2, d=8, m=3):
+    q = rng.standard_normal((hkv * g, d)).astype(np.float32)
+    kt = rng.standard_normal((hkv, m, d)).astype(np.float32)
+    vt = rng.standard_normal((hkv, m, d)).astype(np.float32)
+    return q, kt, vt
+
+
+def _every_use(store, req, q, kt, vt):
+    """Every store method that reads a request, as (name, thunk)."""
+    return [("decode_attention", lambda: store.decode_attention(req, q, kt, vt)),
+            ("prefill_attention", lambda: store.prefill_attention(req, q[:, None], kt, vt)),
+            ("block_attention", lambda: store.block_attention(req, q, kt, vt)),
+            ("materialize", lambda: store.materialize(req))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_request_after_its_document_was_evicted_raises(backend):
+    """Before: doc b reused a's freed blocks and the stale request silently attended to b's KV."""
+    rng = np.random.default_rng(20)
+    (ta, ka, va, _), (tb, kb, vb, _) = make_docs(rng, [64, 64], hkv=1, d=8)
+    store = DocumentStore(LazyConfig(capacity_tokens=64, theta=1e4), backend=backend)
+    store.put(ta, ka, va)
+    req = store.request([ta])
+    store.put(tb, kb, vb)                                    # evicts a, takes its blocks
+    assert ta not in store and store.stats.evictions == 1
+    q, kt, vt = _q_tail(rng)
+    for name, use in _every_use(store, req, q, kt, vt):
+        with pytest.raises(StaleRequestError, match=r"documents\[0\].*evicted"):
+            use()
+    # a request made now is served, and putting a back (a new generation) needs a new request too
+    fresh = store.request([tb])
+    np.testing.assert_allclose(store.decode_attention(fresh, q, kt, vt), store.block_attention(fresh, q, kt, vt),
+                               atol=1e-5)
+    store.put(ta, ka, va)                                    # evicts b: fresh is stale now, req stays stale
+    for r in (req, fresh):
+        with pytest.raises(StaleRequestError):
+            store.decode_attention(r, q, kt, vt)
+    assert store.stats.bytes_materialized == 64 * 1 * (8 + 8) * 4   # only the block_attention that succeeded
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_request_from_another_store_raises(backend):
+    """Two stores with the same layout: before, the other store served the request from its own blocks."""
+    rng = np.random.default_rng(21)
+    (ta, ka, va, _), (tb, kb, vb, _) = make_docs(rng, [20, 20], hkv=1, d=8)
+    one, two = (DocumentStore(LazyConfig(theta=1e4), backend=backend) for _ in range(2))
+    one.put(ta, ka, va)
+    two.put(tb, kb, vb)
+    req = one.request([ta])
+    q, kt, vt = _q_tail(rng)
+    for name, use in _every_use(two, req, q, kt, vt):
+        with pytest.raises(ValueError, match="another DocumentStore"):
+            use()
+    two.put(ta, ka, va)                                      # even when the other store holds the document
+    with pytest.raises(ValueError, match="another DocumentStore"):
+        two.decode_attention(req, q, kt, vt)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_put_with_other_content_under_a_stored_key_refuses_or_replaces(backend):
+    """Before: put kept the old document (even of another length) and returned it; now it refuses,
+    and ``replace=True`` stores the new content as a new generation that makes old requests stale."""
+    rng = np.random.default_rng(22)
+    (ta, ka, va, _), = make_docs(rng, [12], hkv=1, d=8)
+    store = DocumentStore(LazyConfig(theta=1e4), backend=backend)
+    key = ("doc",)
+    doc = store.put(ta, ka, va, key=key)
+    req = store.request([key])
+    with pytest.raises(ValueError, match="already stored with length 12, not 5"):
+        store.put(ta[:5], ka[:, :, :5], va[:, :, :5], key=key)
+    with pytest.raises(ValueError, match="already stored with other tokens"):
+        store.put([t + 1 for t in ta], ka, va, key=key)
+    with pytest.raises(ValueError, match="already stored with other keys"):
+        store.put(ta, ka * 0, va, key=key)
+    with pytest.raises(ValueError, match="already stored with other values"):
+        store.put(ta, ka, va + 1, key=key)
+    store.put(ta, ka, va)                                    # the default key (the tokens) too
+    with pytest.raises(ValueError, match="already stored"):
+        store.put(ta, ka, va * 2)
+    # re-prefill rounding is the same document: reused, requests stay valid
+    assert store.put(ta, ka * (1 + 1e-6), va, key=key) is doc and store.get(key).length == 12
+    q, kt, vt = _q_tail(rng)
+    before = store.decode_attention(req, q, kt, vt)
+    new = store.put(ta[:5], ka[:, :, :5], va[:, :, :5] * 3, key=key, replace=True)
+    assert new.length == 5 and new.generation > doc.generation and store.stats.replaced == 1
+    k_read, v_read = store.read(key)
+    np.testing.assert_array_equal(v_read, va[:, :, :5] * 3)
+    with pytest.raises(StaleRequestError, match=r"documents\[0\] \(key \('doc',\)\) was replaced"):
+        store.decode_attention(req, q, kt, vt)
+    with pytest.raises(StaleRequestError, match="older copy"):     # the old Document object names the old one
+        store.request([doc])
+    after = store.decode_attention(store.request([key]), q, kt, vt)
+    assert not np.allclose(after, before)
+    with pytest.raises(TypeError, match="replace must be a bool"):
+        store.put(ta, ka, va, key=key, replace="yes")
+    with pytest.raises(TypeError, match="key must be a tuple"):   # a str key could never be found again
+        store.put(ta, ka, va, key="doc")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_document_reads_and_attends_as_nothing(backend):
+    """A zero-length document first in a fresh store: read used to fail on the pool that did not exist."""
+    rng = np.random.default_rng(23)
+    store = DocumentStore(LazyConfig(theta=1e4), backend=backend)
+    empty = np.zeros((2, 1, 0, 8), np.float32)                    # 2 layers, 1 KV head, L = 0
+    store.put([], empty, empty)
+    k, v = store.read([])
+    assert k.shape == v.shape == (2, 1, 0, 8) and k.dtype == np.float32
+    (t1, k1, v1, _), = make_docs(rng, [7], hkv=1, d=8, layers=2)
+    store.put(t1, k1, v1)
+    q, kt, vt = _q_tail(rng)
+    with_empty = store.decode_attention(store.request([[], t1]), q, kt, vt, layer=1)
+    np.testing.assert_allclose(with_empty, store.decode_attention(store.request([t1]), q, kt, vt, layer=1), atol=1e-6)
+    only = store.request([[]])
+    np.testing.assert_allclose(store.decode_attention(only, q, kt, vt), rk.full_attention(q, kt, vt), atol=1e-6)
+    assert store.materialize(only)[0].shape == (1, 0, 8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layer_must_be_an_int_index(backend):
+    """``materialize(req, layer=1.5)`` passed the range check and failed inside NumPy indexing."""
+    rng = np.random.default_rng(24)
+    (t1, k1, v1, _), = make_docs(rng, [7], hkv=1, d=8, layers=3)
+    store = DocumentStore(LazyConfig(theta=1e4), backend=backend)
+    store.put(t1, k1, v1)
+    req = store.request([t1])
+    q, kt, vt = _q_tail(rng)
+    for layer, exc in ((1.5, TypeError), (1.0, TypeError), (True, TypeError), ("1", TypeError),
+                       (3, ValueError), (-1, ValueError)):
+        with pytest.raises(exc, match="layer"):
+            store.materialize(req, layer=layer)
+        with pytest.raises(exc, match="layer"):
+            store.decode_attention(req, q, kt, vt, layer=layer)
+    np.testing.assert_array_equal(store.materialize(req, layer=np.int64(2))[1], v1[2])
+
+
+def test_config_and_request_numbers():
+    """NumPy numbers are accepted (and stored as Python numbers); bools are not sizes."""
+    cfg = LazyConfig(block=np.int64(8), theta=np.float32(1e5), capacity_tokens=np.int32(64))
+    assert cfg.block == 8 and type(cfg.block) is int and cfg.theta == 1e5 and type(cfg.capacity_tokens) is int
+    for kwargs in (dict(block=True), dict(block=2.0), dict(theta=True), dict(capacity_tokens=True)):
+        with pytest.raises(TypeError, match=next(iter(kwargs))):
+            LazyConfig(**kwargs)
+    with pytest.raises(ValueError, match="theta"):
+        LazyConfig(theta=float("inf"))
+    store = DocumentStore()
+    store.put([1, 2], np.zeros((1, 2, 4), np.float32), np.zeros((1, 2, 4), np.float32))
+    assert store.request([[1, 2]], start=np.int64(3)).question_start == 5
+    with pytest.raises(TypeError, match="start"):
+        store.request([[1, 2]], start=True)
+    with pytest.raises(TypeError, match="positioned"):
+        store.request([[1, 2]], positioned="no")
+    req = store.request([[1, 2]])
+    with pytest.raises(ValueError, match="read-only"):     # the kernels trust the table: it cannot be edited
+        req.table[0, 0] = 99

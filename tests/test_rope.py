@@ -110,3 +110,34 @@ def test_bad_input_names_the_argument(kwargs, exc, msg):
     args.update(kwargs)
     with pytest.raises(exc, match=msg):
         rk.apply_rope(**args)
+
+
+# ---- issue 13: empty axes and numbers ------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(3, 0), (0, 8), (2, 0, 4), (0,)])
+def test_empty_axes_behave_alike_on_both_backends(shape):
+    """d = 0 crashed the fast path with a reshape error while the reference returned empty."""
+    x = np.zeros(shape, np.float32)
+    pos = np.arange(shape[-2]) if len(shape) > 1 else 0
+    for fn in (rk.apply_rope, rk.rotate_by):
+        r = fn(x, pos, backend="reference")
+        f = fn(x, pos, backend="fast")
+        assert r.shape == f.shape == shape and r.dtype == f.dtype == np.float32
+
+
+@pytest.mark.parametrize("backend", ["reference", "fast"])
+@pytest.mark.parametrize("theta", [np.float32(1e5), np.float64(1e5), np.int64(100000), 100000])
+def test_numpy_scalar_theta_is_accepted(backend, theta):
+    """``theta=np.float32(1e5)`` (a model config read through NumPy) used to be refused as "not a number"."""
+    x = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
+    want = rk.apply_rope(x, np.arange(3), theta=1e5, backend=backend)
+    np.testing.assert_array_equal(rk.apply_rope(x, np.arange(3), theta=theta, backend=backend), want)
+    np.testing.assert_array_equal(rk.rotate_by(x, 5, theta=theta, backend=backend),
+                                  rk.rotate_by(x, 5, theta=1e5, backend=backend))
+
+
+@pytest.mark.parametrize("theta,exc", [(True, TypeError), ("1e4", TypeError), (np.array([1e4]), TypeError),
+                                       (1.0, ValueError), (float("inf"), ValueError), (float("nan"), ValueError)])
+def test_theta_must_be_a_finite_number_above_one(theta, exc):
+    with pytest.raises(exc, match="theta must be"):
+        rk.apply_rope(np.zeros((2, 4), np.float32), np.arange(2), theta=theta)

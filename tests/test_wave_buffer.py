@@ -281,3 +281,20 @@ def test_validation():
         buf.read_cluster(0, c)
     assert "WaveBuffer(" in repr(buf) and "hit_ratio=n/a" in repr(buf)
     assert isinstance(rk.WaveBufferStats, type)
+
+
+@pytest.mark.parametrize("backend", ["reference", "fast"])
+def test_read_cluster_takes_int_indices_only(backend):
+    """``read_cluster(0, 1.5)`` passed the range check and failed inside NumPy indexing (issue 13)."""
+    rng = np.random.default_rng(4)
+    k, v = rng.standard_normal((2, 2, 100, 4)).astype(np.float32)
+    idx = WaveIndex.build(k, v, config=WaveConfig(n_sink=2, n_local=8, tokens_per_cluster=4), backend=backend)
+    buf = rk.WaveBuffer(idx)
+    for h, i, exc, name in ((0, 1.5, TypeError, "i"), (0, 1.0, TypeError, "i"), (0, True, TypeError, "i"),
+                            (0.0, 1, TypeError, "h"), (np.bool_(False), 1, TypeError, "h"),
+                            (2, 0, ValueError, "h"), (0, -1, ValueError, "i"), (0, idx.n_clusters, ValueError, "i")):
+        with pytest.raises(exc, match=rf"^{name} must be an int in \["):
+            buf.read_cluster(h, i)
+    keys, values, ids = buf.read_cluster(np.int64(1), np.int32(2))
+    meta = idx.meta
+    assert len(ids) == meta.sizes[1, 2] and keys.shape == (len(ids), 4) and values.shape == (len(ids), 4)

@@ -22,14 +22,16 @@ def cases(draw):
     d = draw(st.sampled_from([2, 7, 16]))
     n = draw(st.integers(0, 160))
     extra = draw(st.integers(0, 30))                       # generated tokens appended after the build
-    r = draw(st.sampled_from([0.1, 0.5, 1, 3]))
+    r = draw(st.sampled_from([0.1, 0.5, 1.0, 1, 3]))      # floats: fractions; ints: fixed cluster counts
     e = draw(st.sampled_from([0.0, 0.3, 1.0, 2]))
     est = draw(st.booleans())
     rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
     k = (rng.standard_normal((hkv, n + extra, d)) + 1.0).astype(np.float32)
     v = rng.standard_normal((hkv, n + extra, d)).astype(np.float32)
     q = (rng.standard_normal((hkv * g, d)) * 1.5).astype(np.float32)
-    cfg = WaveConfig(**SMALL, retrieval_budget=r, estimation_budget=e, estimation=est)
+    budgets = {**({"retrieval_clusters": r} if isinstance(r, int) else {"retrieval_budget": r}),
+               **({"estimation_clusters": e} if isinstance(e, int) else {"estimation_budget": e})}
+    cfg = WaveConfig(**SMALL, **budgets, estimation=est)
     return k, v, q, n, cfg
 
 
@@ -150,7 +152,7 @@ def test_validation(rng):
         WaveConfig(retrieval_budget=1.5)
     with pytest.raises(ValueError, match="n_local"):
         WaveConfig(n_local=-1)
-    with pytest.raises(ValueError, match="estimation_budget"):
+    with pytest.raises(TypeError, match="estimation_budget"):
         WaveConfig(estimation_budget=True)
     with pytest.raises(TypeError, match="config"):
         WaveIndex.build(k, k, config={"n_sink": 4})
@@ -248,3 +250,42 @@ def test_public_gather_results_are_the_callers_own(rng):
     keep = first.keys.copy()
     F.gather_execution_buffer(idx.meta, sk, sv, sids, np.array([[4, 5], [6, 7]]))
     np.testing.assert_array_equal(first.keys, keep)
+
+
+# ---- issue 13: an int budget was a count (1 = one cluster) while 1.0 was every cluster ------------------
+
+@pytest.mark.parametrize("name,count", [("retrieval_budget", "retrieval_clusters"),
+                                        ("estimation_budget", "estimation_clusters")])
+@pytest.mark.parametrize("value", [0, 1, 2, np.int64(1)])
+def test_int_budget_is_refused_and_points_to_the_count_field(name, count, value):
+    with pytest.raises(TypeError, match=rf"{name} is a fraction.*use {count}={value}"):
+        WaveConfig(**{name: value})
+
+
+def test_fractions_and_counts_are_separate_fields():
+    """``retrieval_budget=1.0`` is every cluster; ``retrieval_clusters=1`` is one; a count overrides the fraction."""
+    assert WaveConfig(retrieval_budget=1.0).n_retrieve(50) == 50
+    assert WaveConfig(retrieval_clusters=1).n_retrieve(50) == 1
+    assert WaveConfig(retrieval_budget=0.5, retrieval_clusters=3).n_retrieve(50) == 3
+    assert WaveConfig(retrieval_clusters=80).n_retrieve(50) == 50                 # capped at what exists
+    cfg = WaveConfig(retrieval_clusters=2, estimation_clusters=np.int64(5))
+    assert (cfg.n_retrieve(50), cfg.n_estimate(50), cfg.n_estimate(6)) == (2, 5, 4)
+    assert type(cfg.estimation_clusters) is int
+    assert WaveConfig(retrieval_budget=np.float32(0.5)).n_retrieve(10) == 5       # NumPy floats are fractions
+    assert WaveConfig(estimation=False, estimation_clusters=4).n_estimate(50) == 0
+    for bad, exc in ((dict(retrieval_clusters=-1), ValueError), (dict(retrieval_clusters=1.0), TypeError),
+                     (dict(estimation_clusters=True), TypeError), (dict(retrieval_budget=float("nan")), ValueError),
+                     (dict(scale=True), TypeError)):
+        with pytest.raises(exc, match=next(iter(bad))):
+            WaveConfig(**bad)
+
+
+def test_count_fields_drive_the_index(rng):
+    """An index built with ``retrieval_clusters=n`` retrieves n clusters per head (the old ``retrieval_budget=n``)."""
+    k = rng.standard_normal((2, 300, 8)).astype(np.float32)
+    q = rng.standard_normal((4, 8)).astype(np.float32)
+    idx = WaveIndex.build(k, k, config=WaveConfig(**SMALL, retrieval_clusters=3, estimation_clusters=2))
+    idx.attend(q)
+    assert idx.last_stats.retrieval_clusters.shape == (2, 3) and idx.last_stats.estimation_clusters.shape == (2, 2)
+    every = WaveIndex.build(k, k, config=WaveConfig(**SMALL, retrieval_budget=1.0))
+    np.testing.assert_allclose(every.attend(q), rk.full_attention(q, k, k), atol=1e-5)

@@ -5,7 +5,7 @@
 One table, per prompt length and method: passkey accuracy, perplexity change on natural text (the
 method active for every predicted token, relative to full attention), density (fraction of the
 context read exactly per decode step) and decode tokens/s. Every method decodes from the same dense
-prefill (:func:`retrokv.eval.shared_prefill`), so the prefill is paid once per prompt. StreamingLLM
+prefill (:func:`retrokv.harness.eval.shared_prefill`), so the prefill is paid once per prompt. StreamingLLM
 gets the wave index's exact budget (4 sinks + 64 recent + 1.8% of the tokens); the graph index builds
 from 1024 of the prefill queries (:func:`demo_configs`). The committed,
 larger run (20 prompts per length) is ``benchmarks/passkey.py``.

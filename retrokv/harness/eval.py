@@ -294,7 +294,7 @@ def perplexity(model, ids, n_context, methods=("full",), configs=None, backend=N
 def layer_errors(captured, method="wave", config=None, backend=None, n_queries=16, k_recall=100):
     """Per layer: relative decode-attention error, density and recall@``k_recall`` against full attention.
 
-    ``captured``: ``{layer: LayerQKV}`` from :func:`retrokv.models.capture_qkv`. The index is built on
+    ``captured``: ``{layer: LayerQKV}`` from :func:`retrokv.harness.models.capture_qkv`. The index is built on
     the keys before the last ``n_queries`` positions; each of those positions' queries then attends
     through it (the context grows by appending the keys in between, as in decoding).
     """

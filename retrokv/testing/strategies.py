@@ -228,7 +228,7 @@ def method_configs(draw, method, *, full_budget=False):
     if method == "quest":
         page = draw(st.sampled_from([1, 2, 4, 16]))
         return _config(rk.QuestConfig, n_sink=draw(small), n_recent=draw(st.integers(0, 32)), page_size=page,
-                       token_budget=big if full_budget else draw(st.integers(1, 128)),
+                       token_budget=big if full_budget else page * draw(st.integers(1, 16)),
                        top_k=draw(st.integers(1, 32)))
     if method == "graph":
         k = big if full_budget else draw(st.integers(1, 16))
