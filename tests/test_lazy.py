@@ -156,6 +156,7 @@ def test_reordering_reuses_the_same_physical_copies():
     for tokens, k, v, _ in docs:                       # a second put of a stored document is a no-op
         assert store.put(tokens, k, v) is store.get(tokens)
     assert store.stats.bytes_written == written and store.nbytes == held and store.stats.reused == 3
+    assert store.stats.puts == 6                       # put calls, not documents stored (3 held)
     blocks = {tuple(sorted(r.table[:, 0])) for r in reqs}
     assert len(blocks) == 1                            # every order reads the same physical blocks
     offsets = {(d.key, int(o)) for r in reqs for d, o in zip(r.documents, r.offsets)}
