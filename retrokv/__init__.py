@@ -6,6 +6,9 @@ path (:mod:`retrokv.fast`), behind one ``backend=`` switch:
 * RetrievalAttention (arXiv 2409.10516): :class:`GraphIndex`, an attention-aware graph over keys;
 * RetroInfer (arXiv 2505.02922): :class:`WaveIndex` and :class:`WaveBuffer`;
 * LazyAttention (arXiv 2606.04302): :class:`DocumentStore`, position-agnostic document KV.
+
+Every decode-time method is a :class:`DecodeIndex` chosen by name in :mod:`retrokv.methods`;
+:mod:`retrokv.hf` attaches one to a transformers model; :mod:`retrokv.harness` evaluates them.
 """
 from __future__ import annotations
 
@@ -26,6 +29,9 @@ _LAZY = {
     "StreamingConfig": "retrokv.baselines", "TopKConfig": "retrokv.baselines",
     "IVFConfig": "retrokv.baselines", "QuestConfig": "retrokv.baselines",
     "DocumentStore": "retrokv.lazy", "LazyConfig": "retrokv.lazy", "LazyRequest": "retrokv.lazy",
+    "StaleRequestError": "retrokv.lazy",
+    "DenseIndex": "retrokv.dense", "DenseConfig": "retrokv.dense",
+    "DecodeIndex": "retrokv.index", "IndexStats": "retrokv.index",
 }
 
 

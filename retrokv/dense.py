@@ -11,7 +11,7 @@ import numpy as np
 
 from . import _validate as V
 from .backend import impl, resolve
-from .index import IndexStats, resolve_config
+from .index import IndexStats, check_prefill_queries, resolve_config
 
 __all__ = ["DenseConfig", "DenseIndex"]
 
@@ -43,6 +43,7 @@ class DenseIndex:
     @classmethod
     def build(cls, keys, values, prefill_queries=None, *, config=None, backend=None, **overrides):
         """Hold ``keys (Hkv, N, d)`` and ``values (Hkv, N, dv)`` (copied); ``prefill_queries`` is unused."""
+        check_prefill_queries(prefill_queries, "DenseIndex")
         config = resolve_config(DenseConfig, config, overrides)
         keys, values = V.check_kv(keys, values)
         return cls(keys, values, config, backend)

@@ -23,7 +23,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["IndexStats", "DecodeIndex", "resolve_config"]
+__all__ = ["IndexStats", "DecodeIndex", "resolve_config", "check_prefill_queries"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -108,3 +108,12 @@ def resolve_config(cls, config, overrides):
             raise TypeError(f"unknown {cls.__name__} field(s) {bad}; expected some of {sorted(names)}")
         config = dataclasses.replace(config, **overrides)
     return config
+
+
+def check_prefill_queries(prefill_queries, cls_name):
+    """Refuse a config passed where ``prefill_queries`` goes (the third positional argument of every
+    ``build``): ``WaveIndex.build(k, v, WaveConfig(...))`` must not silently ignore the config."""
+    if prefill_queries is not None and dataclasses.is_dataclass(prefill_queries):
+        raise TypeError(f"{cls_name}.build got a {type(prefill_queries).__name__} as prefill_queries (the third "
+                        f"positional argument); pass the config by keyword: build(keys, values, config=...)")
+    return prefill_queries

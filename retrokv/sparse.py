@@ -24,7 +24,7 @@ import numpy as np
 from . import _validate as V
 from ._validate import check_int, check_kv  # noqa: F401  (the subclasses' validators)
 from .backend import impl, resolve
-from .index import IndexStats, resolve_config
+from .index import IndexStats, check_prefill_queries, resolve_config
 
 
 class SparseIndex:
@@ -45,6 +45,7 @@ class SparseIndex:
         ``config`` fields may be overridden by keyword (``IVFIndex.build(k, v, nprobe=8)``);
         ``prefill_queries (Hq, T, d)`` is used only by the methods that learn from them (the graph).
         """
+        check_prefill_queries(prefill_queries, cls.__name__)
         cfg = resolve_config(cls.CONFIG, config, overrides)
         keys, values = check_kv(keys, values)
         self = cls(keys, values, cfg.n_sink, cfg.n_recent, getattr(cfg, "top_k", 1), backend)

@@ -19,7 +19,7 @@ import numpy as np
 
 from . import _validate as V
 from .backend import impl, resolve
-from .index import IndexStats, resolve_config
+from .index import IndexStats, check_prefill_queries, resolve_config
 
 __all__ = ["WaveConfig", "WaveIndex", "WaveStats"]
 
@@ -138,6 +138,7 @@ class WaveIndex:
         exact, the middle is clustered. Fewer than ``tokens_per_cluster`` middle tokens: no clusters yet.
         ``prefill_queries`` is unused (the wave index needs none); ``config`` fields may be overridden
         by keyword (``WaveIndex.build(k, v, n_local=128)``)."""
+        check_prefill_queries(prefill_queries, "WaveIndex")
         config = resolve_config(WaveConfig, config, overrides)
         check_finite = V.check_bool(check_finite, "check_finite")
         backend = resolve(backend)

@@ -199,3 +199,11 @@ def test_layers_import_only_downwards():
                 if t is not None and mine is not None and t > mine:
                     back.append(f"{me} -> {target}")
     assert not back, "imports against the layering: " + ", ".join(back)
+
+
+@pytest.mark.parametrize("name", methods.names())
+def test_a_config_passed_positionally_is_refused_not_ignored(name, rng):
+    k, v, _ = _kvq(rng)
+    cfg = methods.get(name).config_class(**SMALL[name])
+    with pytest.raises(TypeError, match="pass the config by keyword"):
+        methods.get(name).index_class.build(k, v, cfg)
