@@ -8,7 +8,8 @@ parents, imports), then through ``retrokv``'s lazily exported names; ``retrokv.r
 ``retrokv.fast.*`` map to the ``reference``/``fast`` source folders, which is where the API pages load them.
 
 Also: a dataclass field with no docstring takes its trailing ``# comment`` as its docstring, so the
-configs' API entries list each field with its meaning.
+configs' API entries list each field with its meaning; a method without a docstring that overrides a
+documented one (``StreamingLLM.append``) shows the base class's docstring.
 """
 from __future__ import annotations
 
@@ -84,10 +85,29 @@ class SphinxRoles(griffe.Extension):
     def on_object(self, *, obj: griffe.Object, **kwargs) -> None:
         if obj.is_alias:
             return
+        if obj.docstring is None and obj.is_attribute:
+            self._comment_docstring(obj)
+        elif obj.docstring is None and obj.is_function:
+            self._inherit_docstring(obj)
         if obj.docstring is not None and ":" in obj.docstring.value:
             obj.docstring.value = self._rewrite(obj, obj.docstring.value)
-        elif obj.is_attribute and obj.docstring is None:
-            self._comment_docstring(obj)
+
+    @staticmethod
+    def _inherit_docstring(func: griffe.Object) -> None:
+        """A method that overrides a documented one (``StreamingLLM.append``) shows the base's docstring."""
+        cls = func.parent
+        if cls is None or not cls.is_class:
+            return
+        try:
+            bases = cls.mro()
+        except Exception:  # noqa: BLE001 - unresolvable bases: leave it undocumented
+            return
+        for base in bases:
+            member = base.members.get(func.name)
+            if member is not None and not member.is_alias and member.docstring is not None:
+                func.docstring = griffe.Docstring(member.docstring.value, lineno=member.docstring.lineno,
+                                                  endlineno=member.docstring.endlineno, parent=func)
+                return
 
     @staticmethod
     def _comment_docstring(attr: griffe.Object) -> None:
