@@ -138,11 +138,14 @@ ax.legend()
 plt.show()
 for f, rq, rk_ in zip(fractions, curve_q, curve_k):
     print(f"scan {100 * f:5.1f}%: recall@{TOP_K} queries {rq:.2f}   keys {rk_:.2f}")
-# Checked: at the same scanned fraction, the key index serves keys better than it serves queries.
-assert np.mean(curve_k) > np.mean(curve_q)
 
 # %% [markdown]
-# Keys find their neighbours after scanning a few percent of the index; queries need a large
-# fraction of it. The next tutorials build the two answers: RetroInfer's wave index
+# Compare the two curves with care. RetrievalAttention measured that queries need 30-50% of the keys
+# scanned for recall@100 above 0.95, at 128K tokens on 7-9B models. At a 4K context on this 135M model
+# the gap does not show: the two curves are close, and which one leads depends on the layer and the
+# length (`benchmarks/ood_recall.py`, on the Graph index page, finds IVF needs no more keys scanned
+# for decode queries than for held-out keys at 4K-16K tokens). What does hold at this size is §2:
+# queries sit farther from the key distribution than keys do. The next tutorials build the two
+# answers: RetroInfer's wave index
 # (`01_wave_index`) keeps a cluster index but estimates the mass of the clusters it does not read,
 # and RetrievalAttention's graph (`02_graph_index`) is built from the queries' point of view.
