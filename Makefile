@@ -19,7 +19,8 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/retrokv demo
 
-# pytest runs the tutorials (small sizes) into docs/tutorials/*.ipynb, which the strict docs build renders.
+# pytest runs every tutorial at small size (into a temporary folder) and builds and opens the site
+# (tests/test_docs_site.py); the strict build renders the committed full-size notebooks in docs/tutorials/.
 # The cudasim ring runs the CUDA kernels in Numba's CUDA simulator: its own process, since the variable
 # must be set before Numba is imported (docs/gpu.md).
 test: $(STAMP)
@@ -27,6 +28,7 @@ test: $(STAMP)
 	NUMBA_ENABLE_CUDASIM=1 $(BIN)/python -m pytest -q -x tests/cudasim
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -q
 
+# Re-executes every tutorial at full size into docs/tutorials/*.ipynb (committed; about an hour on 2 cores).
 docs: $(STAMP)
 	$(BIN)/python tutorials/run.py tutorials/[0-9]*.py
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict

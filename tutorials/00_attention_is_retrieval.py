@@ -60,7 +60,9 @@ print(tokenizer.decode(ids[:60]), "...")
 
 # %%
 out = rk.full_attention(layer.q, layer.k, layer.v, causal=True)
-print("max |retrokv - model| =", float(np.abs(out - layer.out).max()))
+err = float(np.abs(out - layer.out).max())
+print("max |retrokv - model| =", err)
+assert err < 1e-3, "full_attention on the captured tensors must reproduce the model's attention output"
 
 # %% [markdown]
 # ## 1. How few keys hold 90% of the attention mass?
@@ -86,6 +88,8 @@ ax.set_title(f"% of keys holding 90% of attention (median over {N_DECODE} decode
 fig.colorbar(im, ax=ax, label="% of keys")
 plt.show()
 print(f"median over all layers and heads: {100 * np.median(median):.1f}% of keys hold 90% of the mass")
+# Checked: attention is sparse -- in the median head a small minority of the keys holds 90% of the mass.
+assert np.median(median) < 0.25
 
 # %% [markdown]
 # Most heads need only a few percent of the keys; the first layers are the exception (they attend
@@ -105,6 +109,8 @@ dist = np.concatenate([ood_distances(qkv[l].q, qkv[l].k, split) for l in LAYERS]
 ratio = dist[:, 1] / dist[:, 0]
 print(f"median Mahalanobis distance ratio, queries / held-out keys: {np.median(ratio):.1f}x "
       f"(range {ratio.min():.1f}x - {ratio.max():.1f}x over {len(ratio)} layer/KV-head pairs)")
+# Checked: decode queries are farther from the key distribution than held-out keys are.
+assert np.median(ratio) > 1
 
 # %% [markdown]
 # ## 3. What that does to a plain IVF index
@@ -134,7 +140,12 @@ for f, rq, rk_ in zip(fractions, curve_q, curve_k):
     print(f"scan {100 * f:5.1f}%: recall@{TOP_K} queries {rq:.2f}   keys {rk_:.2f}")
 
 # %% [markdown]
-# Keys find their neighbours after scanning a few percent of the index; queries need a large
-# fraction of it. The next tutorials build the two answers: RetroInfer's wave index
+# Compare the two curves with care. RetrievalAttention measured that queries need 30-50% of the keys
+# scanned for recall@100 above 0.95, at 128K tokens on 7-9B models. At a 4K context on this 135M model
+# the gap does not show: the two curves are close, and which one leads depends on the layer and the
+# length (`benchmarks/ood_recall.py`, on the Graph index page, finds IVF needs no more keys scanned
+# for decode queries than for held-out keys at 4K-16K tokens). What does hold at this size is §2:
+# queries sit farther from the key distribution than keys do. The next tutorials build the two
+# answers: RetroInfer's wave index
 # (`01_wave_index`) keeps a cluster index but estimates the mass of the clusters it does not read,
 # and RetrievalAttention's graph (`02_graph_index`) is built from the queries' point of view.
