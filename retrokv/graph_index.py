@@ -79,6 +79,17 @@ class GraphIndex(SparseIndex):
 
     _IMPL = "graph_index"
 
+    @classmethod
+    def _check_device(cls, device):
+        """RetrievalAttention (arXiv 2409.10516, §3.3) searches its graph on the CPU over KV offloaded to
+        host memory; only the static tokens are attended on the GPU. The public index is CPU-only for now;
+        the GPU half of the co-execution is :func:`retrokv.fast.cuda.graph_index.co_attention`."""
+        if device == "cuda":
+            raise ValueError("GraphIndex.build got device='cuda' (or CuPy arrays): the graph index runs on the CPU, "
+                             "as in RetrievalAttention (§3.3: graph search over KV in host memory). Build it from "
+                             "NumPy arrays with device='cpu'; the GPU half of the paper's co-execution (static "
+                             "tokens on the GPU, merged by log-sum-exp) is retrokv.fast.cuda.graph_index.co_attention")
+
     CONFIG = GraphConfig
 
     def _setup(self, prefill_queries):

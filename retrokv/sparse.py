@@ -23,6 +23,7 @@ import numpy as np
 
 from . import _validate as V
 from ._validate import check_int, check_kv  # noqa: F401  (the subclasses' validators)
+from ._xp import resolve_device
 from .backend import impl, resolve
 from .index import IndexStats, resolve_config
 
@@ -39,18 +40,29 @@ class SparseIndex:
     CONFIG = None            # the config dataclass of the method (fields n_sink, n_recent, maybe top_k)
 
     @classmethod
-    def build(cls, keys, values, prefill_queries=None, *, config=None, backend=None, **overrides):
+    def build(cls, keys, values, prefill_queries=None, *, config=None, backend=None, device=None, **overrides):
         """Index one layer's ``keys``/``values (Hkv, N, d)`` (copied: the index owns its KV).
 
         ``config`` fields may be overridden by keyword (``IVFIndex.build(k, v, nprobe=8)``);
         ``prefill_queries (Hq, T, d)`` is used only by the methods that learn from them (the graph).
+        ``device``: ``None`` or ``"cpu"``; these indexes run on the CPU (see :meth:`_check_device`).
         """
+        cls._check_device(resolve_device(device, keys, values))
         cfg = resolve_config(cls.CONFIG, config, overrides)
         keys, values = check_kv(keys, values)
         self = cls(keys, values, cfg.n_sink, cfg.n_recent, getattr(cfg, "top_k", 1), backend)
         self.config = cfg
         self._setup(prefill_queries)
         return self
+
+    @classmethod
+    def _check_device(cls, device):
+        """Refuse ``device="cuda"``: the public classes of these methods have no GPU path yet, and the
+        public layer never copies device arrays to the host silently (DESIGN.md, the backend contract)."""
+        if device == "cuda":
+            raise ValueError(f"{cls.__name__}.build got device='cuda' (or CuPy arrays), but {cls.__name__} runs "
+                             "on the CPU only in this version; pass NumPy arrays with device='cpu' "
+                             "(cupy.asnumpy), or use WaveIndex / DenseIndex, which run on the GPU")
 
     def _setup(self, prefill_queries):
         """The one hook of a method: build its search structure over ``self._ikeys`` (default: none)."""
