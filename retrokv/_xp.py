@@ -63,7 +63,12 @@ def device_namespace():
     """The namespace of device arrays: CuPy on a GPU, NumPy under Numba's CUDA simulator."""
     from retrokv.fast.cuda._xp import device_xp    # imports numba.cuda: only on the CUDA path
 
-    return device_xp()
+    try:
+        return device_xp()
+    except ImportError as e:
+        raise ImportError("device='cuda' needs CuPy and an NVIDIA GPU (pip install cupy-cuda12x, or the "
+                          "build for your CUDA), or NUMBA_ENABLE_CUDASIM=1 to run the CUDA kernels in Numba's "
+                          f"simulator on NumPy arrays ({e})") from e
 
 
 def to_device(x, device, name="array"):
