@@ -153,3 +153,25 @@ def test_document_store_matches_reference(arrays, monkeypatch):
     for got, want in zip(results[1], results[0]):
         close(got, want)
     assert len(calls) == 2
+
+
+def test_wave_buffer_misses_then_hits(arrays, monkeypatch):
+    """The same query twice through a half-size cache: misses first, then hits from the device tier."""
+    rng = np.random.default_rng(4)
+    k, v = rng.standard_normal((2, 100, 8)).astype(np.float32), rng.standard_normal((2, 100, 8)).astype(np.float32)
+    cfg = dict(n_local=8, tokens_per_cluster=8, segment_tokens=64, kmeans_iters=2, retrieval_clusters=3,
+               estimation_clusters=2)
+    ref, dev = WaveIndex.build(k, v, backend="reference", **cfg), WaveIndex.build(k, v, backend="fast", device="cuda",
+                                                                                  **cfg)
+    rb, db = WaveBuffer(ref, cache_fraction=0.5, block_size=4), WaveBuffer(dev, cache_fraction=0.5, block_size=4)
+    from retrokv.fast.cuda import wave_buffer as cu_buffer
+    filled = spy(monkeypatch, cu_buffer, "fill_execution_buffer")
+    q = rng.standard_normal((4, 8)).astype(np.float32)
+    for _ in range(2):
+        attend_both(ref, dev, q, rb, db)
+    assert len(filled) == 2 and db.history[0].misses > 0 and db.history[1].hits > 0
+    assert [s.hits for s in db.history] == [s.hits for s in rb.history]
+    for h in range(2):
+        for i in range(dev.n_clusters):
+            for got, want in zip(db.read_cluster(h, i), rb.read_cluster(h, i)):
+                np.testing.assert_array_equal(host(got), want)
