@@ -254,7 +254,7 @@ def attach(model, method="wave", config=None, backend=None, dense_layers=(), *, 
         device: ``None`` (the model's tensors decide: CUDA tensors mean ``"cuda"``), ``"cpu"`` or
             ``"cuda"`` (``backend="fast"``): the indexes are built on the GPU from the prefill's KV,
             handed over by DLPack, and each decode step reads and returns CUDA tensors (DLPack both
-            ways). Methods without a GPU path (``graph`` and the baselines) refuse ``"cuda"``.
+            ways). The baselines (``streaming``, ``topk``, ``quest``, ``ivf``) have no GPU path and refuse ``"cuda"``.
 
     Returns:
         An :class:`Attached` handle (also stored on the model); :func:`detach` undoes it.

@@ -72,8 +72,8 @@ def build(method, keys, values, prefill_queries=None, *, config=None, backend=No
 
     ``prefill_queries (Hq, T, d)`` is passed to every method; only those that learn from them (the
     graph index: RetrievalAttention projects them onto the key graph) use them. ``device``: ``None``
-    (infer from the arrays), ``"cpu"`` or ``"cuda"``; ``"full"`` and ``"wave"`` run on the GPU, the
-    other methods refuse ``"cuda"`` with a ``ValueError`` that says why.
+    (infer from the arrays), ``"cpu"`` or ``"cuda"``; ``"full"``, ``"wave"`` and ``"graph"`` (CPU-GPU
+    co-execution) run on the GPU, the baselines refuse ``"cuda"`` with a ``ValueError`` that says why.
     """
     m = get(method)
     if config is not None and not isinstance(config, m.config_class):

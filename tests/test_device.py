@@ -55,12 +55,12 @@ def test_cpu_only_indexes_refuse_cuda(cls):
         cls.build(K, V, device="cuda", backend="fast")
 
 
-def test_graph_index_refuses_cuda_citing_the_paper():
+def test_graph_index_on_cuda_needs_the_fast_backend():
     q = RNG.standard_normal((2, 6, 8)).astype(np.float32)
-    with pytest.raises(ValueError, match=r"graph index runs on the CPU, as in RetrievalAttention \(§3.3"):
-        GraphIndex.build(K, V, q, device="cuda", backend="fast")
-    with pytest.raises(ValueError, match="graph index runs on the CPU"):
-        methods.build("graph", K, V, q, device="cuda", backend="fast")
+    with pytest.raises(ValueError, match="device='cuda' needs backend='fast'"):
+        GraphIndex.build(K, V, q, device="cuda", backend="reference")
+    with pytest.raises(ValueError, match="device must be None"):
+        methods.build("graph", K, V, q, device="gpu", backend="fast")
 
 
 def test_cpu_is_the_default_for_numpy_input():

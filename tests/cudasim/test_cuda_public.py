@@ -175,3 +175,28 @@ def test_wave_buffer_misses_then_hits(arrays, monkeypatch):
         for i in range(dev.n_clusters):
             for got, want in zip(db.read_cluster(h, i), rb.read_cluster(h, i)):
                 np.testing.assert_array_equal(host(got), want)
+
+
+def test_graph_index_co_execution_matches_the_cpu_index(arrays, monkeypatch):
+    """RetrievalAttention §3.3 on a GPU: static tokens on the device, graph search on the CPU, LSE merge."""
+    from retrokv.fast.cuda import graph_index as cu_graph
+    from retrokv.graph_index import GraphIndex
+
+    calls = spy(monkeypatch, cu_graph, "co_attention")
+    rng = np.random.default_rng(5)
+    k, v = rng.standard_normal((2, 60, 8)).astype(np.float32), rng.standard_normal((2, 60, 6)).astype(np.float32)
+    pq = rng.standard_normal((4, 12, 8)).astype(np.float32)
+    cfg = dict(n_sink=2, n_recent=8, top_k=5)
+    cpu = GraphIndex.build(k, v, pq, backend="fast", **cfg)
+    dev = GraphIndex.build(arrays.dev(k), arrays.dev(v), arrays.dev(pq), backend="fast", device="cuda", **cfg)
+    assert dev.device == "cuda" and isinstance(dev._ikeys, np.ndarray)      # the indexed KV stays on the host
+    for _ in range(20):                                   # appends past the static buffer's capacity
+        t = rng.standard_normal((2, 8)).astype(np.float32), rng.standard_normal((2, 6)).astype(np.float32)
+        cpu.append(*t)
+        dev.append(*(arrays.dev(x) for x in t))
+    q = rng.standard_normal((4, 8)).astype(np.float32)
+    want, got = cpu.attend(q, return_lse=True), dev.attend(arrays.dev(q), return_lse=True)
+    close(got[0], want[0])
+    close(got[1], want[1])
+    assert calls and cpu.last_stats == dev.last_stats
+    np.testing.assert_array_equal(host(dev.search(arrays.dev(q))[0]), cpu.search(q)[0])
