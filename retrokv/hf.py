@@ -241,7 +241,7 @@ def _pad_count(mask, s):
     return int((~_valid_keys(mask, mask.shape[0], mask.shape[-1])[s]).sum())
 
 
-def attach(model, method="wave", config=None, backend=None, dense_layers=(), *, device=None):
+def attach(model, method="wave", config=None, backend=None, dense_layers=(), *, device: str | None = None):
     """Make ``model.generate`` (and plain forward passes) use ``method`` for decode attention.
 
     Args:

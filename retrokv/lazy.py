@@ -129,7 +129,7 @@ class DocumentStore:
     The pool's shape (layers, KV heads, head_dim) is fixed by the first :meth:`put`.
     """
 
-    def __init__(self, config: LazyConfig | None = None, backend: str | None = None, *, device=None):
+    def __init__(self, config: LazyConfig | None = None, backend: str | None = None, *, device: str | None = None):
         if config is None:
             config = LazyConfig()
         if not isinstance(config, LazyConfig):

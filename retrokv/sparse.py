@@ -167,7 +167,7 @@ class SparseIndex:
         found = {}
 
         def retrieved_partial(q_host):                  # Omega: search + exact attention, on the CPU
-            ids, scanned, meta = self._retrieve(q_host[:, None]) if self.n_indexed else (
+            ids, scanned, meta = self._retrieve(np.ascontiguousarray(q_host[:, None])) if self.n_indexed else (
                 np.full((q_host.shape[0], 1, 0), -1, np.int64), np.zeros((q_host.shape[0], 1), np.int64), 0)
             found.update(scanned=scanned[:, 0], meta=meta, n=int((ids >= 0).sum()))
             return self._attend_ids(q_host, ids[:, 0])

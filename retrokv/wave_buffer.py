@@ -80,7 +80,7 @@ class WaveBuffer:
     (:mod:`retrokv.fast.cuda.wave_buffer`).
     """
 
-    def __init__(self, index, cache_fraction=0.05, block_size=8, backend=None, *, device=None):
+    def __init__(self, index, cache_fraction=0.05, block_size=8, backend=None, *, device: str | None = None):
         if not isinstance(index, WaveIndex):
             raise TypeError(f"index must be a WaveIndex, got {type(index).__name__}")
         if isinstance(cache_fraction, bool) or not isinstance(cache_fraction, Real):
