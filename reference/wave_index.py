@@ -122,13 +122,15 @@ def build_meta_index(keys, values, positions, n_clusters, n_segments, iters=10):
 
 
 def concat_meta(a, b):
-    """Append the clusters of ``b`` after those of ``a`` (index update, RetroInfer §4.2)."""
+    """Append the clusters of ``b`` after those of ``a`` (index update, RetroInfer §4.2).
+
+    Array-namespace aware: a CUDA index's meta index is appended on the device."""
     m = a.keys.shape[1]
+    cat = _array_module(a.keys).concatenate
     return MetaIndex(
-        np.concatenate([a.centroids, b.centroids], axis=1), np.concatenate([a.value_sums, b.value_sums], axis=1),
-        np.concatenate([a.sizes, b.sizes], axis=1), np.concatenate([a.offsets, b.offsets[:, 1:] + m], axis=1),
-        np.concatenate([a.keys, b.keys], axis=1), np.concatenate([a.values, b.values], axis=1),
-        np.concatenate([a.ids, b.ids], axis=1))
+        cat([a.centroids, b.centroids], axis=1), cat([a.value_sums, b.value_sums], axis=1),
+        cat([a.sizes, b.sizes], axis=1), cat([a.offsets, b.offsets[:, 1:] + m], axis=1),
+        cat([a.keys, b.keys], axis=1), cat([a.values, b.values], axis=1), cat([a.ids, b.ids], axis=1))
 
 
 def rank_clusters(q, centroids, sizes, scale):

@@ -43,7 +43,23 @@ def module(backend: str | None):
         raise ImportError(f"backend={name!r} needs the 'fast' extra: pip install 'retrokv[fast]' ({e})") from e
 
 
-def impl(backend: str | None, name: str):
-    """The module implementing concept ``name`` for ``backend``: ``impl("fast", "wave_index")`` is
-    :mod:`retrokv.fast.wave_index`. The one place the public layer picks an implementation."""
+def impl(backend: str | None, name: str, device: str | None = None):
+    """The module implementing concept ``name`` for ``backend`` on ``device``: ``impl("fast", "wave_index")``
+    is :mod:`retrokv.fast.wave_index`, ``impl("fast", "wave_index", "cuda")`` is
+    :mod:`retrokv.fast.cuda.wave_index`. The one place the public layer picks an implementation.
+
+    ``device``: ``None`` or ``"cpu"`` (NumPy / Numba) or ``"cuda"`` (the CUDA kernels, ``backend="fast"``
+    only: the reference backend is NumPy by definition).
+    """
+    from ._xp import check_device
+
+    if check_device(device) == "cuda":
+        if resolve(backend) != "fast":
+            raise ValueError(f"device='cuda' needs backend='fast' (the CUDA kernels live in retrokv.fast.cuda); "
+                             f"got backend={resolve(backend)!r}, and the reference backend is NumPy on the CPU")
+        try:
+            return importlib.import_module(f"retrokv.fast.cuda.{name}")
+        except ImportError as e:  # numba (or numba-cuda) missing
+            raise ImportError(f"device='cuda' needs numba with its CUDA target: pip install 'retrokv[fast]' "
+                              f"numba-cuda ({e})") from e
     return importlib.import_module(f"{module(backend).__name__}.{name}")

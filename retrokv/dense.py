@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _validate as V
+from ._xp import resolve_device, to_device, xp
 from .backend import impl, resolve
 from .index import IndexStats, check_prefill_queries, resolve_config
 
@@ -28,25 +29,33 @@ class DenseIndex:
     contiguous block the attention kernel reads in place (no per-step copy).
     """
 
-    def __init__(self, keys, values, config, backend):
-        self.config, self.backend = config, resolve(backend)
-        self._core = impl(self.backend, "attention")
+    def __init__(self, keys, values, config, backend, device="cpu"):
+        self.config, self.backend, self.device = config, resolve(backend), device
+        self._core = impl(self.backend, "attention", device)
+        keys, values = to_device(keys, device, "keys"), to_device(values, device, "values")
+        m = xp(keys)                                    # the buffers live where the KV lives
         hkv, n, d = keys.shape
         cap = max(16, 2 * n)
-        self._k = [np.empty((cap, d), np.float32) for _ in range(hkv)]
-        self._v = [np.empty((cap, values.shape[2]), np.float32) for _ in range(hkv)]
+        self._k = [m.empty((cap, d), np.float32) for _ in range(hkv)]
+        self._v = [m.empty((cap, values.shape[2]), np.float32) for _ in range(hkv)]
         for h in range(hkv):
             self._k[h][:n], self._v[h][:n] = keys[h], values[h]
         self._n = n
         self.last_stats = None
 
     @classmethod
-    def build(cls, keys, values, prefill_queries=None, *, config=None, backend=None, **overrides):
-        """Hold ``keys (Hkv, N, d)`` and ``values (Hkv, N, dv)`` (copied); ``prefill_queries`` is unused."""
+    def build(cls, keys, values, prefill_queries=None, *, config=None, backend=None, device=None, **overrides):
+        """Hold ``keys (Hkv, N, d)`` and ``values (Hkv, N, dv)`` (copied); ``prefill_queries`` is unused.
+
+        ``device``: ``None`` (infer: CuPy input means ``"cuda"``), ``"cpu"`` or ``"cuda"`` (``backend="fast"``:
+        the KV stays in device memory and the split-K flash-decoding kernel of
+        :mod:`retrokv.fast.cuda.attention` reads it)."""
         check_prefill_queries(prefill_queries, "DenseIndex")
         config = resolve_config(DenseConfig, config, overrides)
+        device = resolve_device(device, keys, values)
+        impl(resolve(backend), "attention", device)    # refuses device='cuda' with the reference backend
         keys, values = V.check_kv(keys, values)
-        return cls(keys, values, config, backend)
+        return cls(keys, values, config, backend, device)
 
     @property
     def n_tokens(self):
@@ -61,12 +70,14 @@ class DenseIndex:
         """Add generated tokens ``(Hkv, d)`` or ``(Hkv, n, d)``."""
         hkv, d, dv = self.shape
         k, v = V.check_append(k, v, hkv, d, dv)
+        k, v = to_device(k, self.device, "k"), to_device(v, self.device, "v")
+        m = xp(self._k[0])
         for t in range(k.shape[1]):
             n = self._n
             for h in range(hkv):
                 if n == self._k[h].shape[0]:
-                    self._k[h] = np.concatenate([self._k[h], np.empty_like(self._k[h])])
-                    self._v[h] = np.concatenate([self._v[h], np.empty_like(self._v[h])])
+                    self._k[h] = m.concatenate([self._k[h], m.empty_like(self._k[h])])
+                    self._v[h] = m.concatenate([self._v[h], m.empty_like(self._v[h])])
                 self._k[h][n], self._v[h][n] = k[h, t], v[h, t]
             self._n = n + 1
 
@@ -79,17 +90,19 @@ class DenseIndex:
             raise ValueError(f"q must have shape (Hq, {d}) with Hq a positive multiple of Hkv={hkv}, "
                              f"got shape {tuple(q.shape)}")
         V.check_finite(q, "q")
-        q = np.ascontiguousarray(q, dtype=np.float32)
+        q = to_device(q, self.device, "q")
+        m = xp(q)
+        q = m.ascontiguousarray(q, dtype=np.float32)
         n, hq = self._n, q.shape[0]
         g = hq // hkv
         parts = [self._core.partial_attention(q[h * g:(h + 1) * g], self._k[h][None, :n], self._v[h][None, :n])
                  for h in range(hkv)]
-        out = np.concatenate([p[0] for p in parts])
-        lse = np.concatenate([p[1] for p in parts])
+        out = m.concatenate([p[0] for p in parts])
+        lse = m.concatenate([p[1] for p in parts])
         self.last_stats = IndexStats(n_tokens=n, tokens_attended=hq * n, keys_scored=0, meta_scored=0,
                                      bytes_read=4 * hkv * n * (d + dv), density=1.0)
         return (out, lse) if return_lse else out
 
     def __repr__(self):
         hkv, d, dv = self.shape
-        return f"DenseIndex(Hkv={hkv}, d={d}, dv={dv}, tokens={self._n}, backend={self.backend!r})"
+        return f"DenseIndex(Hkv={hkv}, d={d}, dv={dv}, tokens={self._n}, backend={self.backend!r}, device={self.device!r})"

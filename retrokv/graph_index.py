@@ -11,6 +11,8 @@ One graph per query head (RA §3.2: the heads of a GQA group have different quer
 over the keys its KV head shares with the group. The first ``n_sink`` and last ``n_recent`` prompt
 tokens are static (attended exactly, RA §3.3: 128 + 512) and not indexed. Algorithms:
 :mod:`retrokv.reference.graph_index` (readable) and :mod:`retrokv.fast.graph_index` (Numba).
+With ``device="cuda"`` (``backend="fast"``) the index runs the paper's CPU-GPU co-execution (§3.3): graph
+and indexed KV in host memory, static tokens attended on the GPU, the partials merged by log-sum-exp.
 """
 from __future__ import annotations
 
@@ -78,6 +80,15 @@ class GraphIndex(SparseIndex):
     """
 
     _IMPL = "graph_index"
+
+    @classmethod
+    def _check_device(cls, device):
+        """``device="cuda"`` is RetrievalAttention's CPU-GPU co-execution (arXiv 2409.10516, §3.3): the graph,
+        the indexed KV and the search stay in host memory on the CPU (the indexed KV is copied there once,
+        at build, as the paper offloads it); the static tokens (sinks + window + generated) live on the
+        device and are attended there by the CUDA kernel while the CPU searches, and the two partials
+        are merged by log-sum-exp on the device (:func:`retrokv.fast.cuda.graph_index.co_attention`)."""
+        return device
 
     CONFIG = GraphConfig
 

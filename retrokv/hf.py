@@ -26,7 +26,8 @@ from collections import defaultdict
 import numpy as np
 
 from . import methods
-from .backend import resolve
+from ._xp import check_device, is_cupy, resolve_device, to_device, xp
+from .backend import impl, resolve
 
 _ATTN_NAME = "retrokv"
 _ATTACHED = "_retrokv_attached"
@@ -98,8 +99,9 @@ def _refuse_beams(cache):
 class Attached:
     """Handle returned by :func:`attach`: the method, its per-layer indexes and their statistics."""
 
-    def __init__(self, model, method, config, backend, dense_layers, previous):
+    def __init__(self, model, method, config, backend, dense_layers, previous, device=None):
         self.model, self.method, self.config, self.backend = model, method, config, backend
+        self.device = device                # None: each layer's tensors decide (CUDA tensors: "cuda")
         self.dense_layers = frozenset(dense_layers)
         self.previous = previous
         self.indexes = {}                   # layer -> list of per-sequence indexes
@@ -133,11 +135,14 @@ class Attached:
         """One index per sequence, over its valid (non-padding) tokens."""
         method = "full" if layer in self.dense_layers else self.method
         config = None if method != self.method else self.config
+        m = xp(k)                                                          # CuPy when the KV is on the GPU
         built = []
         for b in range(k.shape[0]):
-            kb, vb = k[b][:, valid[b]], v[b][:, valid[b]]                  # (Hkv, N_b, d)
-            qb = q[b][:, valid[b][-q.shape[2]:]]                           # prefill queries (Hq, T_b, d)
-            built.append(methods.build(method, kb, vb, qb, config=config, backend=self.backend))
+            keep = m.asarray(valid[b])
+            kb, vb = k[b][:, keep], v[b][:, keep]                          # (Hkv, N_b, d)
+            qb = q[b][:, keep[-q.shape[2]:]]                               # prefill queries (Hq, T_b, d)
+            built.append(methods.build(method, kb, vb, qb, config=config, backend=self.backend,
+                                       device=self.device))
         self.indexes[layer] = built
         self.build_calls += 1
 
@@ -170,6 +175,7 @@ class Attached:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         layer = module.layer_idx
+        device = resolve_device(self.device, query)      # CUDA tensors with device='cpu' are refused
         b, hq, t, d = query.shape
         n = key.shape[2]
         idx = self.indexes.get(layer)
@@ -178,7 +184,7 @@ class Attached:
             out, w = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
             valid = _valid_keys(attention_mask, b, n)
             with torch.no_grad():
-                qkv = _np(query), _np(key), _np(value)
+                qkv = _arr(query, device), _arr(key, device), _arr(value, device)
                 if not self.keep_prefill:
                     self._build(layer, *qkv, valid)
                 elif layer in self.prefill:
@@ -191,25 +197,40 @@ class Attached:
         if scaling is not None and abs(scaling * d ** 0.5 - 1) > 1e-6:
             raise ValueError(f"layer {layer} scales scores by {scaling}; retrokv's indexes use "
                                       f"1/sqrt(head_dim) = {d ** -0.5:.6g}")
-        qn, kn, vn = _np(query[:, :, 0]), _np(key[:, :, -1]), _np(value[:, :, -1])   # (B, H, d)
+        qn, kn, vn = (_arr(x, device) for x in (query[:, :, 0], key[:, :, -1], value[:, :, -1]))   # (B, H, d)
         outs = []
         for s, index in enumerate(idx):
             index.append(kn[s], vn[s])
             outs.append(index.attend(qn[s]))
-            self.stats[layer].append(index.last_stats.scalars())
-        out = torch.from_numpy(np.stack(outs)).to(query.dtype)[:, None]       # (B, 1, Hq, d)
-        return out, None
+            self.stats[layer].append(index.last_stats.scalars())     # host values on either device
+        stacked = xp(*outs).stack(outs)
+        # back to torch without a copy: DLPack on the GPU (the step never leaves it), .from_numpy on the CPU
+        out = torch.from_dlpack(stacked) if is_cupy(stacked) else torch.from_numpy(stacked)
+        return out.to(device=query.device, dtype=query.dtype)[:, None], None    # (B, 1, Hq, d)
 
 
 def _np(x):
     return x.detach().float().contiguous().numpy()
 
 
+def _arr(x, device):
+    """A torch tensor as float32 NumPy (CPU) or device array (``device="cuda"``).
+
+    A CUDA tensor crosses to CuPy by DLPack (no host copy). A CPU tensor with ``device="cuda"`` (asked
+    for explicitly) is uploaded; under Numba's CUDA simulator the "device" array is NumPy, which is
+    how the tests run this path without a GPU."""
+    if device == "cuda" and x.device.type == "cuda":
+        import cupy
+
+        return cupy.from_dlpack(x.detach().float().contiguous())
+    return to_device(_np(x), device)
+
+
 def _valid_keys(mask, b, n):
     """Per sequence, a boolean (N,) of keys the last query may see (False for left padding)."""
     if mask is None:
         return np.ones((b, n), bool)
-    m = mask[:, 0, -1, :n].detach().numpy()
+    m = mask[:, 0, -1, :n].detach().cpu().numpy()        # (B, N) booleans: control data, read on the host
     allowed = m if m.dtype == bool else m > -1e30       # bool masks: True = attend; float: 0 or -inf/min
     return np.broadcast_to(allowed, (b, n)).astype(bool)
 
@@ -220,7 +241,7 @@ def _pad_count(mask, s):
     return int((~_valid_keys(mask, mask.shape[0], mask.shape[-1])[s]).sum())
 
 
-def attach(model, method="wave", config=None, backend=None, dense_layers=()):
+def attach(model, method="wave", config=None, backend=None, dense_layers=(), *, device: str | None = None):
     """Make ``model.generate`` (and plain forward passes) use ``method`` for decode attention.
 
     Args:
@@ -230,6 +251,10 @@ def attach(model, method="wave", config=None, backend=None, dense_layers=()):
             default: the paper's defaults.
         backend: ``"reference"`` or ``"fast"`` (default: :func:`retrokv.get_backend`).
         dense_layers: layer indices kept exact (full attention).
+        device: ``None`` (the model's tensors decide: CUDA tensors mean ``"cuda"``), ``"cpu"`` or
+            ``"cuda"`` (``backend="fast"``): the indexes are built on the GPU from the prefill's KV,
+            handed over by DLPack, and each decode step reads and returns CUDA tensors (DLPack both
+            ways). The baselines (``streaming``, ``topk``, ``quest``, ``ivf``) have no GPU path and refuse ``"cuda"``.
 
     Returns:
         An :class:`Attached` handle (also stored on the model); :func:`detach` undoes it.
@@ -241,6 +266,8 @@ def attach(model, method="wave", config=None, backend=None, dense_layers=()):
     if config is not None and not isinstance(config, spec.config_class):
         raise TypeError(f"method {method!r} takes a {spec.config} config, got {type(config).__name__}")
     backend = resolve(backend)
+    if check_device(device) == "cuda":
+        impl(backend, "attention", device)                  # device='cuda' needs backend='fast': say so now
     modules = model.modules() if hasattr(model, "modules") and hasattr(model, "config") else ()
     layers = [m for m in modules if hasattr(m, "layer_idx") and hasattr(m, "k_proj")]
     if not layers:
@@ -248,7 +275,7 @@ def attach(model, method="wave", config=None, backend=None, dense_layers=()):
     dense_layers = [_layer_index(i, len(layers)) for i in dense_layers]
     if getattr(model, _ATTACHED, None) is not None:
         detach(model)
-    handle = Attached(model, method, config, backend, dense_layers, model.config._attn_implementation)
+    handle = Attached(model, method, config, backend, dense_layers, model.config._attn_implementation, device)
     name = f"{_ATTN_NAME}_{id(handle):x}"            # one registry entry per attached model
     AttentionInterface.register(name, handle)
     # Without a registered mask function transformers hands a custom attention the raw 2-D padding

@@ -81,8 +81,9 @@ class DecodeIndex(Protocol):
     last_stats: IndexStats | None
 
     @classmethod
-    def build(cls, keys, values, prefill_queries=None, *, config=None, backend=None, **overrides):
-        """Index one layer's ``keys (Hkv, N, d)`` and ``values (Hkv, N, dv)``."""
+    def build(cls, keys, values, prefill_queries=None, *, config=None, backend=None, device=None, **overrides):
+        """Index one layer's ``keys (Hkv, N, d)`` and ``values (Hkv, N, dv)``; ``device``: ``None`` (infer from
+        the arrays), ``"cpu"`` or ``"cuda"`` (a class without a GPU path raises ``ValueError``)."""
 
     @property
     def n_tokens(self) -> int:

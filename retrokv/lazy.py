@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import _validate as V
+from ._xp import check_device, device_namespace, resolve_device, to_device, xp
 from .backend import impl, resolve
 
 __all__ = ["LazyConfig", "Document", "LazyRequest", "StoreStats", "DocumentStore", "StaleRequestError"]
@@ -120,24 +121,44 @@ class DocumentStore:
     Args:
         config: :class:`LazyConfig`.
         backend: ``"reference"`` or ``"fast"`` (default: :func:`retrokv.get_backend`).
+        device: ``None`` (decided by the first arrays given: CuPy means ``"cuda"``), ``"cpu"`` or
+            ``"cuda"`` (``backend="fast"``): the paged pool lives in device memory and prefill/decode run
+            the lazy kernels of :mod:`retrokv.fast.cuda.lazy`, RoPE applied in the kernel from each
+            document's offset (LazyAttention §3-4). Block tables and offsets stay host integers.
 
     The pool's shape (layers, KV heads, head_dim) is fixed by the first :meth:`put`.
     """
 
-    def __init__(self, config: LazyConfig | None = None, backend: str | None = None):
+    def __init__(self, config: LazyConfig | None = None, backend: str | None = None, *, device: str | None = None):
         if config is None:
             config = LazyConfig()
         if not isinstance(config, LazyConfig):
             raise TypeError(f"config must be a LazyConfig, got {type(config).__name__}")
         self.config = config
         self.backend = resolve(backend)
-        self._impl = impl(self.backend, "lazy")
+        self._device = check_device(device)
+        self._impl = impl(self.backend, "lazy", self._device)      # refuses device='cuda' with the reference
         self._docs: OrderedDict = OrderedDict()          # key -> Document, least recently used first
         self._free: list = []
         self._k = self._v = None                         # (layers, Hkv, n_blocks * B, d)
         self._id = next(_STORE_IDS)                      # stamped on every request this store makes
         self._generation = 0                             # bumped for every document stored
         self.stats = StoreStats()
+
+    @property
+    def device(self):
+        """``"cpu"`` or ``"cuda"``; ``None`` until the first arrays decide it (``device=None``)."""
+        return self._device
+
+    def _on_device(self, **arrays):
+        """``arrays`` in the store's namespace; with ``device=None`` the first call decides the device."""
+        if self._device is None:
+            self._device = resolve_device(None, *arrays.values())
+            self._impl = impl(self.backend, "lazy", self._device)
+        return [to_device(x, self._device, name) for name, x in arrays.items()]
+
+    def _xp(self):
+        return device_namespace() if self._device == "cuda" else np
 
     # ---- storage -------------------------------------------------------------------------------
     @staticmethod
@@ -161,8 +182,10 @@ class DocumentStore:
 
     def _check_kv(self, keys, values):
         keys, values = V.as_array(keys, "keys"), V.as_array(values, "values")
-        keys = np.asarray(keys, np.float32)
-        values = np.asarray(values, np.float32)
+        keys, values = self._on_device(keys=keys, values=values)
+        m = xp(keys)
+        keys = m.asarray(keys, dtype=np.float32)
+        values = m.asarray(values, dtype=np.float32)
         if keys.ndim == 3 and values.ndim == 3:          # one layer
             keys, values = keys[None], values[None]
         V.check_rank(keys, "keys", (4,), "(layers, Hkv, L, d) or (Hkv, L, d)")
@@ -202,8 +225,9 @@ class DocumentStore:
     def _grow(self, n_blocks, shape):
         layers, hkv, d, dv = shape
         rows = n_blocks * self.config.block
-        k = np.zeros((layers, hkv, rows, d), np.float32)
-        v = np.zeros((layers, hkv, rows, dv), np.float32)
+        m = self._xp()                                   # the pool lives on the store's device
+        k = m.zeros((layers, hkv, rows, d), np.float32)
+        v = m.zeros((layers, hkv, rows, dv), np.float32)
         have = 0
         if self._k is not None:
             have = self._k.shape[2]
@@ -291,11 +315,12 @@ class DocumentStore:
             return f"length {old.length}, not {keys.shape[2]}"
         if old.tokens != toks:
             return "other tokens"
-        rows = self._rows(old)
+        m = xp(self._k)
+        rows = m.asarray(self._rows(old))
         for name, pool, new in (("keys", self._k, keys), ("values", self._v, values)):
             stored = pool[:, :, rows]
-            if stored.size and np.abs(stored - new).max() > 1e-3 * max(float(np.abs(stored).max()), 1e-6):
-                return f"other {name} (max difference {float(np.abs(stored - new).max()):.3g})"
+            if stored.size and float(m.abs(stored - new).max()) > 1e-3 * max(float(m.abs(stored).max()), 1e-6):
+                return f"other {name} (max difference {float(m.abs(stored - new).max()):.3g})"
         return ""
 
     def get(self, tokens):
@@ -312,7 +337,7 @@ class DocumentStore:
         doc = self.get(tokens)
         if doc is None:
             raise KeyError("tokens: document not in the store")
-        rows = self._rows(doc)                           # empty for an empty document: (layers, Hkv, 0, d)
+        rows = xp(self._k).asarray(self._rows(doc))      # empty for an empty document: (layers, Hkv, 0, d)
         return self._k[:, :, rows], self._v[:, :, rows]
 
     def __contains__(self, tokens):
@@ -393,6 +418,8 @@ class DocumentStore:
         self._check_request(request)
         layer = V.check_int(layer, "layer", 0)
         q, k, v = V.check_qkv(q, k, v)
+        q, k, v = self._on_device(q=q, k=k, v=v)
+        m = xp(q)
         if (q.ndim == 2) != decode:
             raise ValueError(f"q must have shape {'(Hq, d)' if decode else '(Hq, T, d)'}, got {tuple(q.shape)}")
         if not decode and q.shape[1] > k.shape[1]:
@@ -401,15 +428,16 @@ class DocumentStore:
         if self._k is None:                              # nothing stored yet: the tail alone
             if len(request.table):
                 raise ValueError("request refers to documents but the store is empty")
-            pool_k = np.zeros((k.shape[0], 0, k.shape[2]), np.float32)
-            pool_v = np.zeros((v.shape[0], 0, v.shape[2]), np.float32)
+            pool_k = m.zeros((k.shape[0], 0, k.shape[2]), np.float32)
+            pool_v = m.zeros((v.shape[0], 0, v.shape[2]), np.float32)
         else:
             V.check_index(layer, "layer", self._k.shape[0], "a stored layer")
             if (k.shape[0], k.shape[2], v.shape[2]) != (self._k.shape[1], self._k.shape[3], self._v.shape[3]):
                 raise ValueError(f"k/v (Hkv, d, dv) = {(k.shape[0], k.shape[2], v.shape[2])} differ from the "
                                  f"store's {(self._k.shape[1], self._k.shape[3], self._v.shape[3])}")
             pool_k, pool_v = self._k[layer], self._v[layer]
-        return fn(np.asarray(q, np.float32), np.asarray(k, np.float32), np.asarray(v, np.float32),
+        fn = getattr(self._impl, fn)                     # after _on_device: the device's kernels
+        return fn(m.asarray(q, dtype=np.float32), m.asarray(k, dtype=np.float32), m.asarray(v, dtype=np.float32),
                   pool_k, pool_v, np.array(request.table), np.array(request.rotations), c.block, c.theta,
                   c.convention)
 
@@ -417,17 +445,17 @@ class DocumentStore:
         """Lazy prefill: ``q (Hq, T, d)`` at logical positions attends to every document (keys rotated
         by their offset inside the loop, §4) and causally to the tail ``k, v (Hkv, M, d)``, M >= T,
         whose last T tokens are the queries. Returns ``(Hq, T, dv)``."""
-        return self._run(self._impl.lazy_prefill_attention, request, q, k, v, layer, False)[0]
+        return self._run("lazy_prefill_attention", request, q, k, v, layer, False)[0]
 
     def decode_attention(self, request, q, k, v, layer=0):
         """Lazy decode: ``q (Hq, d)`` de-rotated once per document (``R(-S_d) q``, §4) against the stored
         keys, plus every tail token ``k, v (Hkv, M, d)`` (M may be 0). Returns ``(Hq, dv)``."""
-        return self._run(self._impl.lazy_decode_attention, request, q, k, v, layer, True)[0]
+        return self._run("lazy_decode_attention", request, q, k, v, layer, True)[0]
 
     def block_attention(self, request, q, k, v, layer=0):
         """Block-Attention baseline: materialise re-rotated copies, then ordinary attention; ``q`` is
         ``(Hq, T, d)`` (causal tail) or ``(Hq, d)``. Equal to the lazy methods up to float rounding."""
-        out = self._run(self._impl.block_attention, request, q, k, v, layer, np.ndim(q) == 2)[0]
+        out = self._run("block_attention", request, q, k, v, layer, np.ndim(q) == 2)[0]
         self.stats.bytes_materialized += self._materialized_bytes(request)   # counted once it succeeded
         return out
 

@@ -67,16 +67,18 @@ def get(name) -> Method:
     return REGISTRY[name]
 
 
-def build(method, keys, values, prefill_queries=None, *, config=None, backend=None):
+def build(method, keys, values, prefill_queries=None, *, config=None, backend=None, device=None):
     """One layer's index for ``method`` over ``keys, values (Hkv, N, d)``.
 
     ``prefill_queries (Hq, T, d)`` is passed to every method; only those that learn from them (the
-    graph index: RetrievalAttention projects them onto the key graph) use them.
+    graph index: RetrievalAttention projects them onto the key graph) use them. ``device``: ``None``
+    (infer from the arrays), ``"cpu"`` or ``"cuda"``; ``"full"``, ``"wave"`` and ``"graph"`` (CPU-GPU
+    co-execution) run on the GPU, the baselines refuse ``"cuda"`` with a ``ValueError`` that says why.
     """
     m = get(method)
     if config is not None and not isinstance(config, m.config_class):
         raise TypeError(f"method {method!r} takes a {m.config} config, got {type(config).__name__}")
-    return m.index_class.build(keys, values, prefill_queries, config=config, backend=backend)
+    return m.index_class.build(keys, values, prefill_queries, config=config, backend=backend, device=device)
 
 
 def default_config(method, n_tokens):

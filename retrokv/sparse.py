@@ -23,6 +23,7 @@ import numpy as np
 
 from . import _validate as V
 from ._validate import check_int, check_kv  # noqa: F401  (the subclasses' validators)
+from ._xp import resolve_device, to_device, to_host, xp
 from .backend import impl, resolve
 from .index import IndexStats, check_prefill_queries, resolve_config
 
@@ -39,25 +40,45 @@ class SparseIndex:
     CONFIG = None            # the config dataclass of the method (fields n_sink, n_recent, maybe top_k)
 
     @classmethod
-    def build(cls, keys, values, prefill_queries=None, *, config=None, backend=None, **overrides):
+    def build(cls, keys, values, prefill_queries=None, *, config=None, backend=None, device=None, **overrides):
         """Index one layer's ``keys``/``values (Hkv, N, d)`` (copied: the index owns its KV).
 
         ``config`` fields may be overridden by keyword (``IVFIndex.build(k, v, nprobe=8)``);
         ``prefill_queries (Hq, T, d)`` is used only by the methods that learn from them (the graph).
+        ``device``: ``None`` (infer from the arrays), ``"cpu"`` or ``"cuda"``; the baselines run on the CPU
+        only, :class:`~retrokv.graph_index.GraphIndex` also on the GPU (see its ``_check_device``).
         """
         check_prefill_queries(prefill_queries, cls.__name__)
+        device = cls._check_device(resolve_device(device, keys, values))
+        if device == "cuda":
+            impl(resolve(backend), "attention", device)     # device='cuda' needs backend='fast': say so first
         cfg = resolve_config(cls.CONFIG, config, overrides)
         keys, values = check_kv(keys, values)
-        self = cls(keys, values, cfg.n_sink, cfg.n_recent, getattr(cfg, "top_k", 1), backend)
+        # a GPU index (GraphIndex only) keeps the indexed KV in host memory, as RetrievalAttention offloads it
+        self = cls(to_host(keys), to_host(values), cfg.n_sink, cfg.n_recent, getattr(cfg, "top_k", 1), backend)
         self.config = cfg
-        self._setup(prefill_queries)
+        self._setup(to_host(V.as_array(prefill_queries, "prefill_queries"))
+                    if prefill_queries is not None and device == "cuda" else prefill_queries)
+        self.device = device
+        if device == "cuda":                            # only the static tokens move to the device
+            self._sk, self._sv = to_device(self._sk, device), to_device(self._sv, device)
         return self
+
+    @classmethod
+    def _check_device(cls, device):
+        """Refuse ``device="cuda"``: the public classes of these methods have no GPU path yet, and the
+        public layer never copies device arrays to the host silently (DESIGN.md, the backend contract)."""
+        if device == "cuda":
+            raise ValueError(f"{cls.__name__}.build got device='cuda' (or CuPy arrays), but {cls.__name__} runs "
+                             "on the CPU only in this version; pass NumPy arrays with device='cpu' "
+                             "(cupy.asnumpy), or use WaveIndex / DenseIndex / GraphIndex, which run on the GPU")
+        return device
 
     def _setup(self, prefill_queries):
         """The one hook of a method: build its search structure over ``self._ikeys`` (default: none)."""
 
     def __init__(self, keys, values, n_sink, n_recent, top_k, backend):
-        self.backend = resolve(backend)
+        self.backend, self.device = resolve(backend), "cpu"
         self._core = impl(self.backend, "attention")
         self._impl = impl(self.backend, self._IMPL)
         hkv, n, d = keys.shape
@@ -105,13 +126,15 @@ class SparseIndex:
     def append(self, k, v):
         """Add generated tokens (``k``, ``v``: ``(Hkv, d)`` or ``(Hkv, n, d)``); they join the static window (RA §3.3)."""
         k, v = V.check_append(k, v, self.n_kv_heads, self.head_dim, self._sv.shape[2])
+        k, v = to_device(k, self.device, "k"), to_device(v, self.device, "v")
         for t in range(k.shape[1]):
             self._append_one(k[:, t], v[:, t])
 
     def _append_one(self, k, v):
         if self._ns == self._sk.shape[1]:               # grow by doubling
-            self._sk = np.concatenate([self._sk, np.empty_like(self._sk)], axis=1)
-            self._sv = np.concatenate([self._sv, np.empty_like(self._sv)], axis=1)
+            m = xp(self._sk)                            # the static tokens live on the index's device
+            self._sk = m.concatenate([self._sk, m.empty_like(self._sk)], axis=1)
+            self._sv = m.concatenate([self._sv, m.empty_like(self._sv)], axis=1)
         self._sk[:, self._ns], self._sv[:, self._ns] = k, v
         self._ns += 1
         self._static_pos = np.append(self._static_pos, self._n)
@@ -130,7 +153,7 @@ class SparseIndex:
         """:meth:`search` with per-call search settings passed to ``_search`` (the index is not mutated)."""
         k = self.top_k if k is None else check_int(k, "k", 1)
         q3, single = self._check_q(q, batch=True)
-        ids, scanned, _ = self._search(q3, k, **settings)
+        ids, scanned, _ = self._search(to_host(q3), k, **settings)     # the search runs on the CPU
         ids = np.where(ids >= 0, ids + self.lo, -1)
         return (ids[:, 0], scanned[:, 0]) if single else (ids, scanned)
 
@@ -142,13 +165,26 @@ class SparseIndex:
         return_lse = V.check_bool(return_lse, "return_lse")
         q3, _ = self._check_q(q, batch=False)
         q2 = q3[:, 0]
-        static = self._core.partial_attention(q2, self._sk[:, :self._ns], self._sv[:, :self._ns])
-        ids, scanned, meta = self._retrieve(q3) if self.n_indexed else (
-            np.full((q2.shape[0], 1, 0), -1, np.int64), np.zeros((q2.shape[0], 1), np.int64), 0)
-        retrieved = self._attend_ids(q2, ids[:, 0])
-        out, lse = self._core.merge_partials([static, retrieved])
-        self._record(q2.shape[0], scanned[:, 0], meta, self._ns * q2.shape[0], int((ids >= 0).sum()))
+        found = {}
+
+        def retrieved_partial(q_host):                  # Omega: search + exact attention, on the CPU
+            ids, scanned, meta = self._retrieve(np.ascontiguousarray(q_host[:, None])) if self.n_indexed else (
+                np.full((q_host.shape[0], 1, 0), -1, np.int64), np.zeros((q_host.shape[0], 1), np.int64), 0)
+            found.update(scanned=scanned[:, 0], meta=meta, n=int((ids >= 0).sum()))
+            return self._attend_ids(q_host, ids[:, 0])
+        if self.device == "cuda":
+            out, lse = self._co_attention(q2, retrieved_partial)
+        else:
+            static = self._core.partial_attention(q2, self._sk[:, :self._ns], self._sv[:, :self._ns])
+            out, lse = self._core.merge_partials([static, retrieved_partial(q2)])
+        self._record(q2.shape[0], found["scanned"], found["meta"], self._ns * q2.shape[0], found["n"])
         return (out, lse) if return_lse else out
+
+    def _co_attention(self, q2, retrieved_partial):
+        """The GPU step of RetrievalAttention's co-execution (§3.3): the static tokens on the device, Omega
+        on the CPU, merged by log-sum-exp (:func:`retrokv.fast.cuda.graph_index.co_attention`)."""
+        co = impl(self.backend, "graph_index", "cuda").co_attention
+        return co(q2, self._sk[:, :self._ns], self._sv[:, :self._ns], retrieved_partial)
 
     # ------------------------------------------------------------------ helpers
     def _check_q(self, q, batch):
@@ -160,7 +196,8 @@ class SparseIndex:
                              f"Hkv={self.n_kv_heads}, got {tuple(q.shape)}")
         V.check_finite(q, "q")
         single = q.ndim == 2
-        q3 = np.ascontiguousarray(q[:, None] if single else q, dtype=np.float32)
+        q = to_device(q, self.device, "q")
+        q3 = xp(q).ascontiguousarray(q[:, None] if single else q, dtype=np.float32)
         return q3, single
 
     def _retrieve(self, q3):

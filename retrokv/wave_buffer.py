@@ -19,6 +19,7 @@ from numbers import Integral, Real
 import numpy as np
 
 from . import _validate as V
+from ._xp import check_device, is_cupy, to_host
 from .backend import impl
 from .wave_index import WaveIndex
 
@@ -69,12 +70,17 @@ class WaveBuffer:
             The cache grows with the index, never shrinks.
         block_size: vectors per block (RetroInfer: 8, i.e. 2 KB at d=128 in fp16).
         backend: ``"reference"`` or ``"fast"``; default: the index's backend.
+        device: ``None`` (the index's device), ``"cpu"`` or ``"cuda"``; it must be the index's.
 
-    On the CPU both tiers are NumPy arrays; the layout is the one a GPU port uses with the device
-    tier in device memory and the host tier in pinned host memory.
+    On the CPU both tiers are NumPy arrays. With ``device="cuda"`` (RetroInfer §4.3-4.4, as the paper
+    places them) the device tier (block cache and the device copy of the mapping table) is in device
+    memory, the host tier in pinned host memory that the fill kernel reads misses from over PCIe, and
+    the control plane (lookup, admission, LRU eviction) stays on the CPU; admitted misses are copied
+    into the cache from the execution buffer, device to device
+    (:mod:`retrokv.fast.cuda.wave_buffer`).
     """
 
-    def __init__(self, index, cache_fraction=0.05, block_size=8, backend=None):
+    def __init__(self, index, cache_fraction=0.05, block_size=8, backend=None, *, device: str | None = None):
         if not isinstance(index, WaveIndex):
             raise TypeError(f"index must be a WaveIndex, got {type(index).__name__}")
         if isinstance(cache_fraction, bool) or not isinstance(cache_fraction, Real):
@@ -88,7 +94,12 @@ class WaveBuffer:
         self.index = index                       # WaveIndex.attend checks `buffer.index is self`
         self.cache_fraction, self.block_size = float(cache_fraction), int(block_size)
         self.backend = index.backend if backend is None else backend
-        self._mod = impl(self.backend, "wave_buffer")   # validates the name
+        device = index.device if check_device(device) is None else device
+        if device != index.device:
+            raise ValueError(f"device={device!r} differs from the index's device {index.device!r}: the buffer "
+                             "serves the index's execution buffer, so both live on one device")
+        self.device = device
+        self._mod = impl(self.backend, "wave_buffer", device)   # validates the name
         self.backend = self._mod.__name__.split(".")[1]
         hkv, d, dv = index.shape
         self._state = self._mod.sync_state(self._mod.empty_state(hkv, d, dv, self.block_size), index.meta,
@@ -147,7 +158,8 @@ class WaveBuffer:
         reused arrays, which :meth:`WaveIndex.attend` passes) the buffer returned is the caller's own.
         """
         self._sync()
-        retrieval = np.asarray(retrieval)
+        # the control plane reads the ids on the CPU (RetroInfer §4.4): Hkv x r integers cross over
+        retrieval = to_host(retrieval) if is_cupy(retrieval) else np.asarray(retrieval)
         hkv = self._state.host.sizes.shape[0]
         if retrieval.ndim != 2 or retrieval.shape[0] != hkv or retrieval.dtype.kind not in "iu":
             raise ValueError(f"retrieval must be an int array of shape (Hkv={hkv}, r), "
@@ -162,7 +174,10 @@ class WaveBuffer:
         res = self._mod.plan_step(self._state, retrieval)
         t1 = time.perf_counter()
         buf = self._mod.fill_execution_buffer(self._state, sk, sv, sids, retrieval, res.hit, workspace)
-        self._mod.scatter_admitted(self._state, retrieval, res.admitted)
+        if hasattr(self._mod, "scatter_from_buffer"):       # GPU: admitted misses device to device (§4.4)
+            self._mod.scatter_from_buffer(self._state, retrieval, res.admitted, buf, sk.shape[1])
+        else:
+            self._mod.scatter_admitted(self._state, retrieval, res.admitted)
         t2 = time.perf_counter()
         self.last_step = res
         self.stats = self._count(retrieval, res, t1 - t0, t2 - t1)
@@ -197,4 +212,4 @@ class WaveBuffer:
         hr = "n/a" if self.stats is None else f"{self.stats.cumulative_hit_ratio:.3f}"
         return (f"WaveBuffer(Hkv={hkv}, clusters={self.n_clusters}, host_blocks={self.host_blocks}, "
                 f"cache_blocks={self.capacity_blocks} ({self.cache_fraction:.1%}), block_size={self.block_size}, "
-                f"steps={len(self.history)}, hit_ratio={hr}, backend={self.backend!r})")
+                f"steps={len(self.history)}, hit_ratio={hr}, backend={self.backend!r}, device={self.device!r})")

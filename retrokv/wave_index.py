@@ -18,6 +18,7 @@ from numbers import Integral
 import numpy as np
 
 from . import _validate as V
+from ._xp import resolve_device, to_device, to_host, xp
 from .backend import impl, resolve
 from .index import IndexStats, check_prefill_queries, resolve_config
 
@@ -122,43 +123,55 @@ class WaveStats(IndexStats):
 class WaveIndex:
     """RetroInfer's wave index over one sequence's KV cache ``(Hkv, N, d)``; build with :meth:`build`."""
 
-    def __init__(self, meta, steady_k, steady_v, steady_ids, n_tokens, n_sink, config, backend):
-        self.config, self.backend = config, backend
+    def __init__(self, meta, steady_k, steady_v, steady_ids, n_tokens, n_sink, config, backend, device="cpu"):
+        self.config, self.backend, self.device = config, backend, device
+        self._mod = impl(backend, "wave_index", device)
         self._meta = meta
         self._sk, self._sv, self._sids = steady_k, steady_v, steady_ids   # (Hkv, S, d), (Hkv, S, dv), (S,)
         self._n, self._n_sink = n_tokens, n_sink
-        self._workspace = impl(backend, "wave_index").Workspace()   # reused execution buffer, this index's own
+        # the reused execution buffer, this index's own (CPU paths; on the GPU CuPy's memory pool does this)
+        ws = getattr(self._mod, "Workspace", None)
+        self._workspace = ws() if ws is not None else None
         self.last_stats = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def build(cls, keys, values, prefill_queries=None, *, config=None, backend=None, check_finite=True,
-              **overrides):
+    def build(cls, keys, values, prefill_queries=None, *, config=None, backend=None, device=None,
+              check_finite=True, **overrides):
         """Index ``keys``/``values`` ``(Hkv, N, d)`` (copied): sinks and the last ``n_local`` tokens stay
         exact, the middle is clustered. Fewer than ``tokens_per_cluster`` middle tokens: no clusters yet.
         ``prefill_queries`` is unused (the wave index needs none); ``config`` fields may be overridden
-        by keyword (``WaveIndex.build(k, v, n_local=128)``)."""
+        by keyword (``WaveIndex.build(k, v, n_local=128)``).
+
+        ``device``: ``None`` (infer: CuPy input means ``"cuda"``), ``"cpu"`` or ``"cuda"``. On ``"cuda"``
+        (``backend="fast"``) the whole index lives in device memory and every step of RetroInfer §4.1-4.2
+        (k-means, ranking, gather, estimation, merge) runs the kernels of :mod:`retrokv.fast.cuda`;
+        host input is uploaded once here."""
         check_prefill_queries(prefill_queries, "WaveIndex")
         config = resolve_config(WaveConfig, config, overrides)
         check_finite = V.check_bool(check_finite, "check_finite")
         backend = resolve(backend)
+        device = resolve_device(device, keys, values)
+        mod = impl(backend, "wave_index", device)
         keys, values = V.check_kv(keys, values, finite=check_finite)
+        keys, values = to_device(keys, device, "keys"), to_device(values, device, "values")
+        m = xp(keys)
         hkv, n, d = keys.shape
-        mod = impl(backend, 'wave_index')
         n_sink = min(config.n_sink, n)
         end = n - config.n_local
         if end - n_sink >= config.tokens_per_cluster:
             c, s = impl(backend, 'clustering').plan_clusters(end - n_sink, config.tokens_per_cluster,
                                                             config.segment_tokens)
-            meta = mod.build_meta_index(keys[:, n_sink:end], values[:, n_sink:end], np.arange(n_sink, end),
+            meta = mod.build_meta_index(keys[:, n_sink:end], values[:, n_sink:end], m.arange(n_sink, end),
                                         c, s, config.kmeans_iters)
         else:
             end = n_sink
             meta = mod.empty_meta(hkv, d, values.shape[2])
-        ids = np.concatenate([np.arange(n_sink), np.arange(end, n)]).astype(np.int64)
-        sk = np.ascontiguousarray(np.concatenate([keys[:, :n_sink], keys[:, end:]], axis=1))
-        sv = np.ascontiguousarray(np.concatenate([values[:, :n_sink], values[:, end:]], axis=1))
-        return cls(meta, sk, sv, ids, n, n_sink, config, backend)
+            meta = type(meta)(*(m.asarray(x) for x in meta))      # where the KV lives
+        ids = m.concatenate([m.arange(n_sink), m.arange(end, n)]).astype(np.int64)
+        sk = m.ascontiguousarray(m.concatenate([keys[:, :n_sink], keys[:, end:]], axis=1))
+        sv = m.ascontiguousarray(m.concatenate([values[:, :n_sink], values[:, end:]], axis=1))
+        return cls(meta, sk, sv, ids, n, n_sink, config, backend, device)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -208,22 +221,24 @@ class WaveIndex:
                              f"got shape {tuple(q.shape)}")
         if check_finite:
             V.check_finite(q, "q")
-        q = np.ascontiguousarray(q, dtype=np.float32)
+        q = to_device(q, self.device, "q")
+        q = xp(q).ascontiguousarray(q, dtype=np.float32)
         gather = None
         if buffer is not None:
             if getattr(buffer, "index", None) is not self:
                 raise ValueError("buffer must be a WaveBuffer built over this index")
             gather = functools.partial(buffer.gather, workspace=self._workspace)
-        mod = impl(self.backend, 'wave_index')
-        out, lse, zones = mod.tripartite_attention(q, self._meta, self._sk, self._sv, self._sids,
+        out, lse, zones = self._mod.tripartite_attention(q, self._meta, self._sk, self._sv, self._sids,
                                                    self.n_retrieve, self.n_estimate, self.config.scale, gather,
                                                    self._workspace)
+        # statistics are host values (the zones are Hkv x (r + e) ids: a small copy on the GPU path)
+        zones = type(zones)(to_host(zones.retrieval), to_host(zones.estimation), to_host(zones.exact_ids))
         self.last_stats = self._stats(zones, q.shape[0])
         return (out, lse) if return_lse else out
 
     def _stats(self, zones, hq):
         meta, (hkv, d, dv) = self._meta, self.shape
-        sizes = meta.sizes
+        sizes = to_host(meta.sizes)
         r_tok = np.take_along_axis(sizes, zones.retrieval, axis=1).sum(axis=1)
         e_tok = np.take_along_axis(sizes, zones.estimation, axis=1).sum(axis=1)
         indexed = sizes.sum(axis=1)
@@ -254,23 +269,24 @@ class WaveIndex:
         """
         hkv, d, dv = self.shape
         k, v = V.check_append(k, v, hkv, d, dv, finite=V.check_bool(check_finite, "check_finite"))
+        k, v = to_device(k, self.device, "k"), to_device(v, self.device, "v")
+        m = xp(self._sk)
         n = k.shape[1]
-        self._sk = np.concatenate([self._sk, k], axis=1)
-        self._sv = np.concatenate([self._sv, v], axis=1)
-        self._sids = np.concatenate([self._sids, np.arange(self._n, self._n + n, dtype=np.int64)])
+        self._sk = m.concatenate([self._sk, k], axis=1)
+        self._sv = m.concatenate([self._sv, v], axis=1)
+        self._sids = m.concatenate([self._sids, m.arange(self._n, self._n + n, dtype=np.int64)])
         self._n += n
         added = 0
-        cfg, mod = self.config, impl(self.backend, 'wave_index')
+        cfg, mod = self.config, self._mod
         while len(self._sids) - self._n_sink >= cfg.n_local + cfg.update_every:
             lo, hi = self._n_sink, self._n_sink + cfg.update_every
             c = min(cfg.update_clusters, cfg.update_every)
             new = mod.build_meta_index(self._sk[:, lo:hi], self._sv[:, lo:hi], self._sids[lo:hi], c, 1,
                                        cfg.kmeans_iters)
             self._meta = mod.concat_meta(self._meta, new)
-            keep = np.r_[0:lo, hi:len(self._sids)]
-            self._sk = np.ascontiguousarray(self._sk[:, keep])
-            self._sv = np.ascontiguousarray(self._sv[:, keep])
-            self._sids = self._sids[keep]
+            self._sk = m.ascontiguousarray(m.concatenate([self._sk[:, :lo], self._sk[:, hi:]], axis=1))
+            self._sv = m.ascontiguousarray(m.concatenate([self._sv[:, :lo], self._sv[:, hi:]], axis=1))
+            self._sids = m.concatenate([self._sids[:lo], self._sids[hi:]])
             added += c
         return added
 
@@ -278,4 +294,4 @@ class WaveIndex:
         hkv, d, dv = self.shape
         return (f"WaveIndex(Hkv={hkv}, d={d}, tokens={self._n}, clusters={self.n_clusters}, "
                 f"steady={len(self._sids)}, retrieve={self.n_retrieve}, estimate={self.n_estimate}, "
-                f"backend={self.backend!r})")
+                f"backend={self.backend!r}, device={self.device!r})")

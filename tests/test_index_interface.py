@@ -44,7 +44,7 @@ def test_every_registered_index_satisfies_the_interface(name, rng):
     sig = inspect.signature(cls.build)
     params = list(sig.parameters.values())
     assert [p.name for p in params[:3]] == ["keys", "values", "prefill_queries"]
-    for kw in ("config", "backend"):
+    for kw in ("config", "backend", "device"):
         assert sig.parameters[kw].kind is inspect.Parameter.KEYWORD_ONLY
     assert list(inspect.signature(cls.attend).parameters)[:3] == ["self", "q", "return_lse"]
     assert list(inspect.signature(cls.append).parameters)[:3] == ["self", "k", "v"]

@@ -37,7 +37,7 @@ from ._xp import asnumpy, device_xp, float_array, launch, pinned_copy
 
 __all__ = ["HostTier", "DeviceTier", "BufferState", "StepResult", "empty_state", "extend_host_tier",
            "extend_device_tier", "capacity_blocks", "sync_state", "plan_step", "fill_execution_buffer",
-           "scatter_admitted", "gather_step", "read_cluster", "lru_order", "used_blocks"]
+           "scatter_admitted", "scatter_from_buffer", "gather_step", "read_cluster", "lru_order", "used_blocks"]
 
 lru_order = _cpu.lru_order
 used_blocks = _cpu.used_blocks
@@ -200,9 +200,10 @@ def _layout(state, ids, s):
     return np.ascontiguousarray(ends - sizes), lengths
 
 
-def fill_execution_buffer(state, steady_k, steady_v, steady_ids, retrieval, hit):
+def fill_execution_buffer(state, steady_k, steady_v, steady_ids, retrieval, hit, workspace=None):
     """Same contract as the reference: ``[steady | retrieved in rank order]``, hits from the block cache,
-    misses from the pinned host tier. ``lengths`` is a host array; rows past it are zero."""
+    misses from the pinned host tier. ``lengths`` is a host array; rows past it are zero.
+    ``workspace`` is accepted for the shared signature (CuPy's memory pool reuses the allocation)."""
     m = device_xp()
     host, dev = state.host, state.device
     hkv, s, d = steady_k.shape
@@ -287,15 +288,24 @@ def gather_step(state, steady_k, steady_v, steady_ids, retrieval):
     Returns ``(ExecBuffer, StepResult)``; decisions and buffer are the reference's."""
     res = plan_step(state, retrieval)
     buf = fill_execution_buffer(state, steady_k, steady_v, steady_ids, retrieval, res.hit)
-    if res.admitted.any():
-        m = device_xp()
-        ids = asnumpy(retrieval).astype(np.int64)
-        dst, _ = _layout(state, ids, steady_k.shape[1])
-        heads, _, blk, n_valid, row = _admitted_blocks(state, ids, res.admitted, dst)
-        dev = state.device
-        launch(_scatter_kernel, len(heads), dev.keys, dev.values, dev.ids, buf.keys, buf.values, buf.ids,
-               *(m.asarray(x) for x in (heads, row, n_valid, blk)))
+    scatter_from_buffer(state, retrieval, res.admitted, buf, steady_k.shape[1])
     return buf, res
+
+
+def scatter_from_buffer(state, retrieval, admitted, buf, n_steady):
+    """Step 5 the paper's way: the admitted misses into their device blocks, read from the execution
+    buffer ``buf`` just filled (``n_steady`` steady rows first), device to device, so a miss crosses
+    PCIe once (RetroInfer §4.4). Same cache contents as :func:`scatter_admitted`."""
+    admitted = asnumpy(admitted)
+    if not admitted.any():
+        return
+    m = device_xp()
+    ids = asnumpy(retrieval).astype(np.int64)
+    dst, _ = _layout(state, ids, n_steady)
+    heads, _, blk, n_valid, row = _admitted_blocks(state, ids, admitted, dst)
+    dev = state.device
+    launch(_scatter_kernel, len(heads), dev.keys, dev.values, dev.ids, buf.keys, buf.values, buf.ids,
+           *(m.asarray(x) for x in (heads, row, n_valid, blk)))
 
 
 def read_cluster(state, h, i):
