@@ -118,7 +118,7 @@ def _at(method, index, value):
     elif method == "ivf":
         ix.nprobe = min(ix.n_lists, int(value))
     elif method in ("wave", "wave_noest"):
-        ix.config = dataclasses.replace(ix.config, retrieval_budget=float(value))
+        ix.config = dataclasses.replace(ix.config, retrieval_budget=float(value), estimation=method == "wave")
     return ix
 
 
@@ -167,8 +167,12 @@ def layer_points(layer_qkv, methods=METHODS, n_queries=16, backend="fast", layer
     p = n - n_queries
     k, v, q = c.k[:, :p], c.v[:, :p], c.q[:, :p]
     out = []
+    wave = {}                                 # wave and wave_noest share one build (estimation is a decode choice)
     for m in methods:
-        built = None if m == "streaming" else _build(m, k, v, q, backend, n)
+        if m in ("wave", "wave_noest"):
+            built = wave.setdefault("ix", _build("wave", k, v, q, backend, n))
+        else:
+            built = None if m == "streaming" else _build(m, k, v, q, backend, n)
         for label, value in sweep(m, n):
             ix = _build(m, k, v, q, backend, n, value) if m == "streaming" else _at(m, built, value)
             e, bd, td = run_point(ix, c, refs, n_queries)
