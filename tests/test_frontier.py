@@ -184,3 +184,34 @@ def test_retrieval_floor():
     ix = WaveIndex.build(k, v, config=WaveConfig(min_retrieval_tokens=200), backend="reference")
     ix.attend(q)
     assert ix.last_stats.retrieval_clusters.shape[1] == 13 and ix.n_estimate + 13 <= ix.n_clusters
+
+
+# ------------------------------------------------------------------------------------------ report
+def _db():
+    pts = []
+    for corpus in ("pydoc", "licenses"):
+        for layer in (1, 5):
+            for m, xs in (("topk", (0.02, 0.05, 0.2)), ("wave", (0.03, 0.1)), ("streaming", (0.01, 0.1)),
+                          ("graph", (0.02, 0.1))):
+                if m == "graph" and layer == 1:
+                    continue
+                for x in xs:
+                    pts.append({"method": m, "knob": f"x={x}", "value": x, "layer": layer, "corpus": corpus,
+                                "n_tokens": 4096, "error": 0.01 / x * (2 if m == "wave" else 1),
+                                "byte_density": x + (0.5 if m == "topk" else 0.02), "token_density": x})
+    return {"points": pts, "runs": [{"start": "s", "end": "e", "load": 5.0, "load_end": 6.0, "fingerprints": {}}]}
+
+
+def test_report_says_missed_when_wave_is_worse_and_plots(tmp_path):
+    md = F.report(_db(), "cmd", (1, 5), (5,))
+    assert "wave below oracle at 0 of 2 points (MISSED)" in md
+    assert "Graph measured on layers [5]" in md and "`cmd`" in md and "kvpress" in md
+    path = F.plot(_db(), str(tmp_path / "f.png"), (1, 5))
+    assert (tmp_path / "f.png").stat().st_size > 10_000 and path.endswith("f.png")
+
+
+def test_cli_refuses_bad_frontier_layers(tmp_path, capsys):
+    from retrokv.harness.cli import main
+
+    assert main(["eval", "--frontier", "--frontier-layers", "5,99", "--out", str(tmp_path)]) == 2
+    assert "frontier-layers" in capsys.readouterr().err

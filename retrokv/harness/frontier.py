@@ -359,3 +359,52 @@ def plot(db, path, layers=None, graph_layers=None):
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+FAST_METHODS = ("streaming", "topk", "quest", "ivf", "wave", "wave_noest")
+
+
+def run_cli(args):
+    """``retrokv eval --frontier``: the small frontier (no graph: its all-queries build takes minutes per
+    layer on a laptop; ``benchmarks/frontier.py`` runs it). Both corpora, ``args.lengths[0]`` tokens,
+    ``args.frontier_layers``; writes ``frontier.md``, ``frontier.json`` and ``frontier.png`` to ``args.out``."""
+    import json
+    import os
+    import time
+
+    from .cli import CLIError
+    from .data import CORPORA, corpus_fingerprint, natural_text_ids
+    from .models import capture_qkv, load_smollm2
+
+    try:
+        layers = sorted({int(x) for x in str(args.frontier_layers).split(",") if x.strip()})
+    except ValueError:
+        raise CLIError(f"--frontier-layers must be a comma list of ints, got {args.frontier_layers!r}") from None
+    if not layers or min(layers) < 0 or max(layers) > 29:
+        raise CLIError(f"--frontier-layers must lie in [0, 29] (SmolLM2 has 30 layers), got {args.frontier_layers!r}")
+    n = args.lengths[0]
+    t0 = time.time()
+    db = {"points": [], "runs": [{"start": time.strftime("%Y-%m-%d %H:%M:%S"), "load": os.getloadavg()[0],
+                                  "fingerprints": {c: corpus_fingerprint(c) for c in CORPORA}}]}
+    model, tok = load_smollm2()
+    for corpus in CORPORA:
+        cap = capture_qkv(model, natural_text_ids(tok, n, corpus=corpus), layers=layers)
+        for layer in layers:
+            pts = layer_points(cap[layer], FAST_METHODS, 16, args.backend, layer)
+            for p in pts:
+                p.update(corpus=corpus, n_tokens=n)
+            db["points"] += pts
+            if not args.quiet:
+                print(f"{corpus} layer {layer}: done ({time.time() - t0:.0f}s)", flush=True)
+    db["runs"][0].update(end=time.strftime("%Y-%m-%d %H:%M:%S"), load_end=os.getloadavg()[0])
+    cmd = (f"retrokv eval --frontier --lengths {n} --frontier-layers {','.join(map(str, layers))} "
+           f"--backend {args.backend} --out {args.out}")
+    md = report(db, cmd, layers, ())
+    with open(os.path.join(args.out, "frontier.md"), "w") as f:
+        f.write(md)
+    with open(os.path.join(args.out, "frontier.json"), "w") as f:
+        json.dump(db, f)
+    plot(db, os.path.join(args.out, "frontier.png"), layers)
+    print(f"wrote {os.path.join(args.out, 'frontier.md')} and frontier.png ({time.time() - t0:.0f}s)")
+    return 0
