@@ -82,7 +82,7 @@ def run(args):
         for n in LENGTHS:
             for corpus in CORPORA:
                 cap = capture(corpus)
-                for layer in (GRAPH_LAYERS if m == "graph" else LAYERS):
+                for layer in (args.graph_layers if m == "graph" else LAYERS):
                     key = (corpus, n, layer, m)
                     if list(key) in db["done"] or key in done:
                         continue
@@ -110,8 +110,11 @@ def report(args):
     from retrokv.harness import frontier as F
 
     db = load_json()
-    md, fig = F.report(db, command="python benchmarks/frontier.py run && python benchmarks/frontier.py report",
-                       layers=LAYERS, graph_layers=GRAPH_LAYERS)
+    sys.path.insert(0, HERE)
+    from machine import describe
+
+    md = F.report(db, command="python benchmarks/frontier.py run && python benchmarks/frontier.py report",
+                  layers=LAYERS, graph_layers=GRAPH_LAYERS, machine=describe())
     with open(os.path.join(HERE, "results", "frontier_error.md"), "w") as f:
         f.write(md)
     F.plot(db, os.path.join(ROOT, "docs", "img", "frontier_error.png"))
@@ -123,5 +126,7 @@ if __name__ == "__main__":
     ap.add_argument("stage", choices=("run", "report"))
     ap.add_argument("--backend", default="fast")
     ap.add_argument("--methods", default="streaming,topk,wave,wave_noest,quest,ivf,graph")
+    ap.add_argument("--graph-layers", type=lambda s: tuple(int(x) for x in s.split(",")), default=GRAPH_LAYERS,
+                    help="layers for the graph (default: 4 of the 8); the report says which were run")
     a = ap.parse_args()
     run(a) if a.stage == "run" else report(a)

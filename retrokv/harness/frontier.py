@@ -262,10 +262,10 @@ def report(db, command, layers, graph_layers, machine=None):
              f"{runs[-1].get('fingerprints') if runs else '?'}.", "",
              "**Samples.** One 8192-token prompt per corpus (the first 8192 tokens of the corpus); the 4096-token "
              "results use its first 4096 tokens (the model is causal: identical to a 4096-token prompt). "
-             f"Layers {list(layers)} (every 4th of 30) for every method except the graph, which is built from ALL "
-             f"prefill queries and therefore run on a subset of layers (at most {list(graph_layers)}; each "
-             "section says which); the `err (graph layers)` "
-             "column gives every method's median over those same layers, so compare the graph on that column. "
+             f"Layers {list(layers)} for every method; the graph index (built from ALL prefill queries, the slow "
+             "part) on the layers each section states: where that is a subset, its `error` cell is empty and the "
+             "`err (graph layers)` column gives every method's median over the graph's layers, the column to "
+             "compare the graph on. "
              "Decode queries: the last 16 positions (the index is built on the keys before them, the keys in "
              "between are appended), as `retrokv.harness.eval.layer_errors` does.", "",
              "**Error**: per layer the median over the 16 positions of `||o - o_hat|| / ||o||` against float64 full "
@@ -297,6 +297,22 @@ def report(db, command, layers, graph_layers, machine=None):
                                    "token density": r["token_density"], "error": r["error"],
                                    "err (graph layers)": r["error_graph_layers"]} for r in rows],
                                  ["method", "knob", "byte density", "token density", "error", "err (graph layers)"]),
+                  ""]
+        equal = []
+        wave_default = next((r for r in rows if r["method"] == "wave" and r["value"] == 0.018), None)
+        for x in ([wave_default["byte_density"]] if wave_default else []) + [0.10, 0.20]:
+            row = {"byte density": x}
+            for m in METHODS:
+                if m == "topk":
+                    continue
+                col = "error" if m != "graph" else "error_graph_layers"
+                pts_m = [dict(r, error=r[col]) for r in rows if r["method"] == m]
+                row[m] = interp_error(pts_m, m, x, "byte_density") if pts_m else float("nan")
+            equal.append(row)
+        lines += ["Errors at equal byte density (interpolated linearly in log density between swept points; empty: "
+                  "outside the method's swept range; the first row is the wave index's paper default, r = 0.018; "
+                  "graph on its own layers):", "",
+                  markdown_table(equal, ["byte density"] + [m for m in METHODS if m != "topk"]).replace("nan", ""),
                   ""]
         cmp = wave_vs_oracle([r for r in rows if r["method"] in ("wave", "topk")])
         below = [c for c in cmp if c["below"] is not None]
