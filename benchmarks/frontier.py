@@ -114,7 +114,10 @@ def report(args):
     from machine import describe
 
     md = F.report(db, command="python benchmarks/frontier.py run && python benchmarks/frontier.py report",
-                  layers=LAYERS, graph_layers=GRAPH_LAYERS, machine=describe())
+                  layers=LAYERS, graph_layers=GRAPH_LAYERS, machine=describe(),
+                  samples="One 8192-token prompt per corpus (its first 8192 tokens); the 4096-token results use the "
+                          "first 4096 tokens of the same capture (the model is causal: identical to a 4096-token "
+                          "prompt). Layers 1, 5, ..., 29: every 4th of SmolLM2's 30.")
     with open(os.path.join(HERE, "results", "frontier_error.md"), "w") as f:
         f.write(md)
     F.plot(db, os.path.join(ROOT, "docs", "img", "frontier_error.png"))

@@ -245,7 +245,7 @@ def wave_vs_oracle(rows):
     return out
 
 
-def report(db, command, layers, graph_layers, machine=None):
+def report(db, command, layers, graph_layers, machine=None, samples=None):
     """The markdown of ``benchmarks/results/frontier_error.md`` from the stored sweep ``db``."""
     from .eval import markdown_table
 
@@ -260,9 +260,9 @@ def report(db, command, layers, graph_layers, machine=None):
              f"Corpora (retrokv.harness.data): `pydoc` (Python reference documentation) and `licenses` (legal prose: "
              f"licence texts shipped by the installed packages); fingerprints "
              f"{runs[-1].get('fingerprints') if runs else '?'}.", "",
-             "**Samples.** One 8192-token prompt per corpus (the first 8192 tokens of the corpus); the 4096-token "
-             "results use its first 4096 tokens (the model is causal: identical to a 4096-token prompt). "
-             f"Layers {list(layers)} for every method; the graph index (built from ALL prefill queries, the slow "
+             "**Samples.** " + (samples or f"One prompt per corpus and length (the first tokens of the corpus), "
+                                f"layers {list(layers)}.") + " "
+             f"Every method on layers {list(layers)}; the graph index (built from ALL prefill queries, the slow "
              "part) on the layers each section states: where that is a subset, its `error` cell is empty and the "
              "`err (graph layers)` column gives every method's median over the graph's layers, the column to "
              "compare the graph on. "
@@ -292,7 +292,7 @@ def report(db, command, layers, graph_layers, machine=None):
         order = {m: i for i, m in enumerate(METHODS)}
         rows.sort(key=lambda r: (order[r["method"]], r["byte_density"]))
         lines += [f"## {corpus}, {n} tokens", "", f"Graph measured on layers {graph_layers}." if gpts else
-                  "Graph not measured at this length/corpus (ran out of time).", "",
+                  "Graph index not measured in this run.", "",
                   markdown_table([{"method": r["method"], "knob": r["knob"], "byte density": r["byte_density"],
                                    "token density": r["token_density"], "error": r["error"],
                                    "err (graph layers)": r["error_graph_layers"]} for r in rows],
@@ -416,7 +416,11 @@ def run_cli(args):
     db["runs"][0].update(end=time.strftime("%Y-%m-%d %H:%M:%S"), load_end=os.getloadavg()[0])
     cmd = (f"retrokv eval --frontier --lengths {n} --frontier-layers {','.join(map(str, layers))} "
            f"--backend {args.backend} --out {args.out}")
-    md = report(db, cmd, layers, ())
+    import platform
+
+    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical cores, "
+               f"Python {platform.python_version()}")
+    md = report(db, cmd, layers, (), machine=machine)
     with open(os.path.join(args.out, "frontier.md"), "w") as f:
         f.write(md)
     with open(os.path.join(args.out, "frontier.json"), "w") as f:
