@@ -287,7 +287,8 @@ def report(db, command, layers, graph_layers, machine=None, samples=None):
         on_graph_layers = {(r["method"], r["knob"]): r["error"] for r in aggregate(other, graph_layers)}
         for r in rows:
             r["error_graph_layers"] = on_graph_layers.get((r["method"], r["knob"]), float("nan"))
-        rows += [dict(r, error_graph_layers=r["error"], error=float("nan"))
+        every = set(graph_layers) >= set(layers)
+        rows += [dict(r, error_graph_layers=r["error"], error=r["error"] if every else float("nan"))
                  for r in aggregate(gpts, graph_layers)]
         order = {m: i for i, m in enumerate(METHODS)}
         rows.sort(key=lambda r: (order[r["method"]], r["byte_density"]))
