@@ -19,6 +19,7 @@ Neither corpus is tuned on: benchmarks report both so that no setting is fit to 
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 
@@ -64,9 +65,15 @@ def _license_parts():
     return parts
 
 
+@functools.lru_cache(maxsize=None)
+def _cached_parts(corpus):
+    return tuple(_pydoc_parts() if corpus == "pydoc" else _license_parts())
+
+
 def _parts(corpus):
+    """The corpus's documents, in order (read once per process: the installed packages do not change)."""
     _check_corpus(corpus)
-    return _pydoc_parts() if corpus == "pydoc" else _license_parts()
+    return _cached_parts(corpus)
 
 
 def natural_text(min_chars: int = 20_000, corpus: str = "pydoc") -> str:
