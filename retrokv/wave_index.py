@@ -38,6 +38,16 @@ class WaveConfig:
     override the fraction. An int budget is refused (``retrieval_budget=1`` would read as "one
     cluster" to some and "100%" to others): use the count fields for counts. ``estimation=False``
     drops the estimation zone (the ablation of RetroInfer Fig. 19a).
+
+    Short contexts, as RetroInfer's released code runs them: ``min_index_tokens`` is its offload
+    mode's build threshold. While the context holds at most ``n_sink + n_local + min_index_tokens``
+    tokens the index has no clusters and every token sits in the steady zone, so attention is exact
+    (dense); a longer prompt is clustered at build, and a context that grows past the threshold is
+    clustered by the ordinary update path. The default 1024 (the offload mode's 4 + 64 + 1024) keeps
+    4K-8K prompts indexed; ``0`` clusters whatever is there. ``min_retrieval_tokens`` is a floor on
+    the retrieval zone: at least ``ceil(min_retrieval_tokens / tokens_per_cluster)`` clusters are
+    retrieved whatever the fraction gives (``0``, the default, is the paper's pure fraction; see
+    docs/wave_index.md, "Short contexts", for what the measured frontier says about it).
     """
 
     n_sink: int = 4                      # attention-sink tokens, always exact
@@ -53,10 +63,12 @@ class WaveConfig:
     scale: float | None = None           # score scale, default 1/sqrt(d)
     retrieval_clusters: int | None = None    # a fixed count of retrieved clusters (overrides the fraction)
     estimation_clusters: int | None = None   # a fixed count of estimated clusters (overrides the fraction)
+    min_index_tokens: int = 1024         # dense (no clusters) until the middle exceeds this many tokens
+    min_retrieval_tokens: int = 0        # floor on the retrieval zone, in tokens (0: the fraction alone)
 
     def __post_init__(self):
         ints = {"n_sink": 0, "n_local": 0, "tokens_per_cluster": 1, "segment_tokens": 1, "kmeans_iters": 1,
-                "update_every": 1, "update_clusters": 1}
+                "update_every": 1, "update_clusters": 1, "min_index_tokens": 0, "min_retrieval_tokens": 0}
         for name, low in ints.items():
             x = getattr(self, name)
             if isinstance(x, (bool, np.bool_)) or not isinstance(x, Integral) or x < low:
@@ -80,8 +92,15 @@ class WaveConfig:
 
     def n_retrieve(self, n_clusters):
         """Clusters in the retrieval zone when the index holds ``n_clusters``: ``retrieval_clusters``
-        when set, else ``retrieval_budget`` of them (at least one for a positive budget)."""
-        return _count(self.retrieval_budget, self.retrieval_clusters, n_clusters)
+        when set, else ``retrieval_budget`` of them (at least one for a positive budget); never fewer
+        than ``ceil(min_retrieval_tokens / tokens_per_cluster)`` (capped at ``n_clusters``)."""
+        floor = -(-self.min_retrieval_tokens // self.tokens_per_cluster)
+        return int(min(n_clusters, max(_count(self.retrieval_budget, self.retrieval_clusters, n_clusters), floor)))
+
+    def indexes(self, n_middle):
+        """Whether ``n_middle`` tokens between the sinks and the local window are clustered: more than
+        ``min_index_tokens`` of them, and at least one cluster's worth (``tokens_per_cluster``)."""
+        return n_middle > self.min_index_tokens and n_middle >= self.tokens_per_cluster
 
     def n_estimate(self, n_clusters):
         """Clusters in the estimation zone (never overlapping the retrieval zone)."""
@@ -159,7 +178,7 @@ class WaveIndex:
         hkv, n, d = keys.shape
         n_sink = min(config.n_sink, n)
         end = n - config.n_local
-        if end - n_sink >= config.tokens_per_cluster:
+        if config.indexes(end - n_sink):
             c, s = impl(backend, 'clustering').plan_clusters(end - n_sink, config.tokens_per_cluster,
                                                             config.segment_tokens)
             meta = mod.build_meta_index(keys[:, n_sink:end], values[:, n_sink:end], m.arange(n_sink, end),
@@ -278,7 +297,8 @@ class WaveIndex:
         self._n += n
         added = 0
         cfg, mod = self.config, self._mod
-        while len(self._sids) - self._n_sink >= cfg.n_local + cfg.update_every:
+        while (len(self._sids) - self._n_sink >= cfg.n_local + cfg.update_every
+               and (self.n_clusters or cfg.indexes(len(self._sids) - self._n_sink - cfg.n_local))):
             lo, hi = self._n_sink, self._n_sink + cfg.update_every
             c = min(cfg.update_clusters, cfg.update_every)
             new = mod.build_meta_index(self._sk[:, lo:hi], self._sv[:, lo:hi], self._sids[lo:hi], c, 1,

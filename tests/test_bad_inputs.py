@@ -280,7 +280,7 @@ def int_kinds(good, lo=0, optional=False):
     return kinds
 
 
-SMALL_WAVE = dict(n_sink=2, n_local=3, tokens_per_cluster=4, segment_tokens=16, kmeans_iters=2, update_every=4,
+SMALL_WAVE = dict(min_index_tokens=0, n_sink=2, n_local=3, tokens_per_cluster=4, segment_tokens=16, kmeans_iters=2, update_every=4,
                   update_clusters=2, retrieval_budget=1.0)
 TINY_GRAPH = dict(n_sink=2, n_recent=2, top_k=64, n_query_neighbors=4, max_degree=4, pool_cap=8, search_L=64)
 EXACT = {   # configurations under which attend is full attention

@@ -16,7 +16,7 @@ from retrokv import methods
 from retrokv.index import DecodeIndex, IndexStats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = {"wave": {"n_sink": 2, "n_local": 4, "tokens_per_cluster": 4, "segment_tokens": 64},
+SMALL = {"wave": {"n_sink": 2, "n_local": 4, "tokens_per_cluster": 4, "segment_tokens": 64, "min_index_tokens": 0},
          "graph": {"n_sink": 2, "n_recent": 4, "top_k": 5, "n_query_neighbors": 4, "max_degree": 4,
                    "pool_cap": 16, "search_L": 8},
          "topk": {"n_sink": 2, "n_recent": 4, "top_k": 5}, "ivf": {"n_sink": 2, "n_recent": 4, "top_k": 5},

@@ -148,13 +148,14 @@ def test_sparse_kernel_against_our_sparse_reference():
     k = (rng.standard_normal((2, 300, 16)) + 1).astype(np.float32)
     v = rng.standard_normal((2, 300, 16)).astype(np.float32)
     q = (rng.standard_normal((4, 16)) * 2).astype(np.float32)
-    cfg = rk.WaveConfig(n_sink=4, n_local=16, tokens_per_cluster=8, retrieval_budget=0.1, estimation_budget=0.3)
+    cfg = rk.WaveConfig(n_sink=4, n_local=16, tokens_per_cluster=8, retrieval_budget=0.1, estimation_budget=0.3,
+                        min_index_tokens=0)
     ref = functools.partial(O.wave_reference, config=cfg)
     fast = rk.WaveIndex.build(k, v, config=cfg, backend="fast").attend(q, return_lse=True)
     assert_attention_close(fast[0], q, k, v, lse=fast[1], reference=ref)
     with pytest.raises(AssertionError, match="float64 oracle"):          # the wave output is not full attention
         assert_attention_close(fast[0], q, k, v, lse=fast[1])
-    other = rk.WaveIndex.build(k, v, config=rk.WaveConfig(n_sink=4, n_local=16, tokens_per_cluster=8, retrieval_budget=0.02,
+    other = rk.WaveIndex.build(k, v, config=rk.WaveConfig(n_sink=4, n_local=16, tokens_per_cluster=8, min_index_tokens=0, retrieval_budget=0.02,
                                                    estimation_budget=0.3)).attend(q)
     with pytest.raises(AssertionError, match="wave_reference"):
         assert_attention_close(other, q, k, v, reference=ref)
@@ -257,7 +258,8 @@ def test_lse_merge_invariant_catches_wrong_merges():
 
 def test_zones_partition_invariant(rng):
     k = (rng.standard_normal((2, 200, 8)) + 1).astype(np.float32)
-    idx = rk.WaveIndex.build(k, k, config=rk.WaveConfig(n_sink=4, n_local=16, tokens_per_cluster=8, retrieval_budget=0.1))
+    idx = rk.WaveIndex.build(k, k, config=rk.WaveConfig(n_sink=4, n_local=16, tokens_per_cluster=8, retrieval_budget=0.1,
+                                                                     min_index_tokens=0))
     idx.attend(rng.standard_normal((4, 8)).astype(np.float32))
     I.check_zones_partition(idx)
     I.check_zones_partition({"steady": np.arange(10), "retrieval": [np.arange(10, 20), np.arange(50, 60)],
@@ -283,7 +285,7 @@ def test_jensen_invariant(rng):
         I.check_jensen_lower_bound(q_aligned, keys, labels, centroids=unit)
     with pytest.raises(AssertionError, match="size 3"):                       # an inflated size
         I.check_jensen_lower_bound(q, keys, [np.array([0]), np.array([1, 2])], sizes=[3, 2])
-    idx = rk.WaveIndex.build(keys[None], keys[None], config=rk.WaveConfig(n_sink=0, n_local=0, tokens_per_cluster=6))
+    idx = rk.WaveIndex.build(keys[None], keys[None], config=rk.WaveConfig(n_sink=0, n_local=0, tokens_per_cluster=6, min_index_tokens=0))
     I.check_jensen_lower_bound(q, idx.meta)                                   # a built index, per KV head
 
 

@@ -15,7 +15,7 @@ from retrokv.reference.wave_index import MetaIndex, concat_meta, empty_meta
 from retrokv.wave_index import WaveConfig, WaveIndex
 
 # update_every=32 so that a few hundred decode steps cross several index updates
-SMALL = dict(n_sink=2, n_local=8, tokens_per_cluster=4, segment_tokens=64, kmeans_iters=3, update_every=32,
+SMALL = dict(min_index_tokens=0, n_sink=2, n_local=8, tokens_per_cluster=4, segment_tokens=64, kmeans_iters=3, update_every=32,
              update_clusters=4, retrieval_budget=0.1, estimation_budget=0.3)
 
 
@@ -251,7 +251,7 @@ def test_fast_equals_reference_on_a_decode(seed, fraction, block):
 def test_validation():
     rng = np.random.default_rng(3)
     k, v = rng.standard_normal((2, 2, 100, 4)).astype(np.float32)
-    cfg = WaveConfig(n_sink=2, n_local=8, tokens_per_cluster=4)
+    cfg = WaveConfig(n_sink=2, n_local=8, tokens_per_cluster=4, min_index_tokens=0)
     idx = WaveIndex.build(k, v, config=cfg)
     with pytest.raises(TypeError, match="index"):
         rk.WaveBuffer("not an index")
@@ -288,7 +288,8 @@ def test_read_cluster_takes_int_indices_only(backend):
     """``read_cluster(0, 1.5)`` passed the range check and failed inside NumPy indexing (issue 13)."""
     rng = np.random.default_rng(4)
     k, v = rng.standard_normal((2, 2, 100, 4)).astype(np.float32)
-    idx = WaveIndex.build(k, v, config=WaveConfig(n_sink=2, n_local=8, tokens_per_cluster=4), backend=backend)
+    idx = WaveIndex.build(k, v, config=WaveConfig(n_sink=2, n_local=8, tokens_per_cluster=4, min_index_tokens=0),
+                          backend=backend)
     buf = rk.WaveBuffer(idx)
     for h, i, exc, name in ((0, 1.5, TypeError, "i"), (0, 1.0, TypeError, "i"), (0, True, TypeError, "i"),
                             (0.0, 1, TypeError, "h"), (np.bool_(False), 1, TypeError, "h"),

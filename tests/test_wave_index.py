@@ -11,7 +11,7 @@ from retrokv.reference import wave_index as ref_wi
 from retrokv.testing import invariants
 from retrokv.wave_index import WaveConfig, WaveIndex
 
-SMALL = dict(n_sink=2, n_local=5, tokens_per_cluster=4, segment_tokens=40, kmeans_iters=3,
+SMALL = dict(min_index_tokens=0, n_sink=2, n_local=5, tokens_per_cluster=4, segment_tokens=40, kmeans_iters=3,
              update_every=12, update_clusters=3)
 
 
@@ -132,7 +132,7 @@ def test_fast_equals_reference(case, bulk):
 
 
 def test_short_input_is_exact_and_updates_grow_the_index(rng):
-    cfg = WaveConfig(n_sink=4, n_local=64, update_every=32, update_clusters=4)
+    cfg = WaveConfig(n_sink=4, n_local=64, update_every=32, update_clusters=4, min_index_tokens=0)
     k = rng.standard_normal((2, 200, 8)).astype(np.float32)
     v = rng.standard_normal((2, 200, 8)).astype(np.float32)
     q = rng.standard_normal((4, 8)).astype(np.float32)
@@ -177,7 +177,8 @@ def test_validation(rng):
 
 @pytest.mark.model
 def test_real_model_beats_streaming_llm_and_estimation_helps(captured):
-    """SmolLM2, 1024-token prompt: decode queries of the last 16 positions, a few layers."""
+    """SmolLM2, 1024-token prompt: decode queries of the last 16 positions, a few layers (indexed although
+    below the default build threshold: ``min_index_tokens=0``)."""
     errs = {"wave": [], "noest": [], "stream": []}
     recall = {0.018: [], 0.1: []}
     for layer in (2, 10, 20):
@@ -187,7 +188,8 @@ def test_real_model_beats_streaming_llm_and_estimation_helps(captured):
             full = rk.full_attention(q, k, v)
             scores = np.einsum("hgd,hnd->hgn", q.reshape(k.shape[0], -1, q.shape[1]), k)    # (Hkv, G, N)
             for budget in recall:
-                idx = WaveIndex.build(k, v, config=WaveConfig(retrieval_budget=budget), backend="reference")
+                idx = WaveIndex.build(k, v, config=WaveConfig(retrieval_budget=budget, min_index_tokens=0),
+                                      backend="reference")
                 out = idx.attend(q)
                 hits = [np.isin(np.argsort(-scores[h], axis=1)[:, :32], idx.last_stats.exact_ids[h]).mean()
                         for h in range(k.shape[0])]
@@ -195,7 +197,8 @@ def test_real_model_beats_streaming_llm_and_estimation_helps(captured):
                 if budget == 0.018:
                     errs["wave"].append(np.linalg.norm(out - full) / np.linalg.norm(full))
                     n_exact = len(idx.last_stats.exact_ids[0])
-                    idx_ne = WaveIndex.build(k, v, config=WaveConfig(estimation=False), backend="reference")
+                    idx_ne = WaveIndex.build(k, v, config=WaveConfig(estimation=False, min_index_tokens=0),
+                                        backend="reference")
                     errs["noest"].append(np.linalg.norm(idx_ne.attend(q) - full) / np.linalg.norm(full))
                     keep = np.r_[0:4, t + 1 - (n_exact - 4):t + 1]   # StreamingLLM with the same exact budget
                     o_s = rk.full_attention(q, k[:, keep], v[:, keep])
@@ -212,13 +215,15 @@ def test_fast_attend_on_two_indexes_from_two_threads_is_exact(rng):
     (a module-level workspace gave 143 wrong results of 300 here)."""
     import threading
 
-    cfg = WaveConfig(n_sink=2, n_local=4, tokens_per_cluster=4, segment_tokens=64, retrieval_budget=1.0)
+    cfg = WaveConfig(n_sink=2, n_local=4, tokens_per_cluster=4, segment_tokens=64, retrieval_budget=1.0,
+                     min_index_tokens=0)
     idx, want, qs = [], [], []
     for n in (300, 700):                            # different sizes: different buffer widths
         k = rng.standard_normal((2, n, 16)).astype(np.float32)
         v = rng.standard_normal((2, n, 16)).astype(np.float32)
         q = rng.standard_normal((30, 4, 16)).astype(np.float32)
         idx.append(WaveIndex.build(k, v, config=cfg, backend="fast"))
+        assert idx[-1].n_clusters > 0                  # the retrieval path (and its workspace) is exercised
         qs.append(q)
         want.append([idx[-1].attend(q[t]) for t in range(len(q))])
     wrong = []
@@ -241,7 +246,7 @@ def test_public_gather_results_are_the_callers_own(rng):
     """gather_execution_buffer without a workspace returns fresh arrays: a later call cannot overwrite them."""
     from retrokv.fast import wave_index as F
 
-    cfg = WaveConfig(n_sink=2, n_local=4, tokens_per_cluster=4, segment_tokens=64)
+    cfg = WaveConfig(n_sink=2, n_local=4, tokens_per_cluster=4, segment_tokens=64, min_index_tokens=0)
     k = rng.standard_normal((2, 200, 8)).astype(np.float32)
     idx = WaveIndex.build(k, k, config=cfg, backend="fast")
     sk, sv, sids = idx.steady

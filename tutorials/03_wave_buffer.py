@@ -54,7 +54,7 @@ cap = capture_qkv(model, natural_text_ids(tokenizer, N_TOKENS), layers=[LAYER])[
 k, v, q_all = cap.k, cap.v, cap.q                       # (Hkv, N, d), (Hkv, N, d), (Hq, N, d)
 hkv, n, d = k.shape
 start = n - STEPS
-index = WaveIndex.build(k[:, :start], v[:, :start], config=WaveConfig(), backend="fast")
+index = WaveIndex.build(k[:, :start], v[:, :start], config=WaveConfig(min_index_tokens=0), backend="fast")
 buffer = rk.WaveBuffer(index, cache_fraction=0.05)
 print(index)
 print(buffer)
@@ -148,7 +148,7 @@ plt.show()
 # not change what the index retrieves. We replay the decode with three of them side by side.
 
 # %%
-idx = WaveIndex.build(k[:, :start], v[:, :start], config=WaveConfig(), backend="fast")
+idx = WaveIndex.build(k[:, :start], v[:, :start], config=WaveConfig(min_index_tokens=0), backend="fast")
 bufs = {f: rk.WaveBuffer(idx, cache_fraction=f) for f in (0.02, 0.05, 0.10)}
 for t in range(start, n):
     idx.append(k[:, t], v[:, t])

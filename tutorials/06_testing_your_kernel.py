@@ -224,7 +224,7 @@ for layer in sample.layers:
 
 # %%
 p = sample.problem(sample.layers[1])                       # one decode step, 512 real keys
-cfg = rk.WaveConfig(n_local=32, tokens_per_cluster=8, retrieval_budget=0.1, estimation_budget=0.3)
+cfg = rk.WaveConfig(n_local=32, tokens_per_cluster=8, retrieval_budget=0.1, estimation_budget=0.3, min_index_tokens=0)
 index = rk.WaveIndex.build(p.k, p.v, config=cfg, backend="fast")
 out, lse = index.attend(p.q, return_lse=True)
 r = assert_attention_close(out, p.q, p.k, p.v, lse=lse, reference=functools.partial(oracles.wave_reference, config=cfg))

@@ -76,6 +76,11 @@ def build_parser():
     e.add_argument("--ppl", action="store_true", help="perplexity of natural text, method active per token")
     e.add_argument("--ppl-tokens", type=int, default=128, help="predicted tokens for --ppl")
     e.add_argument("--layer-errors", action="store_true", help="per-layer attention error/density/recall")
+    e.add_argument("--frontier", action="store_true",
+                   help="instead of the tasks: the attention-error frontier (error vs byte density, every method's "
+                        "budget swept) on captured Q/K/V of both built-in corpora at the first --lengths value "
+                        "(2048-4096 recommended); writes frontier.md, frontier.json and frontier.png to --out")
+    e.add_argument("--frontier-layers", default="5,15,25", help="comma list of layers for --frontier")
     e.add_argument("--out", default="results", help="output folder for eval.md, eval.json and plots")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -121,6 +126,10 @@ def main(argv=None):
             sparsity.check_args(args)
             return sparsity.run(args)
         check_eval_args(args)
+        if args.frontier:
+            from .frontier import run_cli
+
+            return run_cli(args)
         return run_eval(args)
     except CLIError as e:
         print(f"retrokv {args.command}: error: {e}", file=sys.stderr)

@@ -212,7 +212,8 @@ def method_configs(draw, method, *, full_budget=False):
                        segment_tokens=draw(st.sampled_from([8, 32, 8192])), kmeans_iters=draw(st.integers(1, 3)),
                        retrieval_budget=1.0 if full_budget else draw(_fraction()),
                        estimation_budget=draw(_fraction()), estimation=draw(st.booleans()),
-                       update_every=draw(st.integers(1, 64)), update_clusters=draw(st.integers(1, 8)))
+                       update_every=draw(st.integers(1, 64)), update_clusters=draw(st.integers(1, 8)),
+                       min_index_tokens=draw(st.sampled_from([0, 0, 0, 48])))   # mostly clustered; sometimes dense
     big = 1 << 20
     if method == "streaming":
         return _config(rk.StreamingConfig, n_sink=draw(small), n_recent=big if full_budget else draw(st.integers(0, 64)))

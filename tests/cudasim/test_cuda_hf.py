@@ -17,7 +17,7 @@ from retrokv.wave_index import WaveConfig
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-CFG = WaveConfig(n_local=8, tokens_per_cluster=8, segment_tokens=64, kmeans_iters=2, retrieval_clusters=2,
+CFG = WaveConfig(min_index_tokens=0, n_local=8, tokens_per_cluster=8, segment_tokens=64, kmeans_iters=2, retrieval_clusters=2,
                  estimation_clusters=2)
 
 

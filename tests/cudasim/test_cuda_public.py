@@ -45,7 +45,7 @@ def wave_case(draw):
     hkv, g = draw(st.integers(1, 2)), draw(st.integers(1, 3))
     d, dv = draw(st.sampled_from([4, 8])), draw(st.sampled_from([3, 8]))
     n = draw(st.integers(0, 90))
-    cfg = dict(n_sink=draw(st.integers(0, 3)), n_local=draw(st.integers(0, 10)), tokens_per_cluster=8,
+    cfg = dict(min_index_tokens=0, n_sink=draw(st.integers(0, 3)), n_local=draw(st.integers(0, 10)), tokens_per_cluster=8,
                segment_tokens=48, kmeans_iters=2, update_every=draw(st.sampled_from([8, 16])), update_clusters=2,
                retrieval_clusters=draw(st.integers(0, 3)), estimation_clusters=draw(st.integers(0, 4)))
     return hkv, g, d, dv, n, cfg, draw(st.floats(0.0, 0.5)), draw(st.integers(0, 2**31 - 1))
@@ -96,7 +96,7 @@ def test_wave_index_runs_the_cuda_kernels(arrays, monkeypatch):
     ranked, built = spy(monkeypatch, cu_wave, "rank_clusters"), spy(monkeypatch, cu_wave, "build_meta_index")
     rng = np.random.default_rng(1)
     k, v = rng.standard_normal((2, 80, 8)).astype(np.float32), rng.standard_normal((2, 80, 8)).astype(np.float32)
-    cfg = dict(n_local=8, tokens_per_cluster=8, segment_tokens=64, kmeans_iters=2, retrieval_clusters=2,
+    cfg = dict(min_index_tokens=0, n_local=8, tokens_per_cluster=8, segment_tokens=64, kmeans_iters=2, retrieval_clusters=2,
                estimation_clusters=3)
     dev = WaveIndex.build(k, v, backend="fast", device="cuda", **cfg)
     q = rng.standard_normal((8, 8)).astype(np.float32)
@@ -159,7 +159,7 @@ def test_wave_buffer_misses_then_hits(arrays, monkeypatch):
     """The same query twice through a half-size cache: misses first, then hits from the device tier."""
     rng = np.random.default_rng(4)
     k, v = rng.standard_normal((2, 100, 8)).astype(np.float32), rng.standard_normal((2, 100, 8)).astype(np.float32)
-    cfg = dict(n_local=8, tokens_per_cluster=8, segment_tokens=64, kmeans_iters=2, retrieval_clusters=3,
+    cfg = dict(min_index_tokens=0, n_local=8, tokens_per_cluster=8, segment_tokens=64, kmeans_iters=2, retrieval_clusters=3,
                estimation_clusters=2)
     ref, dev = WaveIndex.build(k, v, backend="reference", **cfg), WaveIndex.build(k, v, backend="fast", device="cuda",
                                                                                   **cfg)

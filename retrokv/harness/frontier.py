@@ -1,0 +1,433 @@
+"""Accuracy against budget: one x axis (byte density) for every decode index, and the error frontier.
+
+**Byte density** (:func:`byte_density`) is the one definition of "how much of the KV a decode step
+read" used by every frontier in retrokv::
+
+    byte_density = bytes_read / (H * N * 4 * (d + dv))
+
+``bytes_read`` comes from the index's :attr:`last_stats` (:class:`retrokv.index.IndexStats`), so it
+counts **metadata** as well as KV: the wave index's centroids, the estimated clusters' value sums
+and the cluster sizes; IVF's centroids and every key scanned in the probed lists; Quest's page
+min/max vectors; the exact top-k oracle's and the graph's scored keys. The denominator is the whole
+float32 KV cache of the layer at this step (``N = stats.n_tokens``). ``H`` is the head unit in which
+the index counts its reads: dense attention and the wave index count what a GQA group shares once
+(``H = Hkv``); the retrieval indexes built on :class:`retrokv.sparse.SparseIndex` (StreamingLLM,
+top-k, Quest, IVF, graph) count each query head's reads as its own copy (``H = Hq``; see
+:mod:`retrokv.sparse`), which for them is the KV a group reads when its heads' sets are disjoint (an
+upper bound) and exactly the shared read for StreamingLLM. With that unit, dense attention has byte
+density 1.0, StreamingLLM its window fraction, and a method reading more metadata than KV can exceed 1
+(the top-k oracle scores every key: its byte density is >= 0.5 whatever ``k``).
+
+:func:`error_frontier` sweeps each method's budget knob on captured Q/K/V and reports, per point,
+the median relative decode-attention error over layers (per layer the median over the last
+``n_queries`` positions, exactly as :func:`retrokv.harness.eval.layer_errors` does) against the
+median byte density and the mean exact-token density (``stats.density``).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import numpy as np
+
+__all__ = ["byte_density", "head_unit", "sweep", "layer_points", "aggregate", "error_frontier", "interp_error",
+           "report", "plot", "METHODS"]
+
+METHODS = ("streaming", "topk", "quest", "ivf", "wave", "wave_noest", "graph")
+STATIC = (4, 64)            # the wave index's sinks + local window, given to every retrieval baseline
+
+
+def byte_density(stats, hkv, n, d, dv):
+    """``stats.bytes_read / (hkv * n * 4 * (d + dv))``: the fraction of the whole float32 KV that one
+    decode step read, metadata included. ``hkv`` is the head unit the index counts in (see the module
+    docstring and :func:`head_unit`); ``n`` the context length (``stats.n_tokens``)."""
+    for name, x in (("hkv", hkv), ("n", n), ("d", d), ("dv", dv)):
+        if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or x <= 0:
+            raise ValueError(f"{name} must be a positive int, got {x!r}")
+    return float(stats.bytes_read) / float(hkv * n * 4 * (d + dv))
+
+
+def head_unit(index, hkv, hq):
+    """The head count ``index`` sums ``bytes_read`` over: ``hq`` for the SparseIndex family (each
+    query head counted as its own reader), ``hkv`` for dense attention and the wave index."""
+    from ..sparse import SparseIndex
+
+    return hq if isinstance(index, SparseIndex) else hkv
+
+
+def _geom(lo, hi, n):
+    return sorted({int(round(x)) for x in np.geomspace(lo, hi, n)})
+
+
+def sweep(method, n_tokens):
+    """The budget points of ``method`` at ``n_tokens`` of context: a list of ``(knob label, value)``.
+
+    Chosen so that the exact-token density spans ~1% to ~30% (metadata adds to the byte density)."""
+    n = n_tokens
+    s = STATIC[0] + STATIC[1]
+    if method == "streaming":                     # total cache = n_sink + window
+        return [(f"window={w}", w) for w in _geom(0.01 * n - 4, 0.30 * n - 4, 7)]
+    if method in ("topk", "graph"):               # retrieved keys per head on top of the 4 + 64 static
+        return [(f"k={k}", k) for k in _geom(max(8, 0.005 * n), 0.30 * n - s, 8)]
+    if method == "quest":                         # tokens read from whole 16-token pages
+        return [(f"budget={b}", b) for b in sorted({max(16, 16 * round(x / 16)) for x in
+                                                     np.geomspace(0.005 * n, 0.30 * n - s, 7)})]
+    if method == "ivf":                           # lists probed, of round(4 sqrt(n)); top_k = 100 (RA)
+        return [(f"nprobe={p}", p) for p in (1, 2, 4, 8, 16, 32, 64, 128)]
+    if method in ("wave", "wave_noest"):          # fraction of clusters retrieved exactly
+        return [(f"r={r:g}", r) for r in (0.005, 0.01, 0.018, 0.04, 0.08, 0.15, 0.3)]
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+def _build(method, k, v, q, backend, n_tokens, value=None):
+    """The index ``method`` over ``k, v`` (prefill queries ``q``), built once for the whole sweep
+    (the knob is set per point by :func:`_at`) except StreamingLLM, whose window is structural."""
+    from .. import methods
+    from ..baselines import IVFConfig, QuestConfig, StreamingConfig, TopKConfig
+    from ..graph_index import GraphConfig
+    from ..wave_index import WaveConfig
+
+    s0, s1 = STATIC
+    if method == "streaming":
+        return methods.build("streaming", k, v, config=StreamingConfig(n_sink=s0, n_recent=value), backend=backend)
+    if method == "topk":
+        return methods.build("topk", k, v, config=TopKConfig(n_sink=s0, n_recent=s1), backend=backend)
+    if method == "quest":
+        return methods.build("quest", k, v, config=QuestConfig(n_sink=s0, n_recent=s1), backend=backend)
+    if method == "ivf":
+        return methods.build("ivf", k, v, config=IVFConfig(n_sink=s0, n_recent=s1), backend=backend)
+    if method in ("wave", "wave_noest"):
+        return methods.build("wave", k, v, config=WaveConfig(estimation=method == "wave"), backend=backend)
+    if method == "graph":
+        return methods.build("graph", k, v, q, config=GraphConfig(n_sink=s0, n_recent=s1), backend=backend)
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+def _at(method, index, value):
+    """A copy of the built ``index`` with its budget knob at ``value`` (decode appends mutate it)."""
+    import types
+
+    memo = {id(x): x for x in vars(index).values() if isinstance(x, types.ModuleType)}   # shared, not copied
+    ix = copy.deepcopy(index, memo)
+    if method in ("topk", "graph"):
+        ix.top_k = int(value)
+        if method == "graph":                     # the beam must hold at least the k it returns
+            ix.config = dataclasses.replace(ix.config, top_k=int(value), search_L=max(150, int(value) + 50))
+    elif method == "quest":
+        ix.n_pages = max(1, int(value) // ix.config.page_size)
+    elif method == "ivf":
+        ix.nprobe = min(ix.n_lists, int(value))
+    elif method in ("wave", "wave_noest"):
+        ix.config = dataclasses.replace(ix.config, retrieval_budget=float(value), estimation=method == "wave")
+    return ix
+
+
+def reference_outputs(layer_qkv, n_queries=16):
+    """Full attention (float64) of each of the last ``n_queries`` queries over its causal prefix."""
+    from ..reference.attention import full_attention
+
+    q, k, v = layer_qkv.q, layer_qkv.k, layer_qkv.v
+    n = k.shape[1]
+    return [full_attention(q[:, t].astype(np.float64), k[:, :t].astype(np.float64), v[:, :t].astype(np.float64))
+            for t in range(n - n_queries, n)]
+
+
+def run_point(index, layer_qkv, refs, n_queries=16):
+    """Decode the last ``n_queries`` positions through ``index`` (built on the keys before them),
+    appending the keys in between as :func:`retrokv.harness.eval.layer_errors` does. Returns
+    ``(median relative error, median byte density, mean token density)``."""
+    q, k, v = layer_qkv.q, layer_qkv.k, layer_qkv.v
+    hq, n, d = q.shape
+    hkv, dv = k.shape[0], v.shape[2]
+    p = n - n_queries
+    errs, bdens, tdens = [], [], []
+    unit = head_unit(index, hkv, hq)
+    for i, t in enumerate(range(p, n)):
+        if t > p:
+            index.append(k[:, t - 1], v[:, t - 1])
+        o_hat = index.attend(q[:, t])
+        o = refs[i]
+        errs.append(float(np.linalg.norm(o - o_hat) / np.linalg.norm(o)))
+        st = index.last_stats
+        bdens.append(byte_density(st, unit, int(st.n_tokens), d, dv))
+        tdens.append(float(st.density))
+    return float(np.median(errs)), float(np.median(bdens)), float(np.mean(tdens))
+
+
+def layer_points(layer_qkv, methods=METHODS, n_queries=16, backend="fast", layer=None):
+    """Every sweep point of every method on one layer: dicts ``method, knob, value, layer, error,
+    byte_density, token_density``. The index is built once per method (StreamingLLM once per window)
+    on the keys before the last ``n_queries`` positions; each point decodes a fresh copy."""
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {m!r}")
+    c = layer_qkv
+    refs = reference_outputs(c, n_queries)
+    n = c.k.shape[1]
+    p = n - n_queries
+    k, v, q = c.k[:, :p], c.v[:, :p], c.q[:, :p]
+    out = []
+    wave = {}                                 # wave and wave_noest share one build (estimation is a decode choice)
+    for m in methods:
+        if m in ("wave", "wave_noest"):
+            built = wave.setdefault("ix", _build("wave", k, v, q, backend, n))
+        else:
+            built = None if m == "streaming" else _build(m, k, v, q, backend, n)
+        for label, value in sweep(m, n):
+            ix = _build(m, k, v, q, backend, n, value) if m == "streaming" else _at(m, built, value)
+            e, bd, td = run_point(ix, c, refs, n_queries)
+            out.append({"method": m, "knob": label, "value": value, "layer": layer, "error": e,
+                        "byte_density": bd, "token_density": td})
+    return out
+
+
+def aggregate(points, layers=None):
+    """Per ``(method, knob)``: ``error`` = median over layers of the per-layer median error,
+    ``byte_density`` = median over layers, ``token_density`` = mean over layers; ``layers`` restricts
+    to those layers."""
+    acc = {}
+    for r in points:
+        if layers is None or r["layer"] in layers:
+            acc.setdefault((r["method"], r["knob"]), []).append(r)
+    out = []
+    for (m, label), rows in acc.items():
+        out.append({"method": m, "knob": label, "value": rows[0]["value"],
+                    "error": float(np.median([x["error"] for x in rows])),
+                    "byte_density": float(np.median([x["byte_density"] for x in rows])),
+                    "token_density": float(np.mean([x["token_density"] for x in rows])),
+                    "layers": sorted(x["layer"] for x in rows)})
+    return out
+
+
+def error_frontier(captured, methods=METHODS, n_queries=16, backend="fast"):
+    """:func:`layer_points` on every layer of ``captured`` (``{layer: LayerQKV}``), :func:`aggregate`d."""
+    pts = []
+    for layer, c in sorted(captured.items()):
+        pts += layer_points(c, methods, n_queries, backend, layer)
+    return aggregate(pts)
+
+
+def interp_error(rows, method, density, key="token_density"):
+    """The error of ``method``'s frontier at ``density`` (linear in log density between the two
+    surrounding points; ``nan`` outside the swept range)."""
+    pts = sorted((r[key], r["error"]) for r in rows if r["method"] == method)
+    xs = np.log([x for x, _ in pts])
+    ys = [y for _, y in pts]
+    x = np.log(density)
+    if not len(xs) or x < xs[0] - 1e-12 or x > xs[-1] + 1e-12:
+        return float("nan")
+    return float(np.interp(x, xs, ys))
+
+
+# ---------------------------------------------------------------------------------------------- report
+LABELS = {"streaming": "StreamingLLM (window)", "topk": "exact top-k oracle (k)", "quest": "Quest (token budget)",
+          "ivf": "IVF (nprobe, top_k=100)", "wave": "wave (retrieval fraction)",
+          "wave_noest": "wave, no estimation zone", "graph": "graph (k)"}
+COLORS = {"streaming": "tab:gray", "topk": "black", "quest": "tab:green", "ivf": "tab:purple", "wave": "tab:blue",
+          "wave_noest": "tab:cyan", "graph": "tab:orange"}
+
+
+def _groups(points):
+    out = {}
+    for p in points:
+        out.setdefault((p["corpus"], p["n_tokens"]), []).append(p)
+    return out
+
+
+def wave_vs_oracle(rows):
+    """Per wave point: its error, the oracle's error at the same exact-token density (interpolated) and
+    whether the wave index's is lower."""
+    out = []
+    for r in sorted((r for r in rows if r["method"] == "wave"), key=lambda r: r["token_density"]):
+        o = interp_error(rows, "topk", r["token_density"])
+        out.append({"knob": r["knob"], "token_density": r["token_density"], "wave": r["error"], "oracle": o,
+                    "below": bool(r["error"] < o) if o == o else None})
+    return out
+
+
+def report(db, command, layers, graph_layers, machine=None, samples=None):
+    """The markdown of ``benchmarks/results/frontier_error.md`` from the stored sweep ``db``."""
+    from .eval import markdown_table
+
+    runs = db.get("runs", [])
+    loads = [r.get(k) for r in runs for k in ("load", "load_end") if r.get(k) is not None]
+    lines = ["# Attention-error frontier: error against byte density (SmolLM2-135M, captured Q/K/V)", "",
+             f"Command: `{command}`  ",
+             f"Machine: {machine or 'see benchmarks/machine.py'}  ",
+             f"Runs: {', '.join(r.get('start', '?') + ' to ' + r.get('end', '(resumed)') for r in runs)}; "
+             f"1-minute load average {min(loads):.1f}-{max(loads):.1f} during the runs (2 cores shared with "
+             "other jobs: timings are not reported, only errors).  " if loads else "",
+             f"Corpora (retrokv.harness.data): `pydoc` (Python reference documentation) and `licenses` (legal prose: "
+             f"licence texts shipped by the installed packages); fingerprints "
+             f"{runs[-1].get('fingerprints') if runs else '?'}.", "",
+             "**Samples.** " + (samples or f"One prompt per corpus and length (the first tokens of the corpus), "
+                                f"layers {list(layers)}.") + " "
+             f"Every method on layers {list(layers)}; the graph index (built from ALL prefill queries, the slow "
+             "part) on the layers each section states: where that is a subset, its `error` cell is empty and the "
+             "`err (graph layers)` column gives every method's median over the graph's layers, the column to "
+             "compare the graph on. "
+             "Decode queries: the last 16 positions (the index is built on the keys before them, the keys in "
+             "between are appended), as `retrokv.harness.eval.layer_errors` does.", "",
+             "**Error**: per layer the median over the 16 positions of `||o - o_hat|| / ||o||` against float64 full "
+             "attention; then the median over layers. **Byte density**: "
+             "`bytes_read / (H * N * 4 * (d + dv))` from each index's `last_stats` "
+             "(`retrokv.harness.frontier.byte_density`): metadata is counted (wave centroids, estimated value "
+             "sums and sizes; Quest min/max pages; IVF centroids and scanned keys; keys scored by the oracle and "
+             "the graph search), median over layers. **Token density**: `stats.density`, the fraction of "
+             "(query head, token) pairs attended exactly, mean over layers. Every retrieval baseline gets the wave "
+             "index's static window: 4 sinks + 64 recent tokens. The exact top-k oracle scores every key, so its "
+             "byte density is >= 0.5 at any k: it is the accuracy ceiling at a given *exact* budget, not a "
+             "method that saves reads.", ""]
+    targets = []
+    for (corpus, n), pts in sorted(_groups(db["points"]).items()):
+        other = [p for p in pts if p["method"] != "graph"]
+        gpts = [p for p in pts if p["method"] == "graph"]
+        graph_layers = sorted({p["layer"] for p in gpts}) or list(graph_layers)   # the layers actually run
+        rows = aggregate(other, layers)
+        on_graph_layers = {(r["method"], r["knob"]): r["error"] for r in aggregate(other, graph_layers)}
+        for r in rows:
+            r["error_graph_layers"] = on_graph_layers.get((r["method"], r["knob"]), float("nan"))
+        every = set(graph_layers) >= set(layers)
+        rows += [dict(r, error_graph_layers=r["error"], error=r["error"] if every else float("nan"))
+                 for r in aggregate(gpts, graph_layers)]
+        order = {m: i for i, m in enumerate(METHODS)}
+        rows.sort(key=lambda r: (order[r["method"]], r["byte_density"]))
+        lines += [f"## {corpus}, {n} tokens", "", f"Graph measured on layers {graph_layers}." if gpts else
+                  "Graph index not measured in this run.", "",
+                  markdown_table([{"method": r["method"], "knob": r["knob"], "byte density": r["byte_density"],
+                                   "token density": r["token_density"], "error": r["error"],
+                                   "err (graph layers)": r["error_graph_layers"]} for r in rows],
+                                 ["method", "knob", "byte density", "token density", "error", "err (graph layers)"]),
+                  ""]
+        equal = []
+        wave_default = next((r for r in rows if r["method"] == "wave" and r["value"] == 0.018), None)
+        for x in ([wave_default["byte_density"]] if wave_default else []) + [0.10, 0.20]:
+            row = {"byte density": x}
+            for m in METHODS:
+                if m == "topk":
+                    continue
+                col = "error" if m != "graph" else "error_graph_layers"
+                pts_m = [dict(r, error=r[col]) for r in rows if r["method"] == m]
+                row[m] = interp_error(pts_m, m, x, "byte_density") if pts_m else float("nan")
+            equal.append(row)
+        lines += ["Errors at equal byte density (interpolated linearly in log density between swept points; empty: "
+                  "outside the method's swept range; the first row is the wave index's paper default, r = 0.018; "
+                  "graph on its own layers):", "",
+                  markdown_table(equal, ["byte density"] + [m for m in METHODS if m != "topk"]).replace("nan", ""),
+                  ""]
+        cmp = wave_vs_oracle([r for r in rows if r["method"] in ("wave", "topk")])
+        below = [c for c in cmp if c["below"] is not None]
+        targets.append((corpus, n, cmp, sum(c["below"] for c in below), len(below)))
+    lines += ["## Target: wave error below the exact top-k oracle's at equal exact budget", "",
+              "For each wave point, the oracle's error is interpolated (linear in log token density) at the wave "
+              "point's token density (steady + retrieved tokens: the exact budget). The wave index also reads its "
+              "estimation zone (value sums of ~23% of the clusters) and all centroids, which the oracle does not "
+              "count as exact tokens; the oracle in turn scores every key.", ""]
+    for corpus, n, cmp, nb, tot in targets:
+        lines += [f"**{corpus}, {n} tokens**: wave below oracle at {nb} of {tot} points "
+                  f"({'MET' if tot and nb == tot else 'MISSED'}).", "",
+                  markdown_table([{"wave knob": c["knob"], "token density": c["token_density"],
+                                   "wave error": c["wave"], "oracle error": c["oracle"],
+                                   "wave below": "yes" if c["below"] else ("n/a" if c["below"] is None else "no")}
+                                  for c in cmp],
+                                 ["wave knob", "token density", "wave error", "oracle error", "wave below"]), ""]
+    lines += ["## Not done here", "",
+              "* Needle-accuracy and perplexity frontiers (issue 16, y axes 2 and 3): not measured in this run.",
+              "* kvpress comparison: not done. kvpress 0.5.x requires transformers < 5.3 and this project runs "
+              "transformers 5.x; it would need its own virtualenv (issue 16), which this run did not build.",
+              "* The graph index's paper static window (128 + 512 tokens, 8-16% of a 4K-8K context by itself) is not "
+              "swept: every retrieval method here gets the wave index's 4 + 64.", ""]
+    return "\n".join(lines)
+
+
+def plot(db, path, layers=None, graph_layers=None):
+    """Log-x error-vs-byte-density plot, one panel per (corpus, length), one curve per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted(_groups(db["points"]).items())
+    corpora = sorted({c for (c, _), _ in groups})
+    lengths = sorted({n for (_, n), _ in groups})
+    fig, axes = plt.subplots(len(lengths), len(corpora), figsize=(5.5 * len(corpora), 4.2 * len(lengths)),
+                             squeeze=False, sharey=True)
+    for (corpus, n), pts in groups:
+        ax = axes[lengths.index(n)][corpora.index(corpus)]
+        for m in METHODS:
+            sel = [p for p in pts if p["method"] == m]
+            if not sel:
+                continue
+            lay = sorted({p["layer"] for p in sel}) if m == "graph" else layers
+            rows = sorted(aggregate(sel, lay), key=lambda r: r["byte_density"])
+            ax.plot([r["byte_density"] for r in rows], [r["error"] for r in rows], "o-", ms=3, color=COLORS[m],
+                    label=LABELS[m] + (f" [layers {lay}]" if m == "graph" else ""))
+            if m == "topk":
+                rows = sorted(rows, key=lambda r: r["token_density"])
+                ax.plot([r["token_density"] for r in rows], [r["error"] for r in rows], "--", color="black",
+                        alpha=0.5, lw=1, label="top-k oracle at x = exact-token density")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(f"{corpus}, {n} tokens")
+        ax.set_xlabel("byte density (bytes read / whole KV, metadata included)")
+        ax.grid(True, which="both", alpha=0.3)
+    for row in axes:
+        row[0].set_ylabel("median relative attention error")
+    axes[0][-1].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+FAST_METHODS = ("streaming", "topk", "quest", "ivf", "wave", "wave_noest")
+
+
+def run_cli(args):
+    """``retrokv eval --frontier``: the small frontier (no graph: its all-queries build takes minutes per
+    layer on a laptop; ``benchmarks/frontier.py`` runs it). Both corpora, ``args.lengths[0]`` tokens,
+    ``args.frontier_layers``; writes ``frontier.md``, ``frontier.json`` and ``frontier.png`` to ``args.out``."""
+    import json
+    import os
+    import time
+
+    from .cli import CLIError
+    from .data import CORPORA, corpus_fingerprint, natural_text_ids
+    from .models import capture_qkv, load_smollm2
+
+    try:
+        layers = sorted({int(x) for x in str(args.frontier_layers).split(",") if x.strip()})
+    except ValueError:
+        raise CLIError(f"--frontier-layers must be a comma list of ints, got {args.frontier_layers!r}") from None
+    if not layers or min(layers) < 0 or max(layers) > 29:
+        raise CLIError(f"--frontier-layers must lie in [0, 29] (SmolLM2 has 30 layers), got {args.frontier_layers!r}")
+    n = args.lengths[0]
+    t0 = time.time()
+    db = {"points": [], "runs": [{"start": time.strftime("%Y-%m-%d %H:%M:%S"), "load": os.getloadavg()[0],
+                                  "fingerprints": {c: corpus_fingerprint(c) for c in CORPORA}}]}
+    model, tok = load_smollm2()
+    for corpus in CORPORA:
+        cap = capture_qkv(model, natural_text_ids(tok, n, corpus=corpus), layers=layers)
+        for layer in layers:
+            pts = layer_points(cap[layer], FAST_METHODS, 16, args.backend, layer)
+            for p in pts:
+                p.update(corpus=corpus, n_tokens=n)
+            db["points"] += pts
+            if not args.quiet:
+                print(f"{corpus} layer {layer}: done ({time.time() - t0:.0f}s)", flush=True)
+    db["runs"][0].update(end=time.strftime("%Y-%m-%d %H:%M:%S"), load_end=os.getloadavg()[0])
+    cmd = (f"retrokv eval --frontier --lengths {n} --frontier-layers {','.join(map(str, layers))} "
+           f"--backend {args.backend} --out {args.out}")
+    import platform
+
+    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical cores, "
+               f"Python {platform.python_version()}")
+    md = report(db, cmd, layers, (), machine=machine)
+    with open(os.path.join(args.out, "frontier.md"), "w") as f:
+        f.write(md)
+    with open(os.path.join(args.out, "frontier.json"), "w") as f:
+        json.dump(db, f)
+    plot(db, os.path.join(args.out, "frontier.png"), layers)
+    print(f"wrote {os.path.join(args.out, 'frontier.md')} and frontier.png ({time.time() - t0:.0f}s)")
+    return 0

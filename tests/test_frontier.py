@@ -1,0 +1,217 @@
+"""The frontier's x axis (byte density), its sweep loop, the held-out corpus and the wave index's
+short-context threshold and retrieval floor (issue 16)."""
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+
+from retrokv import methods
+from retrokv.harness import data as D
+from retrokv.harness import frontier as F
+from retrokv.reference.attention import full_attention
+from retrokv.wave_index import WaveConfig, WaveIndex
+
+
+def _qkv(hq=4, hkv=2, n=600, d=16, seed=0):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((hq, n, d)).astype(np.float32)
+    k = rng.standard_normal((hkv, n, d)).astype(np.float32)
+    v = rng.standard_normal((hkv, n, d)).astype(np.float32)
+    return q, k, v
+
+
+def _density(index, q, k, v):
+    index.attend(q)
+    st = index.last_stats
+    return F.byte_density(st, F.head_unit(index, k.shape[0], q.shape[0]), st.n_tokens, k.shape[2], v.shape[2])
+
+
+def test_dense_attention_reads_the_whole_kv_once():
+    q, k, v = _qkv()
+    assert _density(methods.build("full", k, v), q[:, -1], k, v) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_streaming_byte_density_is_its_window_fraction():
+    q, k, v = _qkv()
+    from retrokv.baselines import StreamingConfig
+
+    ix = methods.build("streaming", k, v, config=StreamingConfig(n_sink=4, n_recent=56))
+    assert _density(ix, q[:, -1], k, v) == pytest.approx(60 / 600)
+
+
+def test_wave_byte_density_counts_metadata():
+    q, k, v = _qkv()
+    ix = methods.build("wave", k, v, config=WaveConfig(min_index_tokens=0))
+    bd = _density(ix, q[:, -1], k, v)
+    st = ix.last_stats
+    hkv, n, d = k.shape
+    # exact tokens alone, per KV head, would give st.density; centroids (C d per head) and the
+    # estimated clusters' value sums come on top
+    meta = ix.n_clusters * d / (n * (d + v.shape[2]))
+    assert bd >= st.density + meta - 1e-9
+    assert bd < 1.0
+
+
+def test_byte_density_checks_its_arguments():
+    st = types.SimpleNamespace(bytes_read=10)
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError):
+            F.byte_density(st, bad, 10, 4, 4)
+
+
+def test_sweep_points_are_increasing_and_distinct():
+    for m in F.METHODS:
+        vals = [v for _, v in F.sweep(m, 4096)]
+        assert vals == sorted(vals) and len(set(vals)) == len(vals) >= 5
+    with pytest.raises(ValueError):
+        F.sweep("nope", 4096)
+
+
+def test_run_point_matches_layer_errors():
+    """The frontier's loop measures exactly what eval.layer_errors measures (same positions, same error)."""
+    from retrokv.harness.eval import layer_errors
+
+    q, k, v = _qkv(n=400)
+    c = types.SimpleNamespace(q=q, k=k, v=v)
+    cfg = WaveConfig(min_index_tokens=0, retrieval_budget=0.1)
+    want = layer_errors({0: c}, "wave", cfg, "reference", n_queries=8)[0]
+    ix = methods.build("wave", k[:, :392], v[:, :392], config=cfg, backend="reference")
+    err, bd, td = F.run_point(ix, c, F.reference_outputs(c, 8), 8)
+    assert err == pytest.approx(want["error"], rel=1e-9)
+    assert td == pytest.approx(want["density"], rel=1e-9)
+
+
+def test_at_sets_the_knob_on_a_copy():
+    q, k, v = _qkv(n=400)
+    built = F._build("wave", k, v, q, "reference", 400)
+    a = F._at("wave", built, 0.3)
+    assert a is not built and a.config.retrieval_budget == 0.3 and built.config.retrieval_budget == 0.018
+    a.append(k[:, -1], v[:, -1])
+    assert built.n_tokens == 400 and a.n_tokens == 401
+
+
+def test_interp_error_is_nan_outside_the_sweep():
+    rows = [{"method": "topk", "token_density": x, "error": e} for x, e in ((0.01, 0.4), (0.1, 0.1))]
+    assert F.interp_error(rows, "topk", 0.1) == pytest.approx(0.1)
+    assert 0.1 < F.interp_error(rows, "topk", 0.03) < 0.4
+    assert np.isnan(F.interp_error(rows, "topk", 0.5))
+
+
+# ------------------------------------------------------------------------------------ held-out corpus
+class _Words:
+    """A stand-in tokenizer: one id per 4 characters (real BPE on English: ~4.5)."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [sum(map(ord, text[i:i + 4])) for i in range(0, len(text), 4)]}
+
+
+def test_corpora_are_different_kinds_of_text():
+    doc, law = D.natural_text(20_000, "pydoc"), D.natural_text(20_000, "licenses")
+    assert len(doc) >= 20_000 and len(law) >= 20_000
+    assert "license" in law.lower() and "warranty" in law.lower()
+    assert doc[:2000] != law[:2000]
+    assert D.natural_text(20_000) == doc                     # pydoc stays the default
+    assert D.corpus_fingerprint("licenses") != D.corpus_fingerprint("pydoc")
+
+
+def test_corpus_is_selectable_by_name_and_checked():
+    tok = _Words()
+    for corpus in D.CORPORA:
+        ids = D.natural_text_ids(tok, 3000, corpus=corpus)
+        assert len(ids) == 3000
+    assert D.natural_text_ids(tok, 500, "licenses") != D.natural_text_ids(tok, 500, "pydoc")
+    with pytest.raises(ValueError, match="corpus"):
+        D.natural_text(1000, corpus="novels")
+    with pytest.raises(ValueError, match="corpus"):
+        D.natural_text_ids(tok, 100, corpus="novels")
+
+
+def test_license_corpus_drops_near_duplicates():
+    parts = D._license_parts()
+    keys = [" ".join(" ".join(x for x in p.splitlines() if "copyright" not in x.lower()).split()[:60]).lower()
+            for p in parts]
+    assert len(set(keys)) == len(keys)
+
+
+# ------------------------------------------------------------------------- short-context threshold
+def _cfg(**kw):
+    base = dict(n_sink=4, n_local=16, tokens_per_cluster=8, update_every=32, update_clusters=4,
+                min_index_tokens=100)
+    base.update(kw)
+    return WaveConfig(**base)
+
+
+def test_below_the_threshold_attention_is_exact_and_unclustered():
+    q, k, v = _qkv(n=300)
+    cfg = _cfg()
+    ix = WaveIndex.build(k[:, :60], v[:, :60], config=cfg, backend="reference")
+    assert ix.n_clusters == 0
+    for t in range(60, 121):                  # contexts of up to 4 + 16 + 100 tokens: dense, exact
+        np.testing.assert_allclose(ix.attend(q[:, t]), full_attention(q[:, t], k[:, :t], v[:, :t]), atol=1e-5)
+        assert ix.last_stats.density == 1.0 and ix.n_clusters == 0
+        ix.append(k[:, t], v[:, t])
+    assert ix.n_tokens == 121 and ix.n_clusters > 0     # past the threshold the update path clusters
+
+
+def test_above_the_threshold_the_prompt_is_clustered():
+    _, k, v = _qkv(n=300)
+    assert WaveIndex.build(k[:, :121], v[:, :121], config=_cfg(), backend="reference").n_clusters > 0
+    assert WaveIndex.build(k[:, :121], v[:, :121], config=_cfg(min_index_tokens=0),
+                           backend="reference").n_clusters > 0
+
+
+def test_default_threshold_is_the_offload_modes():
+    cfg = WaveConfig()
+    assert cfg.min_index_tokens == 1024 and cfg.n_sink + cfg.n_local + cfg.min_index_tokens == 1092
+    _, k, v = _qkv(n=1092 + 16)
+    assert WaveIndex.build(k[:, :1092], v[:, :1092], backend="reference").n_clusters == 0
+    assert WaveIndex.build(k[:, :1093 + 15], v[:, :1093 + 15], backend="reference").n_clusters > 0
+
+
+def test_retrieval_floor():
+    assert WaveConfig().n_retrieve(256) == 4                                   # 1.8% of 256, the fraction alone
+    assert WaveConfig(min_retrieval_tokens=100).n_retrieve(256) == 7           # ceil(100 / 16)
+    assert WaveConfig(min_retrieval_tokens=10_000).n_retrieve(256) == 256      # capped at the clusters
+    assert WaveConfig(min_retrieval_tokens=100, retrieval_budget=0.5).n_retrieve(256) == 128
+    with pytest.raises(ValueError):
+        WaveConfig(min_retrieval_tokens=-1)
+    with pytest.raises(ValueError):
+        WaveConfig(min_index_tokens=True)
+    _, k, v = _qkv(n=2000)
+    q = np.random.default_rng(1).standard_normal((4, 16)).astype(np.float32)
+    ix = WaveIndex.build(k, v, config=WaveConfig(min_retrieval_tokens=200), backend="reference")
+    ix.attend(q)
+    assert ix.last_stats.retrieval_clusters.shape[1] == 13 and ix.n_estimate + 13 <= ix.n_clusters
+
+
+# ------------------------------------------------------------------------------------------ report
+def _db():
+    pts = []
+    for corpus in ("pydoc", "licenses"):
+        for layer in (1, 5):
+            for m, xs in (("topk", (0.02, 0.05, 0.2)), ("wave", (0.03, 0.1)), ("streaming", (0.01, 0.1)),
+                          ("graph", (0.02, 0.1))):
+                if m == "graph" and layer == 1:
+                    continue
+                for x in xs:
+                    pts.append({"method": m, "knob": f"x={x}", "value": x, "layer": layer, "corpus": corpus,
+                                "n_tokens": 4096, "error": 0.01 / x * (2 if m == "wave" else 1),
+                                "byte_density": x + (0.5 if m == "topk" else 0.02), "token_density": x})
+    return {"points": pts, "runs": [{"start": "s", "end": "e", "load": 5.0, "load_end": 6.0, "fingerprints": {}}]}
+
+
+def test_report_says_missed_when_wave_is_worse_and_plots(tmp_path):
+    md = F.report(_db(), "cmd", (1, 5), (5,))
+    assert "wave below oracle at 0 of 2 points (MISSED)" in md
+    assert "Graph measured on layers [5]" in md and "`cmd`" in md and "kvpress" in md
+    path = F.plot(_db(), str(tmp_path / "f.png"), (1, 5))
+    assert (tmp_path / "f.png").stat().st_size > 10_000 and path.endswith("f.png")
+
+
+def test_cli_refuses_bad_frontier_layers(tmp_path, capsys):
+    from retrokv.harness.cli import main
+
+    assert main(["eval", "--frontier", "--frontier-layers", "5,99", "--out", str(tmp_path)]) == 2
+    assert "frontier-layers" in capsys.readouterr().err
