@@ -105,20 +105,22 @@ def main():
     call(qs[0])
     want = idx.attend(qs[0])
     assert np.array_equal(call(qs[0])[0], want), "the timed driver must compute what attend computes"
-    times.clear()
+    split = []                                                # per step: {part: seconds}
     for q in qs[1:]:
+        times.clear()
         t = time.perf_counter()
         call(q)
         per_step.append(time.perf_counter() - t)
+        split.append(dict(times))
     steps = len(qs) - 1
     total = float(np.median(per_step))
-    parts = {name: s / steps for name, s in times.items()}
+    # medians over the steps (a shared machine adds outliers), so the parts need not sum to the total
+    parts = {name: float(np.median([x[name] for x in split])) for name in split[0]}
     load1 = "%.1f / %.1f / %.1f" % os.getloadavg()
-    rows = [{"part": name, "ms_per_step": 1e3 * s, "share_%": 100 * s / (sum(per_step) / steps)}
-            for name, s in parts.items()]
-    rest = sum(per_step) / steps - sum(parts.values())
+    rows = [{"part": name, "ms_per_step": 1e3 * s, "share_%": 100 * s / total} for name, s in parts.items()]
+    rest = float(np.median([p - sum(x.values()) for p, x in zip(per_step, split)]))
     rows.append({"part": "driver (Python: slicing, concatenation, stats)", "ms_per_step": 1e3 * rest,
-                 "share_%": 100 * rest / (sum(per_step) / steps)})
+                 "share_%": 100 * rest / total})
     bound = nbytes / bw
     rows2 = [{"what": "attend (best of %d)" % args.repeats, "ms": 1e3 * attend},
              {"what": "attend, timed driver (median)", "ms": 1e3 * total},
@@ -131,7 +133,7 @@ def main():
                 f"Hkv=8, G=4, d=128, float32, RetroInfer defaults; density {idx.last_stats.density:.4f}.\n\n"
                 + E.markdown_table(rows2, ["what", "ms"]) +
                 f"\n\nattend / byte bound = **{attend / bound:.1f}x**; full attention / attend = "
-                f"**{full / attend:.1f}x**.\n\nSplit of one step ({steps} steps, mean per step):\n\n"
+                f"**{full / attend:.1f}x**.\n\nSplit of one step (median of {steps} steps per part; share of the median step):\n\n"
                 + E.markdown_table(rows, ["part", "ms_per_step", "share_%"]) + "\n")
     print(open(args.out).read())
 
