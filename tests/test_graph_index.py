@@ -192,3 +192,36 @@ def test_build_queries_subsamples_the_projection_queries(rng):
     np.testing.assert_array_equal(fewer.adj, sub.adj)          # the cap takes evenly strided queries
     with pytest.raises(ValueError, match="build_queries"):
         GraphConfig(build_queries=0)
+
+
+@given(st.integers(1, 40), st.integers(1, 400), st.integers(1, 60), st.booleans(), st.booleans(),
+       st.integers(0, 2**31 - 1))
+def test_fast_knn_fused_selection_is_the_reference(t, n, k, use_bias, self_keys, seed):
+    """The fused bias / self-exclusion / sampled-threshold selection returns the reference knn's ids,
+    ties (small integer scores) included, with and without sampling (long rows, small k)."""
+    rng = np.random.default_rng(seed)
+    keys = rng.integers(-2, 3, size=(n, 4)).astype(np.float32)
+    queries = keys[:min(t, n)] if self_keys else rng.integers(-2, 3, size=(t, 4)).astype(np.float32)
+    bias = rng.integers(-2, 3, size=n).astype(np.float32) if use_bias else None
+    ref = rg.knn(queries, keys, k, bias=bias, exclude_self=self_keys)
+    np.testing.assert_array_equal(fg.knn(queries, keys, k, bias=bias, exclude_self=self_keys), ref)
+
+
+@given(st.integers(0, 300), st.integers(0, 2**31 - 1))
+def test_fast_sort_desc_is_a_stable_argsort(c, seed):
+    vals = np.random.default_rng(seed).integers(-4, 5, size=c).astype(np.float32)
+    ids = np.arange(c, dtype=np.int64) * 3
+    order = np.argsort(-vals, kind="stable")
+    v, i = vals.copy(), ids.copy()
+    fg._sort_desc(v, i, c, np.empty(c, np.float32), np.empty(c, np.int64))
+    np.testing.assert_array_equal(i, ids[order])
+    np.testing.assert_array_equal(v, vals[order])
+
+
+def test_fast_knn_across_blocks_and_key_neighbors():
+    """More rows than one BLAS block: the self exclusion follows the block offset."""
+    rng = np.random.default_rng(5)
+    keys = rng.standard_normal((fg._BLOCK + 300, 8)).astype(np.float32)
+    np.testing.assert_array_equal(fg.key_neighbors(keys, 9), rg.key_neighbors(keys, 9))
+    q = (rng.standard_normal((fg._BLOCK + 77, 8)) + 1).astype(np.float32)
+    np.testing.assert_array_equal(fg.knn(q, keys, 50), rg.knn(q, keys, 50))

@@ -26,7 +26,9 @@ def demo_configs():
     k-NN of every prefill query dominates its build (~3.6 s per layer at 4K tokens on 2 cores); the
     search settings are the defaults. The saving costs recall at 8K: on three 8K passkey prompts this
     graph misses all three and the graph from all queries finds them, at 3x the build time
-    (benchmarks/results/passkey_ablation_graph_all.md)."""
+    (benchmarks/results/passkey_ablation_graph_all.md). With all queries the 30-layer build at 8K still
+    takes ~3x the dense prefill after issue 15's faster kNN selection (benchmarks/results/graph_build.md);
+    the demo builds the graph 4 times per length (3 prompts + the perplexity run), too slow for it."""
     from ..graph_index import GraphConfig
 
     return {"graph": GraphConfig(build_queries=1024)}

@@ -235,12 +235,19 @@ def run_task(model, tok, samples, methods=("full",), configs=None, backend=None,
                  "build_s": 0.0, "answers": []} for lab, _ in pairs}
     prefill_s = 0.0
     for s in tqdm(samples, desc="samples", disable=not progress, leave=False):
+        # one bar per sample over its stages, named by the stage running now: where the time goes
+        stages = tqdm(total=1 + 2 * len(pairs), desc=f"prefill {s.n_tokens} tokens", disable=not progress,
+                      leave=False)
         logits0, saved, p = shared_prefill(model, s.prompt_ids, backend)
         prefill_s += p
+        stages.update()
         for lab, m in pairs:
             r = acc[lab]
             cfg = configs[lab] if configs and lab in configs else _config(configs, m, s.n_tokens)
+            stages.set_description(f"build {lab}")
             with _Method(model, m, cfg, backend, saved, len(s.prompt_ids)) as run:
+                stages.update()
+                stages.set_description(f"decode {lab}")
                 new, t0 = [int(logits0.argmax())], time.perf_counter()
                 while len(new) < max_new_tokens and new[-1] != tok.eos_token_id:
                     new.append(int(_forward(model, [new[-1]], run.cache).argmax()))
@@ -249,9 +256,11 @@ def run_task(model, tok, samples, methods=("full",), configs=None, backend=None,
                 r["build_s"] += run.build_s
                 if run.handle is not None and run.handle.stats:
                     r["density"].append(run.handle.mean_density())
+            stages.update()
             text = tok.decode(new, skip_special_tokens=True)
             r["answers"].append(text)
             r["correct"] += s.answer in text.replace(",", "")
+        stages.close()
     out = []
     for lab, _ in pairs:
         r = acc[lab]
@@ -278,16 +287,24 @@ def perplexity(model, ids, n_context, methods=("full",), configs=None, backend=N
     ids = list(ids)
     if not 1 <= n_context < len(ids):
         raise ValueError(f"n_context must be in [1, {len(ids)}), got {n_context}")
+    stages = tqdm(total=2 * len(methods) + (prefill is None), desc=f"ppl: prefill {n_context} tokens",
+                  disable=not progress, leave=False)
     logits0, saved, _ = prefill if prefill is not None else shared_prefill(model, ids[:n_context], backend)
+    stages.update(prefill is None)
     out = {}
     for m in methods:
         nll, logits = [], logits0
+        stages.set_description(f"ppl: build {m}")
         with _Method(model, m, _config(configs, m, n_context), backend, saved, n_context) as run:
+            stages.update()
+            stages.set_description(f"ppl: decode {m}")
             for t in tqdm(range(n_context, len(ids)), desc=f"ppl {m}", disable=not progress, leave=False):
                 nll.append(float(-torch.log_softmax(logits, -1)[ids[t]]))
                 if t + 1 < len(ids):
                     logits = _forward(model, [ids[t]], run.cache)
+        stages.update()
         out[m] = (float(np.exp(np.mean(nll))), np.array(nll))
+    stages.close()
     return out
 
 
