@@ -83,15 +83,13 @@ def add_arguments(ap):
 
 def check_args(args):
     """Refuse bad options before the model loads."""
-    from .cli import MAX_CONTEXT, CLIError
+    from .cli import CLIError, check_context
 
     if args.samples < 1:
         raise CLIError(f"--samples must be >= 1, got {args.samples}")
     if args.ppl_tokens < 0:
         raise CLIError(f"--ppl-tokens must be >= 0, got {args.ppl_tokens}")
-    if max(args.lengths) + args.ppl_tokens > MAX_CONTEXT:
-        raise CLIError(f"--lengths {max(args.lengths)} + --ppl-tokens {args.ppl_tokens} exceeds SmolLM2's "
-                       f"{MAX_CONTEXT}-token context")
+    check_context(max(args.lengths), args.ppl_tokens)
 
 
 def run(args):
