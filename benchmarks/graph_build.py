@@ -10,7 +10,7 @@ item 1). Writes ``benchmarks/results/graph_build.md``.
    stage, old and new kernels side by side, and inside ``knn`` of the prefill queries the BLAS matmul
    vs the top-k selection.
 3. The graph index of all 30 layers built from the saved prefill (``hf.attach(model, "graph")`` +
-   ``rebuild``, the user's path) with the new kernels, and with the old ones (``graph_build_old.py``:
+   ``rebuild``, the user's path) with the new kernels, and with the old ones (``load_old``:
    ``fast/graph_index.py`` as of main before this change) on the first ``--old-layers`` layers; the
    graphs of both are compared (bit-equal adjacency and entry points).
 
@@ -30,11 +30,30 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 from machine import describe  # noqa: E402
 
-import graph_build_old as old_impl  # noqa: E402
-
 import retrokv.fast.graph_index as new_impl  # noqa: E402
 from retrokv import GraphConfig  # noqa: E402
 from retrokv.harness import eval as E  # noqa: E402
+
+
+OLD_REV = "2b8c820"      # main before issue 15's graph kernels
+
+
+def load_old(rev=OLD_REV):
+    """``fast/graph_index.py`` as of ``rev``, read from git and loaded as a module: the old kernels timed in
+    the same run as the new ones, without a copy of them in the tree (Numba's disk cache needs a file, so
+    it is off for these)."""
+    import subprocess
+    import types
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    src = subprocess.run(["git", "show", f"{rev}:fast/graph_index.py"], cwd=root, check=True,
+                         capture_output=True, text=True).stdout
+    src = (src.replace("from ..reference", "from retrokv.reference").replace("from ._dispatch", "from retrokv.fast._dispatch")
+           .replace("from .baselines", "from retrokv.fast.baselines").replace("cache=True", "cache=False"))
+    mod = types.ModuleType("graph_index_old")
+    sys.modules[mod.__name__] = mod
+    exec(compile(src, f"{rev}:fast/graph_index.py", "exec"), mod.__dict__)
+    return mod
 
 
 def load():
@@ -111,6 +130,7 @@ def main():
     from retrokv.harness.models import load_smollm2
 
     load0 = load()
+    old_impl = load_old()
     # compile every kernel of both implementations first (Numba caches; not timed)
     rng = np.random.default_rng(0)
     wq, wk = rng.standard_normal((300, 64)).astype(np.float32), rng.standard_normal((400, 64)).astype(np.float32)
