@@ -13,6 +13,7 @@ import numpy as np
 
 from ..reference.baselines import ivf_lists, kmeans, quest_metadata  # build steps, not hot
 from ._dispatch import require_numpy
+from ._topk import select_block
 
 __all__ = ["select_topk", "exact_topk", "kmeans", "ivf_lists", "ivf_search",
            "quest_metadata", "quest_bounds", "quest_search"]
@@ -39,65 +40,6 @@ def _push(best_s, best_i, cnt, s, idx):
     return cnt
 
 
-@nb.njit(cache=True)
-def _threshold(row, k):
-    """A value ``t`` with at least ``k`` entries of ``row`` at or above it, close to the k-th largest.
-
-    The k-th largest by a full partition copies and reorders the whole row. Instead take every
-    ``step``-th entry (about ``4k`` of them) and the value ranked ``2k / step`` in that sample: at
-    least that many entries of the row are as large, and about ``2k`` are expected to be. The caller
-    checks that at least ``k`` entries pass and falls back to the exact partition when they do not.
-    Returns ``+inf`` when the row is too short for sampling to pay off.
-    """
-    n = row.shape[0]
-    step = n // (4 * k)
-    if step < 2:
-        return np.inf
-    m = (n + step - 1) // step
-    sample = np.empty(m, dtype=row.dtype)
-    for t in range(m):
-        sample[t] = row[t * step]
-    j = min(m, (2 * k + step - 1) // step)
-    return np.partition(sample, m - j)[m - j]
-
-
-@nb.njit(parallel=True, cache=True)
-def _select_rows(scores, k):
-    # Same answer as the reference: every id scoring at least a threshold t <= the k-th largest value
-    # is a candidate (ascending ids), then a stable sort by score (desc) -> ties by id. Any such t gives
-    # the same top k; a sampled t (see _threshold) keeps the candidates few and skips the partition.
-    r, n = scores.shape
-    out = np.empty((r, k), dtype=np.int64)
-    for i in nb.prange(r):
-        row = scores[i]
-        cand = np.empty(n, dtype=np.int64)
-        c = 0
-        if k < n:
-            t = _threshold(row, k)
-            for j in range(n):
-                if row[j] >= t:
-                    cand[c] = j
-                    c += 1
-            if c < k:                                 # the sample was unlucky (or not taken): exact
-                t = np.partition(row.copy(), n - k)[n - k]
-                c = 0
-                for j in range(n):
-                    if row[j] >= t:
-                        cand[c] = j
-                        c += 1
-        else:
-            for j in range(n):
-                cand[j] = j
-            c = n
-        neg = np.empty(c, dtype=np.float64)
-        for j in range(c):
-            neg[j] = -np.float64(row[cand[j]])
-        order = np.argsort(neg, kind="mergesort")
-        for j in range(k):
-            out[i, j] = cand[order[j]]
-    return out
-
-
 def select_topk(scores, k):
     """Same contract as :func:`retrokv.reference.baselines.select_topk`; one Numba pass per row."""
     require_numpy("select_topk", scores)
@@ -105,7 +47,9 @@ def select_topk(scores, k):
     k = min(int(k), scores.shape[1])
     if k == 0:
         return np.empty((scores.shape[0], 0), dtype=np.int64)
-    return _select_rows(scores, k)
+    out = np.empty((scores.shape[0], k), dtype=np.int64)
+    select_block(scores, k, np.zeros(1, dtype=scores.dtype), False, 0, False, out, 0)
+    return out
 
 
 def exact_topk(q, keys, k):

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
+import retrokv.fast._topk as _topk
 import retrokv.fast.graph_index as fg
 import retrokv.reference.graph_index as rg
 from retrokv.baselines import IVFIndex
@@ -213,7 +214,7 @@ def test_fast_sort_desc_is_a_stable_argsort(c, seed):
     ids = np.arange(c, dtype=np.int64) * 3
     order = np.argsort(-vals, kind="stable")
     v, i = vals.copy(), ids.copy()
-    fg._sort_desc(v, i, c, np.empty(c, np.float32), np.empty(c, np.int64))
+    _topk._sort_desc(v, i, c, np.empty(c, np.float32), np.empty(c, np.int64))
     np.testing.assert_array_equal(i, ids[order])
     np.testing.assert_array_equal(v, vals[order])
 
