@@ -51,8 +51,11 @@ print(f"{N}-token passkey prompt; the key is {sample.answer}")
 
 # %%
 from retrokv.graph_index import GraphConfig
+from retrokv.wave_index import WaveConfig
 
 configs = {"streaming": E.method_config("streaming", N), "graph": GraphConfig(build_queries=256)}
+if SMALL:   # the small test prompt is below the wave index's build threshold (4 + 64 + 1024): index it anyway
+    configs["wave"] = WaveConfig(min_index_tokens=0)
 handles, answers = {}, {}
 for method in ["full", "streaming", "topk", "quest", "ivf", "wave", "graph"]:
     h = hf.attach(model, method, config=configs.get(method), backend="fast")
