@@ -46,6 +46,30 @@ NEG_INF = float32(-math.inf)
 K_SH = 8192            # floats of a key tile staged in shared memory (32 KB): tile keys = K_SH // d
 
 
+@cuda.jit(device=True)
+def online_softmax_tile(s_sh, p_sh, nb, m, l, v, h, row0, acc_part, c, r, tid, nt):
+    """One tile of the online softmax (flash-decoding): the tile's scores ``s_sh[:nb]`` update the running
+    max ``m``, denominator ``l`` and accumulator ``acc_part[c, r]`` with the values ``v[h, row0:row0 + nb]``.
+    Returns ``(m, l)``. Every thread of the block calls it (it synchronises)."""
+    m_new = m                                      # running max (every thread the same value)
+    for jj in range(nb):
+        m_new = max(m_new, s_sh[jj])
+    alpha = float32(math.exp(m - m_new))           # exp(-inf) = 0 on the first tile
+    for jj in range(tid, nb, nt):                  # exp-weights, then denominator and accumulator
+        p_sh[jj] = float32(math.exp(s_sh[jj] - m_new))
+    cuda.syncthreads()
+    total = float32(0.0)
+    for jj in range(nb):
+        total += p_sh[jj]
+    l = l * alpha + total
+    for x in range(tid, acc_part.shape[2], nt):
+        a = acc_part[c, r, x] * alpha
+        for jj in range(nb):                       # consecutive threads read consecutive v columns
+            a += p_sh[jj] * float32(v[h, row0 + jj, x])
+        acc_part[c, r, x] = a
+    return m_new, l
+
+
 @cuda.jit
 def _chunk_kernel(q, k, v, t_len, g, limits, scale, chunk, tile, m_part, l_part, acc_part):
     """Block ``b``: row ``r = b % R`` (query head ``r // T``, position ``r % T``), key chunk ``c = b // R``."""
@@ -84,23 +108,7 @@ def _chunk_kernel(q, k, v, t_len, g, limits, scale, chunk, tile, m_part, l_part,
                     x = 0
             s_sh[jj] = s * scale
         cuda.syncthreads()
-        m_new = m                                  # 2. running max (every thread the same value)
-        for jj in range(nb):
-            m_new = max(m_new, s_sh[jj])
-        alpha = float32(math.exp(m - m_new))       # exp(-inf) = 0 on the first tile
-        for jj in range(tid, nb, nt):              # 3. exp-weights, then denominator and accumulator
-            p_sh[jj] = float32(math.exp(s_sh[jj] - m_new))
-        cuda.syncthreads()
-        total = float32(0.0)
-        for jj in range(nb):
-            total += p_sh[jj]
-        l = l * alpha + total
-        for x in range(tid, dv, nt):
-            a = acc_part[c, r, x] * alpha
-            for jj in range(nb):                   # consecutive threads read consecutive v columns
-                a += p_sh[jj] * float32(v[h, b0 + jj, x])
-            acc_part[c, r, x] = a
-        m = m_new
+        m, l = online_softmax_tile(s_sh, p_sh, nb, m, l, v, h, b0, acc_part, c, r, tid, nt)   # 2-3.
         cuda.syncthreads()                         # the next tile overwrites s_sh and p_sh
     if tid == 0:
         m_part[c, r] = m

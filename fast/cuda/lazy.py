@@ -27,7 +27,7 @@ from retrokv.fast.lazy import _chunks, _pairing  # host-side planning: documents
 from retrokv.reference.rope import rope_cos_sin
 
 from ._xp import MAX_D, MAX_TILE, asnumpy, float_array, geometry, launch, xp
-from .attention import merge_chunks, merge_partials, partial_attention
+from .attention import merge_chunks, merge_partials, online_softmax_tile, partial_attention
 from .rope import apply_rope
 
 __all__ = ["lazy_prefill_attention", "lazy_decode_attention", "materialize", "block_attention"]
@@ -77,23 +77,7 @@ def _lazy_kernel(q, pool_k, pool_v, t_len, g, table, chunk_start, cos, sin, rota
                     s += q_sh[x] * kx
                 s_sh[jj] = s * scale
             cuda.syncthreads()
-            m_new = m
-            for jj in range(nb):
-                m_new = max(m_new, s_sh[jj])
-            alpha = float32(math.exp(m - m_new))
-            for jj in range(tid, nb, nt):
-                p_sh[jj] = float32(math.exp(s_sh[jj] - m_new))
-            cuda.syncthreads()
-            total = float32(0.0)
-            for jj in range(nb):
-                total += p_sh[jj]
-            l = l * alpha + total
-            for x in range(tid, dv, nt):
-                a = acc_part[c, r, x] * alpha
-                for jj in range(nb):
-                    a += p_sh[jj] * pool_v[h, base + b0 + jj, x]
-                acc_part[c, r, x] = a
-            m = m_new
+            m, l = online_softmax_tile(s_sh, p_sh, nb, m, l, pool_v, h, base + b0, acc_part, c, r, tid, nt)
             cuda.syncthreads()
     if tid == 0:
         m_part[c, r] = m
