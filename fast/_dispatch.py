@@ -7,6 +7,7 @@ the CPU say so in the error (:data:`CPU_BY_PAPER`).
 from __future__ import annotations
 
 import importlib
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -48,3 +49,28 @@ def require_numpy(fn: str, *arrays) -> None:
                             "pass NumPy arrays (cupy.asnumpy) or use backend='reference'")
         if not isinstance(a, (np.ndarray, np.generic, list, tuple, int, float)):
             raise TypeError(f"retrokv.fast.{fn} expected NumPy arrays, got {type(a).__name__}")
+
+
+# Multiply-adds below which a decode kernel runs on the calling thread alone. A parallel region
+# costs a wake-up and a barrier; a decode step of a sparse index is a few hundred microseconds of
+# work split over ~10 such regions, and whenever a worker thread is not on a core (another process,
+# or torch's own OpenMP threads still spinning after the model's matmuls) the barrier waits a whole
+# scheduler slice. Measured in benchmarks/decode_speed.py (docs/wave_index.md).
+PARALLEL_MIN_WORK = 1 << 22
+
+
+@contextmanager
+def threads_for(work):
+    """Run the Numba kernels inside on one thread when ``work`` (multiply-adds) is below
+    :data:`PARALLEL_MIN_WORK`; otherwise on all of Numba's threads. Thread-local, restored on exit."""
+    import numba as nb
+
+    old = nb.get_num_threads()
+    if work >= PARALLEL_MIN_WORK or old == 1:
+        yield
+        return
+    nb.set_num_threads(1)
+    try:
+        yield
+    finally:
+        nb.set_num_threads(old)

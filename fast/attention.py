@@ -8,6 +8,8 @@ softmax), and a second GEMM adds ``P @ V`` to the running weighted value sum. Th
 partials are then merged with the same log-sum-exp rule as :func:`merge_partials`
 (RetrievalAttention App. B). For one decode step the rows are the G heads of a group, so K and V
 are read from memory exactly once: the kernel is bandwidth-bound, as decode attention should be.
+Calls below :data:`~retrokv.fast._dispatch.PARALLEL_MIN_WORK` multiply-adds (a short static window,
+a small decode step) run on one thread (:func:`~retrokv.fast._dispatch.threads_for`).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import os
 import numba as nb
 import numpy as np
 
-from ._dispatch import any_cupy, cuda, require_numpy
+from ._dispatch import any_cupy, cuda, require_numpy, threads_for
 
 __all__ = ["full_attention", "partial_attention", "merge_partials"]
 
@@ -137,9 +139,10 @@ def partial_attention(q, k, v, causal=False, scale=None):
     else:
         limits = np.full(g * t, n, dtype=np.int64)
     scale = np.float32(1.0 / math.sqrt(d) if scale is None else scale)
-    n_tiles, n_chunks, chunk = _plan(hkv, g * t, n)
-    parts = _attention_chunks(rows, k, v, limits, scale, n_tiles, n_chunks, chunk)
-    out, lse = _merge_chunks(*parts)                           # (Hkv, G*T, dv), (Hkv, G*T)
+    with threads_for(hkv * g * t * n * (d + dv)):              # a small call (a decode step) runs on one thread
+        n_tiles, n_chunks, chunk = _plan(hkv, g * t, n)
+        parts = _attention_chunks(rows, k, v, limits, scale, n_tiles, n_chunks, chunk)
+        out, lse = _merge_chunks(*parts)                       # (Hkv, G*T, dv), (Hkv, G*T)
     out = out.reshape(hq, t, dv)
     lse = lse.reshape(hq, t)
     if decode:
@@ -165,7 +168,8 @@ def merge_partials(parts):
     rows = int(np.prod(lead)) if lead else 1
     # reuse the chunk merge: parts play the role of key chunks of one "head"
     m_part = lses.reshape(p, rows).T.reshape(1, rows, p).transpose(0, 2, 1)
-    out, lse = _merge_chunks(np.ascontiguousarray(m_part, dtype=np.float32),
-                             np.ascontiguousarray(np.ones_like(m_part)),
-                             np.ascontiguousarray(outs.reshape(1, p, rows, dv)))
+    with threads_for(p * rows * dv):
+        out, lse = _merge_chunks(np.ascontiguousarray(m_part, dtype=np.float32),
+                                 np.ascontiguousarray(np.ones_like(m_part)),
+                                 np.ascontiguousarray(outs.reshape(1, p, rows, dv)))
     return out.reshape(lead + (dv,)), lse.reshape(lead)

@@ -9,9 +9,14 @@ little memory as possible, once:
   instead of a full sort; only the selected clusters are sorted, to keep the rank order;
 * retrieval: the clusters are contiguous ranges of the cluster-sorted KV copy, so filling the
   execution buffer ``[steady | retrieved]`` is a parallel block copy; the exact attention over it
-  is the core's :func:`partial_attention`;
+  is one kernel for every KV head (each with its own length), the G heads of a group sharing each
+  key and value load;
 * estimation: one weighted pass over the chosen centroid scores and value sums (the size weights
   only the denominator), producing an ``(out, lse)`` partial merged by :func:`merge_partials`.
+
+A decode step is small: below :data:`~retrokv.fast._dispatch.PARALLEL_MIN_WORK` multiply-adds its
+kernels run on one thread (:func:`~retrokv.fast._dispatch.threads_for`), so that a busy core never
+stalls a step at a barrier.
 
 Building the index (clustering, layout) is in :mod:`retrokv.fast.clustering`; the small
 bookkeeping helpers (``empty_meta``, ``concat_meta``, ``estimation_as_pseudo_tokens``, ``Workspace``)
@@ -30,13 +35,13 @@ from retrokv.reference import wave_index as _ref
 from retrokv.reference.wave_index import (ExecBuffer, MetaIndex, Workspace, Zones, concat_meta,  # not hot
                                           empty_meta, estimation_as_pseudo_tokens)
 
-from ._dispatch import any_cupy, cuda, require_numpy
-from .attention import merge_partials, partial_attention
+from ._dispatch import any_cupy, cuda, require_numpy, threads_for
+from .attention import merge_partials
 from .clustering import segmented_kmeans
 
 __all__ = ["MetaIndex", "ExecBuffer", "Zones", "Workspace", "empty_meta", "build_meta_index", "concat_meta",
-           "rank_clusters", "select_zones", "gather_execution_buffer", "estimate_partial",
-           "estimation_as_pseudo_tokens", "tripartite_attention"]
+           "rank_clusters", "select_zones", "gather_execution_buffer", "attend_execution_buffer",
+           "estimate_partial", "estimation_as_pseudo_tokens", "tripartite_attention"]
 
 _FLAGS = {"reassoc", "contract", "nsz", "arcp"}   # vectorise dot products; keep inf semantics
 _CHUNK = 256                                      # centroids per work item
@@ -193,6 +198,60 @@ def gather_execution_buffer(meta, steady_k, steady_v, steady_ids, retrieval, wor
 
 
 @nb.njit(parallel=True, cache=True, fastmath=_FLAGS)
+def _attend_buffer(q, bk, bv, lengths, scale):
+    hkv, g, d = q.shape
+    dv = bv.shape[2]
+    out = np.zeros((hkv, g, dv), dtype=np.float32)
+    lse = np.full((hkv, g), -np.inf, dtype=np.float32)
+    for h in nb.prange(hkv):
+        n = lengths[h]
+        s = np.empty((g, n), dtype=np.float32)
+        for j in range(n):                            # scores: each key row loaded once for the G heads
+            for r in range(g):
+                acc = np.float32(0.0)
+                for x in range(d):
+                    acc += q[h, r, x] * bk[h, j, x]
+                s[r, j] = acc * scale
+        m = np.full(g, -np.inf, dtype=np.float32)
+        nan = np.zeros(g, dtype=np.bool_)
+        for r in range(g):
+            for j in range(n):
+                m[r] = max(m[r], s[r, j])
+                nan[r] = nan[r] or s[r, j] != s[r, j]     # max() drops NaN: look for it explicitly
+        den = np.zeros(g, dtype=np.float32)
+        acc = np.zeros((g, dv), dtype=np.float32)
+        for j in range(n):                            # values: each row loaded once for the G heads
+            for r in range(g):
+                if m[r] == -np.inf:
+                    continue
+                w = np.float32(math.exp(s[r, j] - m[r]))
+                den[r] += w
+                for x in range(dv):
+                    acc[r, x] += w * bv[h, j, x]
+        for r in range(g):
+            if nan[r]:
+                out[h, r, :] = np.nan
+                lse[h, r] = np.nan
+            elif den[r] > 0:
+                for x in range(dv):
+                    out[h, r, x] = acc[r, x] / den[r]
+                lse[h, r] = m[r] + np.float32(math.log(den[r]))
+    return out, lse
+
+
+def attend_execution_buffer(q, buf, scale):
+    """Same contract as :func:`retrokv.reference.wave_index.attend_execution_buffer`: one kernel for
+    every KV head (each head's rows ``:lengths[h]``), scores then values, each row read once."""
+    if any_cupy(q, buf.keys):
+        return cuda("wave_index").attend_execution_buffer(q, buf, scale)
+    hkv, _, d = buf.keys.shape
+    qb = np.ascontiguousarray(np.asarray(q, dtype=np.float32).reshape(hkv, -1, d))
+    out, lse = _attend_buffer(qb, buf.keys, buf.values, np.asarray(buf.lengths, dtype=np.int64),
+                              np.float32(scale))
+    return out.reshape(q.shape[0], -1), lse.reshape(q.shape[0])
+
+
+@nb.njit(parallel=True, cache=True, fastmath=_FLAGS)
 def _estimate(scores, sizes, value_sums, est):
     hkv, g, _ = scores.shape
     dv = value_sums.shape[2]
@@ -241,5 +300,10 @@ def tripartite_attention(q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_
         ops = cuda("wave_index")
     elif ops is None:
         require_numpy("tripartite_attention", q, steady_k, steady_v)
+        hq, d = q.shape
+        work = hq * d * (meta.centroids.shape[1] + steady_k.shape[1])        # centroid scores + steady zone
+        with threads_for(work):
+            return _ref.tripartite_attention(q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_estimate,
+                                             scale, gather, workspace, ops=sys.modules[__name__])
     return _ref.tripartite_attention(q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_estimate, scale,
-                                     gather, workspace, ops=sys.modules[__name__] if ops is None else ops)
+                                     gather, workspace, ops=ops)

@@ -35,8 +35,8 @@ from .attention import merge_partials, partial_attention
 from .clustering import _array_module, segmented_kmeans
 
 __all__ = ["MetaIndex", "ExecBuffer", "Zones", "Workspace", "empty_meta", "build_meta_index", "concat_meta",
-           "rank_clusters", "select_zones", "gather_execution_buffer", "estimate_partial",
-           "estimation_as_pseudo_tokens", "tripartite_attention"]
+           "rank_clusters", "select_zones", "gather_execution_buffer", "attend_execution_buffer",
+           "estimate_partial", "estimation_as_pseudo_tokens", "tripartite_attention"]
 
 
 class MetaIndex(NamedTuple):
@@ -81,14 +81,18 @@ class Workspace:
         self._arrays = None
 
     def take(self, hkv, width, d, dv):
-        """``(keys (Hkv, width, d), values (Hkv, width, dv), ids (Hkv, width))`` views, grown as needed."""
+        """``(keys (Hkv, width, d), values (Hkv, width, dv), ids (Hkv, width))``, grown as needed.
+
+        The views are C-contiguous (prefixes of flat storage, not slices of a wider array), so the
+        kernels that read them compile for unit strides and vectorise."""
+        need = (hkv * width * d, hkv * width * dv, hkv * width)
         a = self._arrays
-        if a is None or a[0].shape[0] != hkv or a[0].shape[2] != d or a[1].shape[2] != dv or a[0].shape[1] < width:
-            cap = max(width, int(1.25 * (a[0].shape[1] if a is not None else 0)))
-            a = (np.empty((hkv, cap, d), np.float32), np.empty((hkv, cap, dv), np.float32),
-                 np.empty((hkv, cap), np.int64))
+        if a is None or any(len(x) < n for x, n in zip(a, need)):
+            a = tuple(np.empty(max(n, int(1.25 * (len(x) if a is not None else 0))), t)
+                      for n, x, t in zip(need, a or (None,) * 3, (np.float32, np.float32, np.int64)))
             self._arrays = a
-        return a[0][:, :width], a[1][:, :width], a[2][:, :width]
+        return (a[0][:need[0]].reshape(hkv, width, d), a[1][:need[1]].reshape(hkv, width, dv),
+                a[2][:need[2]].reshape(hkv, width))
 
 
 def empty_meta(hkv, d, dv):
@@ -233,6 +237,21 @@ def estimation_as_pseudo_tokens(q, centroids, sizes, value_sums, estimation, sca
     return np.concatenate(outs), np.concatenate(lses)
 
 
+def attend_execution_buffer(q, buf, scale):
+    """Exact partial attention over the execution buffer: ``(out (Hq, dv), lse (Hq,))``.
+
+    Query head ``h * G + j`` reads the first ``buf.lengths[h]`` rows of KV head ``h`` (heads retrieve
+    different numbers of tokens, so each head is its own :func:`partial_attention`). The result is
+    one operand of the log-sum-exp merge with the estimation zone (RetroInfer §4.1).
+    """
+    xp = _array_module(q)
+    hkv = buf.keys.shape[0]
+    g = q.shape[0] // hkv
+    parts = [partial_attention(q[h * g:(h + 1) * g], buf.keys[h:h + 1, :int(n)], buf.values[h:h + 1, :int(n)],
+                               scale=scale) for h, n in enumerate(buf.lengths)]
+    return xp.concatenate([o for o, _ in parts]), xp.concatenate([l for _, l in parts])
+
+
 def tripartite_attention(q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_estimate, scale=None,
                          gather=None, workspace=None, ops=None):
     """One decode step of RetroInfer's tripartite attention: returns ``(out (Hq, dv), lse (Hq,), Zones)``.
@@ -242,28 +261,23 @@ def tripartite_attention(q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_
     (the wave buffer does, to read hits from its cache); it must not change what is attended.
     ``workspace``: the index's :class:`Workspace`. The driver is written once for every backend:
     ``ops`` supplies the kernels (``rank_clusters``, ``select_zones``, ``gather_execution_buffer``,
-    ``partial_attention``, ``estimate_partial``, ``merge_partials``; default: this module's).
+    ``attend_execution_buffer``, ``estimate_partial``, ``merge_partials``; default: this module's).
     """
     ops = _THIS if ops is None else ops
-    xp = _array_module(q)                                              # NumPy, or CuPy for the CUDA kernels
     hkv, _, d = steady_k.shape
-    g = q.shape[0] // hkv
     scale = 1.0 / np.sqrt(d) if scale is None else scale
     # 1. rank clusters by the GQA-summed softmax of centroid scores; split into zones
     scores, rank = ops.rank_clusters(q, meta.centroids, meta.sizes, scale)   # (Hkv, G, C), (Hkv, C)
     retrieval, estimation = ops.select_zones(rank, n_retrieve, n_estimate)
-    # 2. exact attention over the execution buffer [steady | retrieved], one KV head at a time
-    #    (heads retrieve different numbers of tokens)
+    # 2. exact attention over the execution buffer [steady | retrieved] (each head its own length)
     buf = gather(retrieval) if gather is not None else \
         ops.gather_execution_buffer(meta, steady_k, steady_v, steady_ids, retrieval, workspace)
-    lengths = [int(n) for n in buf.lengths]
-    exact = [ops.partial_attention(q[h * g:(h + 1) * g], buf.keys[h:h + 1, :lengths[h]],
-                                   buf.values[h:h + 1, :lengths[h]], scale=scale) for h in range(hkv)]
-    exact = (xp.concatenate([o for o, _ in exact]), xp.concatenate([l for _, l in exact]))   # (Hq, dv), (Hq,)
+    exact = ops.attend_execution_buffer(q, buf, scale)                          # (Hq, dv), (Hq,)
     # 3. estimation zone from centroids, sizes and value sums; 4. log-sum-exp merge
     est = ops.estimate_partial(scores, meta.sizes, meta.value_sums, estimation)
     out, lse = ops.merge_partials([exact, est])
     # the buffer may be a reused workspace: the ids handed back are copies
+    lengths = [int(n) for n in buf.lengths]
     zones = Zones(retrieval, estimation, [buf.ids[h, :lengths[h]].copy() for h in range(hkv)])
     return out, lse, zones
 

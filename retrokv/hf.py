@@ -18,9 +18,13 @@ the previous attention implementation. No model code is copied or patched.
   second multi-token pass rebuilds the indexes from the whole cache).
 
 Statistics of every decode step are gathered per layer; :meth:`Attached.layer_stats` averages them.
+:attr:`Attached.decode_seconds` is the wall time spent inside retrokv at decode (the tensors' hand-over,
+``append`` and ``attend`` of every layer; on a GPU it counts launches, which are asynchronous), so a
+benchmark can split a step into retrokv and the rest of the model (``benchmarks/decode_speed.py``).
 """
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 
 import numpy as np
@@ -107,14 +111,17 @@ class Attached:
         self.indexes = {}                   # layer -> list of per-sequence indexes
         self.stats = defaultdict(list)      # layer -> list of per-step stats dicts
         self.build_calls = 0
+        self.decode_seconds = 0.0          # wall time inside the decode branch, all layers and steps
+        self.decode_calls = 0              # layer calls that decoded through an index
         # True: only save the prefill's Q/K/V (numpy) for rebuild(); no index is built on this handle,
         # so a second handle can build from the copy without a throwaway index per layer.
         self.keep_prefill = False
         self.prefill = {}
 
     def reset_stats(self):
-        """Forget the statistics gathered so far (the indexes stay)."""
+        """Forget the statistics and decode timings gathered so far (the indexes stay)."""
         self.stats.clear()
+        self.decode_seconds, self.decode_calls = 0.0, 0
 
     def layer_stats(self):
         """Per layer, the mean over decode steps (and sequences) of every numeric statistic."""
@@ -197,6 +204,7 @@ class Attached:
         if scaling is not None and abs(scaling * d ** 0.5 - 1) > 1e-6:
             raise ValueError(f"layer {layer} scales scores by {scaling}; retrokv's indexes use "
                                       f"1/sqrt(head_dim) = {d ** -0.5:.6g}")
+        t0 = time.perf_counter()
         qn, kn, vn = (_arr(x, device) for x in (query[:, :, 0], key[:, :, -1], value[:, :, -1]))   # (B, H, d)
         outs = []
         for s, index in enumerate(idx):
@@ -206,7 +214,10 @@ class Attached:
         stacked = xp(*outs).stack(outs)
         # back to torch without a copy: DLPack on the GPU (the step never leaves it), .from_numpy on the CPU
         out = torch.from_dlpack(stacked) if is_cupy(stacked) else torch.from_numpy(stacked)
-        return out.to(device=query.device, dtype=query.dtype)[:, None], None    # (B, 1, Hq, d)
+        out = out.to(device=query.device, dtype=query.dtype)[:, None]            # (B, 1, Hq, d)
+        self.decode_seconds += time.perf_counter() - t0
+        self.decode_calls += 1
+        return out, None
 
 
 def _np(x):

@@ -100,6 +100,11 @@ def test_streaming_reads_only_its_window_and_stats_are_per_layer(smollm2, prompt
     for layer in range(1, model.config.num_hidden_layers):
         # at most sink + recent (+ the appended tokens, which join the recent window) of n..n+7 tokens
         assert 0 < stats[layer]["density"] <= (4 + 32 + NEW_TOKENS) / n
+    # the decode timer counts one call per layer and decode step (the first new token comes from the prefill)
+    assert handle.decode_calls == model.config.num_hidden_layers * (NEW_TOKENS - 1)
+    assert handle.decode_seconds > 0
+    handle.reset_stats()
+    assert (handle.decode_calls, handle.decode_seconds, handle.layer_stats()) == (0, 0.0, {})
 
 
 def test_teacher_forced_decode_logits_match_dense(smollm2, prompts):

@@ -294,3 +294,51 @@ def test_count_fields_drive_the_index(rng):
     assert idx.last_stats.retrieval_clusters.shape == (2, 3) and idx.last_stats.estimation_clusters.shape == (2, 2)
     every = WaveIndex.build(k, k, config=WaveConfig(**SMALL, retrieval_budget=1.0))
     np.testing.assert_allclose(every.attend(q), rk.full_attention(q, k, k), atol=1e-5)
+
+
+@given(st.integers(1, 3), st.integers(1, 3), st.sampled_from([2, 16]), st.lists(st.integers(0, 70), min_size=3,
+       max_size=3), st.integers(0, 2**31 - 1), st.booleans())
+def test_fast_execution_buffer_attention_equals_per_head_reference(hkv, g, d, lens, seed, nan):
+    """The fused kernel (every head in one call, ragged lengths, a view into a wider workspace)
+    equals the reference's per-head partial attention; an empty head gives the merge identity and a
+    NaN query row gives NaN on both."""
+    from retrokv.fast import wave_index as fast_wi
+
+    rng = np.random.default_rng(seed)
+    lengths = np.array(lens[:hkv], dtype=np.int64)
+    wide = 80                                                   # the workspace is wider than any head
+    k = rng.standard_normal((hkv, wide, d)).astype(np.float32) * 2
+    v = rng.standard_normal((hkv, wide, d + 1)).astype(np.float32)
+    q = rng.standard_normal((hkv * g, d)).astype(np.float32)
+    if nan:
+        q[0, 0] = np.nan
+    width = int(lengths.max())
+    buf = ref_wi.ExecBuffer(k[:, :width], v[:, :width], np.zeros((hkv, width), np.int64), lengths)
+    want, want_lse = ref_wi.attend_execution_buffer(q, buf, 0.3)
+    got, got_lse = fast_wi.attend_execution_buffer(q, buf, 0.3)
+    assert got.shape == want.shape == (hkv * g, d + 1) and got_lse.shape == (hkv * g,)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
+    np.testing.assert_allclose(got_lse, want_lse, atol=2e-5, rtol=1e-5)
+    for h in np.flatnonzero(lengths == 0):
+        rows = slice(h * g, (h + 1) * g)
+        assert np.all(got[rows] == 0) and np.all(np.isneginf(got_lse[rows])) or (nan and h == 0)
+    if nan and lengths[0] > 0:
+        assert np.isnan(got[0]).all() and np.isnan(want[0]).all()
+
+
+def test_small_decode_steps_run_on_one_thread_and_restore_the_count():
+    """threads_for: below the work threshold the kernels inside see one Numba thread; the caller's
+    count is back afterwards, also after an exception."""
+    import numba as nb
+
+    from retrokv.fast._dispatch import PARALLEL_MIN_WORK, threads_for
+
+    before = nb.get_num_threads()
+    with threads_for(PARALLEL_MIN_WORK - 1):
+        assert nb.get_num_threads() == 1
+    with threads_for(PARALLEL_MIN_WORK):
+        assert nb.get_num_threads() == before
+    with pytest.raises(RuntimeError):
+        with threads_for(0):
+            raise RuntimeError("boom")
+    assert nb.get_num_threads() == before

@@ -18,14 +18,13 @@ Same names, signatures and results as ``reference/wave_index.py`` for the steps 
   the denominator adds ``s_i w_i`` (the size weights only the denominator) and each thread's columns
   add ``w_i VS_i``. Output ``(out, lse)`` with ``lse = max + log sum_i s_i w_i``: merged with the exact
   partial by :func:`merge_partials`, these are exactly Eq. 2's weights;
-* :func:`partial_attention`, :func:`merge_partials`: the split-K kernels of :mod:`.attention`.
-
-One extra, optional op: :func:`attend_execution_buffer` is the exact partial over the whole padded
-buffer in one launch (the split-K kernel with a per-row key limit ``lengths[h]``), where the
-reference driver slices one head at a time (``Hkv`` launches, which at batch 8 is 64 small ones).
+* :func:`partial_attention`, :func:`merge_partials`: the split-K kernels of :mod:`.attention`;
+* :func:`attend_execution_buffer`: the exact partial over the whole padded buffer in one launch
+  (the split-K kernel with a per-row key limit ``lengths[h]``), where the reference op slices one
+  head at a time (``Hkv`` launches, which at batch 8 would be 64 small ones).
 
 ``gather_execution_buffer`` returns ``lengths`` as a host (NumPy) array: it copies the ``Hkv``
-lengths to the host once to size the buffer, and the driver slices each head's rows with them.
+lengths to the host once to size the buffer; the driver reads them for the zones' ids.
 """
 from __future__ import annotations
 
