@@ -7,7 +7,8 @@ Same synthetic keys and shapes as the speed part of ``benchmarks/wave_index.py``
 float32, RetroInfer defaults). The fast ``attend`` is the reference driver ``tripartite_attention`` with
 the fast kernels; here the driver runs with a timing wrapper around each kernel (``ops=``), so the split
 is of the very calls ``WaveIndex.attend`` makes: centroid scoring, GQA ranking (softmax + sum), zone
-selection, gather into the execution buffer, exact attention (one kernel for every KV head), estimation, merge.
+selection, exact attention over the steady zone and the retrieved clusters where they lie (one kernel
+for every KV head, no execution-buffer copy), estimation, merge.
 Bandwidth: a parallel, vectorised Numba sum over a 1 GiB float32 array (read-only streaming, all
 threads), best of 5. Byte
 bound = the step's ``bytes_read`` / that bandwidth.
@@ -67,8 +68,7 @@ def timing_ops(times):
     ops = types.SimpleNamespace(
         rank_clusters=rank_clusters,
         select_zones=timed("zone selection", fw.select_zones),
-        gather_execution_buffer=timed("gather", fw.gather_execution_buffer),
-        attend_execution_buffer=timed("exact attention", fw.attend_execution_buffer),
+        attend_retrieved=timed("exact attention (steady + retrieved, read in place)", fw.attend_retrieved),
         estimate_partial=timed("estimation", fw.estimate_partial),
         merge_partials=timed("merge", fw.merge_partials),
     )

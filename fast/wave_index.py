@@ -7,10 +7,11 @@ little memory as possible, once:
   G query heads of a group sharing each centroid load; empty clusters get ``-inf``;
 * ranking: softmax per query head summed over the group, then ``argpartition`` (linear time)
   instead of a full sort; only the selected clusters are sorted, to keep the rank order;
-* retrieval: the clusters are contiguous ranges of the cluster-sorted KV copy, so filling the
-  execution buffer ``[steady | retrieved]`` is a parallel block copy; the exact attention over it
-  is one kernel for every KV head (each with its own length), the G heads of a group sharing each
-  key and value load;
+* retrieval: the clusters are contiguous ranges of the cluster-sorted KV copy, so the exact
+  attention reads ``[steady | retrieved]`` where it lies (:func:`attend_retrieved`: no execution-buffer
+  copy, which at 128K tokens would read and write the retrieved KV once more), one kernel for every
+  KV head, the G heads of a group sharing each key and value load. With a wave buffer the same
+  kernel runs over the buffer it fills (:func:`attend_execution_buffer`);
 * estimation: one weighted pass over the chosen centroid scores and value sums (the size weights
   only the denominator), producing an ``(out, lse)`` partial merged by :func:`merge_partials`.
 
@@ -41,7 +42,7 @@ from .clustering import segmented_kmeans
 
 __all__ = ["MetaIndex", "ExecBuffer", "Zones", "Workspace", "empty_meta", "build_meta_index", "concat_meta",
            "rank_clusters", "select_zones", "gather_execution_buffer", "attend_execution_buffer",
-           "estimate_partial", "estimation_as_pseudo_tokens", "tripartite_attention"]
+           "attend_retrieved", "estimate_partial", "estimation_as_pseudo_tokens", "tripartite_attention"]
 
 _FLAGS = {"reassoc", "contract", "nsz", "arcp"}   # vectorise dot products; keep inf semantics
 _CHUNK = 256                                      # centroids per work item
@@ -237,6 +238,94 @@ def _attend_buffer(q, bk, bv, lengths, scale):
                     out[h, r, x] = acc[r, x] / den[r]
                 lse[h, r] = m[r] + np.float32(math.log(den[r]))
     return out, lse
+
+
+@nb.njit(cache=True, inline="always", fastmath=_FLAGS)
+def _score_rows(q, h, src, a, b, s, at, scale):
+    """Scores of the rows ``a:b`` of ``src[h]`` for the G query heads, into ``s[:, at:]``."""
+    g, d = q.shape[1], q.shape[2]
+    for t in range(a, b):
+        for r in range(g):
+            acc = np.float32(0.0)
+            for x in range(d):
+                acc += q[h, r, x] * src[h, t, x]
+            s[r, at + t - a] = acc * scale
+
+
+@nb.njit(cache=True, inline="always", fastmath=_FLAGS)
+def _weigh_rows(h, src, a, b, s, at, m, den, acc):
+    """Adds ``exp(s - m)`` to ``den`` and ``exp(s - m) * v`` to ``acc`` for the rows ``a:b`` of ``src[h]``."""
+    g, dv = acc.shape
+    for t in range(a, b):
+        for r in range(g):
+            if m[r] == -np.inf:
+                continue
+            w = np.float32(math.exp(s[r, at + t - a] - m[r]))
+            den[r] += w
+            for x in range(dv):
+                acc[r, x] += w * src[h, t, x]
+
+
+@nb.njit(parallel=True, cache=True, fastmath=_FLAGS)
+def _attend_in_place(q, steady_k, steady_v, steady_ids, mk, mv, mids, offsets, retrieval, lengths, scale):
+    hkv, g, _ = q.shape
+    dv = steady_v.shape[2]
+    n_steady = steady_k.shape[1]
+    out = np.zeros((hkv, g, dv), dtype=np.float32)
+    lse = np.full((hkv, g), -np.inf, dtype=np.float32)
+    ids = np.empty((hkv, lengths.max() if hkv else 0), dtype=np.int64)
+    for h in nb.prange(hkv):
+        s = np.empty((g, lengths[h]), dtype=np.float32)
+        _score_rows(q, h, steady_k, 0, n_steady, s, 0, scale)            # the steady zone, then each cluster
+        at = n_steady
+        for t in range(n_steady):
+            ids[h, t] = steady_ids[t]
+        for c in retrieval[h]:
+            a, b = offsets[h, c], offsets[h, c + 1]
+            _score_rows(q, h, mk, a, b, s, at, scale)
+            for t in range(a, b):
+                ids[h, at + t - a] = mids[h, t]
+            at += b - a
+        m = np.full(g, -np.inf, dtype=np.float32)
+        nan = np.zeros(g, dtype=np.bool_)
+        for r in range(g):
+            for j in range(lengths[h]):
+                m[r] = max(m[r], s[r, j])
+                nan[r] = nan[r] or s[r, j] != s[r, j]     # max() drops NaN: look for it explicitly
+        den = np.zeros(g, dtype=np.float32)
+        acc = np.zeros((g, dv), dtype=np.float32)
+        _weigh_rows(h, steady_v, 0, n_steady, s, 0, m, den, acc)
+        at = n_steady
+        for c in retrieval[h]:
+            a, b = offsets[h, c], offsets[h, c + 1]
+            _weigh_rows(h, mv, a, b, s, at, m, den, acc)
+            at += b - a
+        for r in range(g):
+            if nan[r]:
+                out[h, r, :] = np.nan
+                lse[h, r] = np.nan
+            elif den[r] > 0:
+                for x in range(dv):
+                    out[h, r, x] = acc[r, x] / den[r]
+                lse[h, r] = m[r] + np.float32(math.log(den[r]))
+    return out, lse, ids
+
+
+def attend_retrieved(q, meta, steady_k, steady_v, steady_ids, retrieval, scale, workspace=None):
+    """Same contract as :func:`retrokv.reference.wave_index.attend_retrieved`, without the copy: one kernel
+    reads the steady zone and each retrieved cluster's contiguous rows where they lie."""
+    if any_cupy(q, steady_k, meta.keys):
+        return cuda("wave_index").attend_retrieved(q, meta, steady_k, steady_v, steady_ids, retrieval, scale,
+                                                   workspace)
+    hkv, n_steady, d = steady_k.shape
+    retrieval = np.ascontiguousarray(retrieval, dtype=np.int64)
+    sizes = np.take_along_axis(meta.sizes, retrieval, axis=1)
+    lengths = (n_steady + sizes.sum(axis=1)).astype(np.int64)
+    qb = np.ascontiguousarray(np.asarray(q, dtype=np.float32).reshape(hkv, -1, d))
+    out, lse, ids = _attend_in_place(qb, steady_k, steady_v, np.asarray(steady_ids, dtype=np.int64), meta.keys,
+                                     meta.values, meta.ids, meta.offsets, retrieval, lengths, np.float32(scale))
+    return (out.reshape(q.shape[0], -1), lse.reshape(q.shape[0]),
+            [ids[h, :lengths[h]] for h in range(hkv)])
 
 
 def attend_execution_buffer(q, buf, scale):

@@ -36,7 +36,7 @@ from .clustering import _array_module, segmented_kmeans
 
 __all__ = ["MetaIndex", "ExecBuffer", "Zones", "Workspace", "empty_meta", "build_meta_index", "concat_meta",
            "rank_clusters", "select_zones", "gather_execution_buffer", "attend_execution_buffer",
-           "estimate_partial", "estimation_as_pseudo_tokens", "tripartite_attention"]
+           "attend_retrieved", "estimate_partial", "estimation_as_pseudo_tokens", "tripartite_attention"]
 
 
 class MetaIndex(NamedTuple):
@@ -252,6 +252,25 @@ def attend_execution_buffer(q, buf, scale):
     return xp.concatenate([o for o, _ in parts]), xp.concatenate([l for _, l in parts])
 
 
+def exact_from_buffer(ops, q, buf, scale):
+    """``(out, lse, exact_ids)`` of the exact zone from a filled execution buffer, with ``ops``' kernel;
+    the ids are copies (the buffer may be a reused workspace)."""
+    out, lse = ops.attend_execution_buffer(q, buf, scale)
+    return out, lse, [buf.ids[h, :int(n)].copy() for h, n in enumerate(buf.lengths)]
+
+
+def attend_retrieved(q, meta, steady_k, steady_v, steady_ids, retrieval, scale, workspace=None):
+    """The exact zone of one step: ``(out (Hq, dv), lse (Hq,), exact_ids)`` over the steady zone and the
+    retrieved clusters, with ``exact_ids`` the Hkv arrays of token positions attended.
+
+    Here it is the two steps of the paper's data path: copy into the execution buffer
+    (:func:`gather_execution_buffer`), then attend it (:func:`attend_execution_buffer`). A kernel may
+    instead read the clusters where they lie (the fast path does: same result, no copy).
+    """
+    buf = gather_execution_buffer(meta, steady_k, steady_v, steady_ids, retrieval, workspace)
+    return exact_from_buffer(_THIS, q, buf, scale)
+
+
 def tripartite_attention(q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_estimate, scale=None,
                          gather=None, workspace=None, ops=None):
     """One decode step of RetroInfer's tripartite attention: returns ``(out (Hq, dv), lse (Hq,), Zones)``.
@@ -260,26 +279,27 @@ def tripartite_attention(q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_
     window. ``gather(retrieval) -> ExecBuffer`` may replace the default copy from the sorted arrays
     (the wave buffer does, to read hits from its cache); it must not change what is attended.
     ``workspace``: the index's :class:`Workspace`. The driver is written once for every backend:
-    ``ops`` supplies the kernels (``rank_clusters``, ``select_zones``, ``gather_execution_buffer``,
-    ``attend_execution_buffer``, ``estimate_partial``, ``merge_partials``; default: this module's).
+    ``ops`` supplies the kernels (``rank_clusters``, ``select_zones``, ``attend_retrieved``,
+    ``attend_execution_buffer`` (with ``gather``), ``estimate_partial``, ``merge_partials``; default: this
+    module's).
     """
     ops = _THIS if ops is None else ops
-    hkv, _, d = steady_k.shape
+    d = steady_k.shape[2]
     scale = 1.0 / np.sqrt(d) if scale is None else scale
     # 1. rank clusters by the GQA-summed softmax of centroid scores; split into zones
     scores, rank = ops.rank_clusters(q, meta.centroids, meta.sizes, scale)   # (Hkv, G, C), (Hkv, C)
     retrieval, estimation = ops.select_zones(rank, n_retrieve, n_estimate)
-    # 2. exact attention over the execution buffer [steady | retrieved] (each head its own length)
-    buf = gather(retrieval) if gather is not None else \
-        ops.gather_execution_buffer(meta, steady_k, steady_v, steady_ids, retrieval, workspace)
-    exact = ops.attend_execution_buffer(q, buf, scale)                          # (Hq, dv), (Hq,)
+    # 2. exact attention over [steady | retrieved] (each head its own length); a custom gather fills
+    #    the execution buffer from elsewhere (the wave buffer's cache)
+    if gather is None:
+        out_x, lse_x, exact_ids = ops.attend_retrieved(q, meta, steady_k, steady_v, steady_ids, retrieval, scale,
+                                                       workspace)
+    else:
+        out_x, lse_x, exact_ids = exact_from_buffer(ops, q, gather(retrieval), scale)
     # 3. estimation zone from centroids, sizes and value sums; 4. log-sum-exp merge
     est = ops.estimate_partial(scores, meta.sizes, meta.value_sums, estimation)
-    out, lse = ops.merge_partials([exact, est])
-    # the buffer may be a reused workspace: the ids handed back are copies
-    lengths = [int(n) for n in buf.lengths]
-    zones = Zones(retrieval, estimation, [buf.ids[h, :lengths[h]].copy() for h in range(hkv)])
-    return out, lse, zones
+    out, lse = ops.merge_partials([(out_x, lse_x), est])
+    return out, lse, Zones(retrieval, estimation, exact_ids)
 
 
 _THIS = sys.modules[__name__]

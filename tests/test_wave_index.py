@@ -342,3 +342,33 @@ def test_small_decode_steps_run_on_one_thread_and_restore_the_count():
         with threads_for(0):
             raise RuntimeError("boom")
     assert nb.get_num_threads() == before
+
+
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(0, 90), st.integers(0, 6), st.integers(0, 12),
+       st.integers(0, 2**31 - 1), st.booleans())
+def test_fast_in_place_exact_zone_equals_gather_then_attend(hkv, g, m, n_steady, r, seed, nan):
+    """attend_retrieved (fast: reads the clusters where they lie) equals the reference's copy into the
+    execution buffer followed by its attention: same outputs, same token ids in the same order, for
+    any retrieval (empty, all clusters, repeated sizes) and a NaN query row."""
+    from retrokv.fast import wave_index as fast_wi
+
+    rng = np.random.default_rng(seed)
+    d, dv = 8, 5
+    k = rng.standard_normal((hkv, m + n_steady, d)).astype(np.float32)
+    v = rng.standard_normal((hkv, m + n_steady, dv)).astype(np.float32)
+    n_clusters = min(m, 7)
+    meta = ref_wi.build_meta_index(k[:, :m], v[:, :m], np.arange(m), n_clusters, 1, 2)
+    c = meta.centroids.shape[1]
+    retrieval = np.stack([rng.permutation(c)[:min(r, c)] for _ in range(hkv)]).astype(np.int64)
+    sk, sv = k[:, m:].copy(), v[:, m:].copy()
+    sids = np.arange(m, m + n_steady)
+    q = rng.standard_normal((hkv * g, d)).astype(np.float32)
+    if nan:
+        q[-1, 0] = np.nan
+    want = ref_wi.attend_retrieved(q, meta, sk, sv, sids, retrieval, 0.4)
+    got = fast_wi.attend_retrieved(q, meta, sk, sv, sids, retrieval, 0.4)
+    np.testing.assert_allclose(got[0], want[0], atol=2e-5, rtol=1e-4)
+    np.testing.assert_allclose(got[1], want[1], atol=2e-5, rtol=1e-5)
+    assert len(got[2]) == hkv and all(np.array_equal(a, b) for a, b in zip(got[2], want[2]))
+    for h in range(hkv):                                      # exactly the steady ids + the retrieved clusters'
+        assert len(got[2][h]) == n_steady + int(meta.sizes[h, retrieval[h]].sum())

@@ -19,7 +19,8 @@ Same names, signatures and results as ``reference/wave_index.py`` for the steps 
   add ``w_i VS_i``. Output ``(out, lse)`` with ``lse = max + log sum_i s_i w_i``: merged with the exact
   partial by :func:`merge_partials`, these are exactly Eq. 2's weights;
 * :func:`partial_attention`, :func:`merge_partials`: the split-K kernels of :mod:`.attention`;
-* :func:`attend_execution_buffer`: the exact partial over the whole padded buffer in one launch
+* :func:`attend_retrieved` = :func:`gather_execution_buffer` then :func:`attend_execution_buffer`, the
+  exact partial over the whole padded buffer in one launch
   (the split-K kernel with a per-row key limit ``lengths[h]``), where the reference op slices one
   head at a time (``Hkv`` launches, which at batch 8 would be 64 small ones).
 
@@ -43,7 +44,8 @@ from .clustering import segmented_kmeans
 
 __all__ = ["MetaIndex", "ExecBuffer", "Zones", "empty_meta", "build_meta_index", "concat_meta",
            "rank_clusters", "select_zones", "gather_execution_buffer", "estimate_partial",
-           "partial_attention", "merge_partials", "attend_execution_buffer", "tripartite_attention"]
+           "partial_attention", "merge_partials", "attend_execution_buffer", "attend_retrieved",
+           "tripartite_attention"]
 
 NEG_INF = float32(-math.inf)
 
@@ -256,6 +258,13 @@ def attend_execution_buffer(q, buf, scale):
     g = q.shape[0] // hkv
     limits = m.asarray(np.repeat(np.asarray(buf.lengths, np.int64), g))      # row h*G + j stops at lengths[h]
     return merge_chunks(*attention_partials(q, buf.keys, buf.values, 1, g, limits, scale))
+
+
+def attend_retrieved(q, meta, steady_k, steady_v, steady_ids, retrieval, scale, workspace=None):
+    """The exact zone as the reference composes it: :func:`gather_execution_buffer` (one launch), then
+    :func:`attend_execution_buffer` (one launch); ``workspace`` is unused on the device."""
+    buf = gather_execution_buffer(meta, steady_k, steady_v, steady_ids, retrieval)
+    return _ref.exact_from_buffer(sys.modules[__name__], q, buf, scale)
 
 
 def tripartite_attention(q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_estimate, scale=None,
