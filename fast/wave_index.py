@@ -135,7 +135,11 @@ def rank_clusters(q, centroids, sizes, scale):
 
 
 def select_zones(rank, n_retrieve, n_estimate):
-    """Same contract as the reference: top ``n_retrieve + n_estimate`` by partition, then sorted."""
+    """Same contract as the reference: top ``n_retrieve + n_estimate`` by partition, then sorted.
+
+    A partition picks an arbitrary member of a tie at the cut, where the reference's stable sort takes
+    the lowest cluster ids (ties are common: every empty cluster ranks 0); rows with a tie at the cut,
+    or NaN, take the stable sort instead."""
     if any_cupy(rank):
         return cuda("wave_index").select_zones(rank, n_retrieve, n_estimate)
     hkv, c = rank.shape
@@ -143,9 +147,15 @@ def select_zones(rank, n_retrieve, n_estimate):
     if top == 0:
         return np.zeros((hkv, 0), np.int64), np.zeros((hkv, 0), np.int64)
     cand = np.argpartition(-rank, top - 1, axis=1)[:, :top] if top < c else np.tile(np.arange(c), (hkv, 1))
-    cand = np.sort(cand, axis=1)                      # ties then resolve by cluster id, as a stable sort does
-    order = np.argsort(-np.take_along_axis(rank, cand, axis=1), axis=1, kind="stable")
+    cand = np.sort(cand, axis=1)                      # ties inside the selection resolve by cluster id below
+    picked = np.take_along_axis(rank, cand, axis=1)
+    order = np.argsort(-picked, axis=1, kind="stable")
     best = np.take_along_axis(cand, order, axis=1).astype(np.int64)
+    if top < c:
+        cut = picked.min(axis=1, keepdims=True)       # the worst selected rank: a tie there may be unfair
+        unfair = ((rank == cut).sum(axis=1) != (picked == cut).sum(axis=1)) | np.isnan(picked).any(axis=1)
+        for h in np.flatnonzero(unfair):
+            best[h] = np.argsort(-rank[h], kind="stable")[:top]
     return best[:, :n_retrieve], best[:, n_retrieve:top]
 
 
