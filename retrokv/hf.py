@@ -153,10 +153,14 @@ class Attached:
         self.indexes[layer] = built
         self.build_calls += 1
 
-    def rebuild(self, prefill):
+    def rebuild(self, prefill, progress=False):
         """Build this method's indexes from another handle's saved prefill (``keep_prefill=True``),
-        so several methods can share one dense prefill (the evaluation harness does this)."""
-        for layer, (q, k, v, valid) in prefill.items():
+        so several methods can share one dense prefill (the evaluation harness does this).
+        ``progress``: show a bar over the layers (a graph build takes seconds per layer)."""
+        from tqdm.auto import tqdm
+
+        for layer, (q, k, v, valid) in tqdm(prefill.items(), desc=f"build {self.method} (layers)",
+                                            disable=not progress, leave=False):
             self._build(layer, q, k, v, valid)
 
     @staticmethod

@@ -171,9 +171,9 @@ def shared_prefill(model, ids, backend=None):
 class _Method:
     """``method`` attached and built from a shared prefill, with a cache that resumes after it."""
 
-    def __init__(self, model, method, config, backend, saved, n):
+    def __init__(self, model, method, config, backend, saved, n, progress=False):
         self.model, self.method, self.config, self.backend = model, method, config, backend
-        self.saved, self.n = saved, n
+        self.saved, self.n, self.progress = saved, n, progress
 
     def __enter__(self):
         import torch
@@ -188,7 +188,7 @@ class _Method:
                                                       for _, k, v, _ in (self.saved[i] for i in sorted(self.saved))])
         else:
             self.handle = hf.attach(self.model, self.method, self.config, self.backend)
-            self.handle.rebuild(self.saved)
+            self.handle.rebuild(self.saved, progress=self.progress)
             self.cache = hf.index_cache(len(self.saved), self.n)
         self.build_s = time.perf_counter() - t0
         return self
@@ -245,7 +245,7 @@ def run_task(model, tok, samples, methods=("full",), configs=None, backend=None,
             r = acc[lab]
             cfg = configs[lab] if configs and lab in configs else _config(configs, m, s.n_tokens)
             stages.set_description(f"build {lab}")
-            with _Method(model, m, cfg, backend, saved, len(s.prompt_ids)) as run:
+            with _Method(model, m, cfg, backend, saved, len(s.prompt_ids), progress) as run:
                 stages.update()
                 stages.set_description(f"decode {lab}")
                 new, t0 = [int(logits0.argmax())], time.perf_counter()
@@ -295,7 +295,7 @@ def perplexity(model, ids, n_context, methods=("full",), configs=None, backend=N
     for m in methods:
         nll, logits = [], logits0
         stages.set_description(f"ppl: build {m}")
-        with _Method(model, m, _config(configs, m, n_context), backend, saved, n_context) as run:
+        with _Method(model, m, _config(configs, m, n_context), backend, saved, n_context, progress) as run:
             stages.update()
             stages.set_description(f"ppl: decode {m}")
             for t in tqdm(range(n_context, len(ids)), desc=f"ppl {m}", disable=not progress, leave=False):
