@@ -84,6 +84,8 @@ def key_neighbors(keys, k, select=None):
 _IVF_MIN_KEYS = 2048     # below this the exact kNN is cheap: the build stays bit-equal to the reference
 _IVF_SCAN = 0.10         # fraction of the keys each query scores (its nearest clusters first)
 _IVF_ITERS = 8           # Lloyd iterations of the key k-means
+_IVF_CHECK = 64          # queries whose IVF lists are checked against their exact lists
+_IVF_MIN_RECALL = 0.7    # below this (keys without cluster structure) the scan doubles, up to exact
 _layout_cache = {}       # one entry: the layout of the last keys (shared by key_neighbors and a GQA group)
 
 
@@ -233,10 +235,53 @@ def _ivf_knn(queries, keys, k, bias=None, exclude_self=False):
     cs = queries @ cent.T
     if bias is not None:
         cs -= half
+    cs = np.ascontiguousarray(cs)
     b = np.ascontiguousarray(bias, dtype=np.float32) if bias is not None else np.zeros(1, dtype=np.float32)
+    # Self-check on a strided sample of queries: where the clusters do not separate the neighbours
+    # (e.g. isotropic Gaussian keys: recall ~0.5 at 10%), scan twice as many keys, up to all of them.
+    frac, sample = _IVF_SCAN, np.unique(np.linspace(0, t - 1, min(t, _IVF_CHECK)).round().astype(np.int64))
+    while frac < 1.0:
+        got = np.empty((len(sample), k), dtype=np.int64)
+        if exclude_self:                    # row i is key i: the sample keeps its own ids
+            _ivf_scan_rows(queries, cs, kc, ids, off, b, bias is not None, int(k), int(frac * n), sample, got)
+        else:
+            _ivf_scan(queries[sample], cs[sample], kc, ids, off, b, bias is not None, False, int(k),
+                      int(frac * n), got)
+        want = _exact_knn(queries[sample], keys, k, bias, sample if exclude_self else None)
+        hit = np.mean([len(np.intersect1d(x, y)) / k for x, y in zip(got, want)])
+        if hit >= _IVF_MIN_RECALL:
+            break
+        frac *= 2
+    if frac >= 1.0:
+        return _exact_knn(queries, keys, k, bias, np.arange(t) if exclude_self else None)
     out = np.empty((t, k), dtype=np.int64)
-    _ivf_scan(queries, np.ascontiguousarray(cs), kc, ids, off, b, bias is not None, bool(exclude_self), int(k),
-              int(_IVF_SCAN * n), out)
+    _ivf_scan(queries, cs, kc, ids, off, b, bias is not None, bool(exclude_self), int(k), int(frac * n), out)
+    return out
+
+
+def _ivf_scan_rows(queries, cs, kc, ids, off, b, use_bias, k, min_scan, rows, out):
+    """:func:`_ivf_scan` of the key kNN for the query rows ``rows`` only (each excludes its own key id)."""
+    for a, i in enumerate(rows):
+        one = np.empty((1, k), dtype=np.int64)
+        q = np.ascontiguousarray(queries[i:i + 1])
+        c = np.ascontiguousarray(cs[i:i + 1])
+        # a one-row problem whose own id is i: shift via a bias of -inf at key i
+        bb = b.copy() if use_bias else np.zeros(len(ids), dtype=np.float32)
+        bb[i] = -np.inf
+        _ivf_scan(q, c, kc, ids, off, bb, True, False, int(k), min_scan, one)
+        out[a] = one[0]
+
+
+def _exact_knn(queries, keys, k, bias, self_ids):
+    """Exact top-``k`` (the blocked BLAS + fused selection of :func:`knn`); ``self_ids[i]`` is row i's own key."""
+    t, n = len(queries), len(keys)
+    out = np.empty((t, k), dtype=np.int64)
+    b = np.ascontiguousarray(bias) if bias is not None else np.zeros(1, dtype=np.float32)
+    for s in range(0, t, _BLOCK):
+        scores = np.ascontiguousarray(queries[s:s + _BLOCK] @ keys.T)
+        if self_ids is not None:
+            scores[np.arange(len(scores)), self_ids[s:s + _BLOCK]] = -np.inf
+        select_block(scores, int(k), b, bias is not None, np.int64(0), False, out, np.int64(s))
     return out
 
 
