@@ -86,6 +86,7 @@ _IVF_SCAN = 0.10         # fraction of the keys each query scores (its nearest c
 _IVF_ITERS = 8           # Lloyd iterations of the key k-means
 _IVF_CHECK = 64          # queries whose IVF lists are checked against their exact lists
 _IVF_MIN_RECALL = 0.7    # below this (keys without cluster structure) the scan doubles, up to exact
+_scans = []              # scan fraction each IVF kNN settled on (read by benchmarks/graph_build.py)
 _layout_cache = {}       # one entry: the layout of the last keys (shared by key_neighbors and a GQA group)
 
 
@@ -247,11 +248,17 @@ def _ivf_knn(queries, keys, k, bias=None, exclude_self=False):
         else:
             _ivf_scan(queries[sample], cs[sample], kc, ids, off, b, bias is not None, False, int(k),
                       int(frac * n), got)
-        want = _exact_knn(queries[sample], keys, k, bias, sample if exclude_self else None)
-        hit = np.mean([len(np.intersect1d(x, y)) / k for x, y in zip(got, want)])
+        exact = queries[sample] @ keys.T                   # (64, n): the sample's exact scores
+        if bias is not None:
+            exact += bias
+        if exclude_self:
+            exact[np.arange(len(sample)), sample] = -np.inf
+        want = np.argpartition(-exact, k - 1, axis=1)[:, :k]   # ties at the k-th score: any of them
+        hit = (np.sort(got, 1)[:, :, None] == want[:, None, :]).any(2).mean()
         if hit >= _IVF_MIN_RECALL:
             break
         frac *= 2
+    _scans.append(min(frac, 1.0))
     if frac >= 1.0:
         return _exact_knn(queries, keys, k, bias, np.arange(t) if exclude_self else None)
     out = np.empty((t, k), dtype=np.int64)
