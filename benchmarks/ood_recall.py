@@ -220,9 +220,9 @@ def speed(caps, n, layer, ref_heads, repeats=3):
     rows["reference-graph edges also in the fast graph (%)"] = 100 * shared / max(int((ra >= 0).sum()), 1)
     truth, _ = TopKOracle.build(keys, values, n_sink=0, n_recent=0, backend="fast").search(dq, K)
     L = next((L for L in GRAPH_L if recall(fast.search(dq, K, L=L)[0], truth) >= TARGET), GRAPH_L[-1])
-    ids, sc = fast.search(dq[sub], K, L=L)
-    rows[f"fast-built graph, heads {sub.start}..{sub.stop - 1}: recall@100 (L={L})"] = recall(ids, truth[sub])
-    rows[f"fast-built graph, heads {sub.start}..{sub.stop - 1}: keys scored (%)"] = 100 * sc.mean() / n
+    ids, sc = fast.search(dq, K, L=L)
+    rows[f"fast-built graph, heads {sub.start}..{sub.stop - 1}: recall@100 (L={L})"] = recall(ids[sub], truth[sub])
+    rows[f"fast-built graph, heads {sub.start}..{sub.stop - 1}: keys scored (%)"] = 100 * sc[sub].mean() / n
     ids, sc = ref.search(dq[sub], K, L=L)
     rows[f"reference-built graph, same heads: recall@100 (L={L})"] = recall(ids, truth[sub])
     rows["reference-built graph, same heads: keys scored (%)"] = 100 * sc.mean() / n

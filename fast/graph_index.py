@@ -79,20 +79,25 @@ def key_neighbors(keys, k, select=None):
 # hold 71% of the key energy) nor a cheaper kernel removes enough of them. The graph does not need the
 # exact lists, though: RoarGraph's projection pools the neighbours of every query sharing a target and
 # prunes them to M, so a list that misses its farthest members changes little. Measured on SmolLM2
-# Q/K (benchmarks/ood_recall.py, docs/graph_index.md): scanning 10% of the keys (kNN recall ~0.9)
+# Q/K (benchmarks/ood_recall.py, docs/graph_index.md): scanning 5% of the keys (kNN recall ~0.8)
 # gives the same search recall@100 at the same keys scored as the exact lists.
 _IVF_MIN_KEYS = 2048     # below this the exact kNN is cheap: the build stays bit-equal to the reference
-_IVF_SCAN = 0.10         # fraction of the keys each query scores (its nearest clusters first)
+_IVF_SCAN = 0.05         # fraction of the keys each query scores (its nearest clusters first), at least 4k
 _IVF_ITERS = 8           # Lloyd iterations of the key k-means
 _IVF_CHECK = 64          # queries whose IVF lists are checked against their exact lists
 _IVF_MIN_RECALL = 0.7    # below this (keys without cluster structure) the scan doubles, up to exact
-_scans = []              # scan fraction each IVF kNN settled on (read by benchmarks/graph_build.py)
+_scans = []              # fraction of the keys each IVF kNN settled on scanning (read by benchmarks/graph_build.py)
 _layout_cache = {}       # one entry: the layout of the last keys (shared by key_neighbors and a GQA group)
 
 
+def _scan_size(n, k):
+    """Keys each query scores on the IVF path: ``_IVF_SCAN`` of them, and at least ``4k``."""
+    return max(int(_IVF_SCAN * n), 4 * k)
+
+
 def _use_ivf(n, k):
-    """Whether the kNN of ``n`` keys takes the IVF path: large enough, and the scan covers ``>= 4k`` keys."""
-    return n >= _IVF_MIN_KEYS and 4 * k <= int(_IVF_SCAN * n)
+    """Whether the kNN of ``n`` keys takes the IVF path: enough keys, and the scan is at most a quarter."""
+    return n >= _IVF_MIN_KEYS and 4 * _scan_size(n, k) <= n
 
 
 def _kmeans(keys, c):
@@ -186,7 +191,7 @@ def _ivf_scan(queries, cs, kc, ids, off, bias, use_bias, exclude_self, k, min_sc
             got = 0
             while got < min_scan or size < k:
                 best, bc = -np.inf, -1
-                for r in range(c):                        # next best cluster (about 10% are taken)
+                for r in range(c):                        # next best cluster (about 5% are taken)
                     if not taken[r] and (bc < 0 or cs[i, r] > best):
                         best, bc = cs[i, r], r
                 if bc < 0:
@@ -225,7 +230,7 @@ def _ivf_knn(queries, keys, k, bias=None, exclude_self=False):
     """Approximate :func:`knn` (same contract): each query scores the keys of its nearest clusters.
 
     Clusters are ranked by ``q.c`` (``q.c - |c|^2 / 2`` with the key kNN's bias, i.e. Euclidean) and
-    scanned best first until ``_IVF_SCAN`` of the keys are covered. Ids best first (ties: lower id),
+    scanned best first until ``_scan_size(n, k)`` keys are covered. Ids best first (ties: lower id),
     as :func:`knn`, but a true neighbour in an unscanned cluster is missed, and the float32 dot
     products are summed in another order than BLAS's, so near-ties may swap.
     """
@@ -239,15 +244,15 @@ def _ivf_knn(queries, keys, k, bias=None, exclude_self=False):
     cs = np.ascontiguousarray(cs)
     b = np.ascontiguousarray(bias, dtype=np.float32) if bias is not None else np.zeros(1, dtype=np.float32)
     # Self-check on a strided sample of queries: where the clusters do not separate the neighbours
-    # (e.g. isotropic Gaussian keys: recall ~0.5 at 10%), scan twice as many keys, up to all of them.
-    frac, sample = _IVF_SCAN, np.unique(np.linspace(0, t - 1, min(t, _IVF_CHECK)).round().astype(np.int64))
-    while frac < 1.0:
+    # (e.g. isotropic Gaussian keys: recall ~0.5 at a 10% scan), scan twice as many keys, up to all of them.
+    scan, sample = _scan_size(n, k), np.unique(np.linspace(0, t - 1, min(t, _IVF_CHECK)).round().astype(np.int64))
+    while scan < n:
         got = np.empty((len(sample), k), dtype=np.int64)
         if exclude_self:                    # row i is key i: the sample keeps its own ids
-            _ivf_scan_rows(queries, cs, kc, ids, off, b, bias is not None, int(k), int(frac * n), sample, got)
+            _ivf_scan_rows(queries, cs, kc, ids, off, b, bias is not None, int(k), scan, sample, got)
         else:
             _ivf_scan(queries[sample], cs[sample], kc, ids, off, b, bias is not None, False, int(k),
-                      int(frac * n), got)
+                      scan, got)
         exact = queries[sample] @ keys.T                   # (64, n): the sample's exact scores
         if bias is not None:
             exact += bias
@@ -257,12 +262,12 @@ def _ivf_knn(queries, keys, k, bias=None, exclude_self=False):
         hit = (np.sort(got, 1)[:, :, None] == want[:, None, :]).any(2).mean()
         if hit >= _IVF_MIN_RECALL:
             break
-        frac *= 2
-    _scans.append(min(frac, 1.0))
-    if frac >= 1.0:
+        scan *= 2
+    _scans.append(min(scan / n, 1.0))
+    if scan >= n:
         return _exact_knn(queries, keys, k, bias, np.arange(t) if exclude_self else None)
     out = np.empty((t, k), dtype=np.int64)
-    _ivf_scan(queries, cs, kc, ids, off, b, bias is not None, bool(exclude_self), int(k), int(frac * n), out)
+    _ivf_scan(queries, cs, kc, ids, off, b, bias is not None, bool(exclude_self), int(k), scan, out)
     return out
 
 
