@@ -162,7 +162,9 @@ def main():
     split = knn_split(qh, keys, cfg.n_query_neighbors, new_impl._BLOCK)
     print(prof["old"], prof["new"], split, flush=True)
 
+    del new_impl._scans[:]
     new_s, new_g = build_all(model, saved, layers, new_impl)
+    scans = np.array(new_impl._scans)                    # per IVF kNN call: fraction of keys scanned
     print(f"new build, {len(layers)} layers: {new_s:.1f} s", flush=True)
     old_layers = layers[:args.old_layers]
     new_sub_s = new_s if len(old_layers) == len(layers) else build_all(model, saved, old_layers, new_impl)[0]
@@ -209,6 +211,10 @@ def main():
                 f"{len(old_layers)} layers built both ways: **{100 * shared / max(total, 1):.1f}%**; same entry "
                 f"points: **{same_entry}**. Search recall of both builds at equal keys scored: "
                 f"`benchmarks/results/ood_recall.md`.\n\n"
+                f"Fraction of the keys each IVF kNN of the new build scanned (after its self-check; "
+                f"{len(scans)} calls: 1 key kNN per KV head, 1 query kNN per query head, every layer): "
+                + ", ".join(f"{v:.3g}: {c}" for v, c in zip(*np.unique(np.round(scans, 3), return_counts=True)))
+                + ".\n\n"
                 f"## Profile of one query head (layer 15, head 0)\n\n" + E.markdown_table(rows, list(rows[0])) +
                 "\n\nThe IVF layout and `key_neighbors` run once per KV head (shared by its query heads); the "
                 "other stages once per query head.\n\n" + E.markdown_table(rows2, list(rows2[0])) + "\n")

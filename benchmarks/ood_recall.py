@@ -290,9 +290,12 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, nargs="+", default=[3, 8, 14])
     ap.add_argument("--speed-n", type=int, default=32768)
     ap.add_argument("--ref-heads", type=int, default=1, help="heads built by the (slow) reference in the speed part")
+    ap.add_argument("--speed-only", action="store_true", help="only the speed part (ood_recall_speed.md)")
     args = ap.parse_args(argv)
     total = max(max(args.sizes), args.speed_n) + N_DECODE
     caps = load_capture(total, args.layers)
+    if args.speed_only:
+        return speed_part(caps, args, argv)
     results = {n: measure(caps, n, args.layers) for n in tqdm(args.sizes, desc="sizes")}
     methods = ["graph (ours)", "graph, exact-kNN build", "IVF (ours)", "FAISS IVF", "FAISS HNSW"]
     fmt = lambda x: "never" if x is None else f"{100 * x:.2f}%"  # noqa: E731
@@ -316,7 +319,10 @@ def main(argv=None):
     with open(os.path.join(HERE, "results", "ood_recall.md"), "w") as f:
         f.write(table + "\n")
     plot(results, max(args.sizes), os.path.join(HERE, "..", "docs", "img", "ood_recall.png"))
+    speed_part(caps, args, argv)
 
+
+def speed_part(caps, args, argv):
     rows = speed(caps, args.speed_n, args.layers[len(args.layers) // 2], args.ref_heads)
     sp = [f"Graph index speed at N = {args.speed_n:,}, layer {args.layers[len(args.layers) // 2]} (9 query heads, "
           f"3 KV heads, d = 64), {N_DECODE} decode queries per head, search in parallel over (head, query); "
