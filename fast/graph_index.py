@@ -158,49 +158,78 @@ def _layout(keys):
     return lay
 
 
-@nb.njit(cache=True, inline="always")
-def _worse(v1, i1, v2, i2):
-    """``(v1, i1)`` ranks below ``(v2, i2)``: lower score, or the same score and a higher id."""
-    return v1 < v2 or (v1 == v2 and i1 > i2)
+_NBUCKET = 256           # score buckets of the per-query selection in _ivf_scan
 
 
-@nb.njit(cache=True, inline="always")
-def _sift_down(hv, hi, size, pos):
-    """Restore the heap below ``pos`` (root = the worst kept candidate)."""
-    while True:
-        c = 2 * pos + 1
-        if c >= size:
-            return
-        if c + 1 < size and _worse(hv[c + 1], hi[c + 1], hv[c], hi[c]):
+@nb.njit(cache=True)
+def _top_sorted(sv, si, m, k, hist, out_row):
+    """The best ``k`` of the ``m`` scanned candidates ``(sv, si)``, best first (score desc, id asc), into ``out_row``.
+
+    Bucket select: scores are binned linearly between their min and max (a monotone map, so every
+    candidate scoring at least the k-th best lands in its bucket or above), the histogram gives the
+    k-th best's bucket, the candidates from that bucket up are moved to the front (about ``k`` of
+    them) and insertion-sorted. Branch-light passes over the candidates: a heap updated per key, or
+    a quickselect, cost more than the dot products (measured on SmolLM2 keys).
+    """
+    lo, hi = np.inf, -np.inf
+    for j in range(m):
+        v = sv[j]
+        if v > -np.inf:
+            lo = min(lo, v)
+            hi = max(hi, v)
+    scale = (_NBUCKET - 1) / (hi - lo) if hi > lo else 0.0
+    hist[:] = 0
+    for j in range(m):
+        v = sv[j]
+        bkt = 0 if not v > lo else int((v - lo) * scale)
+        hist[bkt] += 1
+    need, cut = k, _NBUCKET - 1
+    while cut > 0 and hist[cut] < need:
+        need -= hist[cut]
+        cut -= 1
+    c = 0
+    for j in range(m):                                    # candidates at or above the cut, to the front
+        v = sv[j]
+        bkt = 0 if not v > lo else int((v - lo) * scale)
+        if bkt >= cut:
+            sv[c], si[c], sv[j], si[j] = v, si[j], sv[c], si[c]
             c += 1
-        if not _worse(hv[c], hi[c], hv[pos], hi[pos]):
-            return
-        hv[pos], hv[c] = hv[c], hv[pos]
-        hi[pos], hi[c] = hi[c], hi[pos]
-        pos = c
+    for x in range(1, c):                                 # insertion sort: score desc, id asc
+        v, w = sv[x], si[x]
+        y = x
+        while y > 0 and (sv[y - 1] < v or (sv[y - 1] == v and si[y - 1] > w)):
+            sv[y], si[y] = sv[y - 1], si[y - 1]
+            y -= 1
+        sv[y], si[y] = v, w
+    for r in range(k):
+        out_row[r] = si[r]
 
 
-@nb.njit(parallel=True, cache=True, fastmath=True)
-def _ivf_scan(queries, cs, kc, ids, off, bias, use_bias, exclude_self, k, min_scan, out):
+@nb.njit(parallel=True, cache=True, fastmath={"reassoc", "contract", "nsz"})
+def _ivf_scan(queries, cs, kc, ids, off, bias, use_bias, self_ids, k, min_scan, out):
     """Each query scores its best clusters by ``cs`` (best first) until ``>= min_scan`` keys: top-``k`` ids.
 
-    A ``k``-entry heap per query holds the best so far (root: the worst of them), so a key costs one
-    ``d``-long dot product and one comparison unless it enters the top k. ``fastmath`` lets LLVM
-    vectorise the float32 dot (the sum order differs from BLAS: near-ties may swap, see ``_ivf_knn``).
+    The scanned keys' scores go to a scratch row; one bucket selection per query
+    (:func:`_top_sorted`) returns the exact top ``k`` of them, ties by the lower id. ``fastmath`` lets
+    LLVM vectorise the float32 dot (the sum order differs from BLAS: near-ties may swap, see ``_ivf_knn``);
+    only reassociation, so infinities keep their meaning. Row ``i`` never returns key ``self_ids[i]``
+    (``-1``: no exclusion).
     """
     t, d = queries.shape
     c = cs.shape[1]
-    nchunk = min(t, 256)
+    n = kc.shape[0]
+    nchunk = min(t, 64)
     per = (t + nchunk - 1) // nchunk
     for ch in nb.prange(nchunk):
         taken = np.empty(c, dtype=np.bool_)
-        hv = np.empty(k, dtype=np.float32)
-        hi = np.empty(k, dtype=np.int64)
+        sv = np.empty(n, dtype=np.float32)
+        si = np.empty(n, dtype=np.int64)
+        hist = np.empty(_NBUCKET, dtype=np.int64)
         for i in range(ch * per, min(t, (ch + 1) * per)):
             taken[:] = False
-            size = 0
+            m = 0
             got = 0
-            while got < min_scan or size < k:
+            while got < min_scan or m < k:
                 best, bc = -np.inf, -1
                 for r in range(c):                        # next best cluster (about 10% are taken)
                     if not taken[r] and (bc < 0 or cs[i, r] > best):
@@ -211,30 +240,16 @@ def _ivf_scan(queries, cs, kc, ids, off, bias, use_bias, exclude_self, k, min_sc
                 got += off[bc + 1] - off[bc]
                 for j in range(off[bc], off[bc + 1]):
                     idx = ids[j]
-                    if exclude_self and idx == i:
+                    if idx == self_ids[i]:
                         continue
                     v = np.float32(0.0)
                     for x in range(d):
                         v += queries[i, x] * kc[j, x]
                     if use_bias:
                         v += bias[idx]
-                    if size < k:                          # heap not full: sift the new entry up
-                        pos = size
-                        size += 1
-                        while pos > 0:
-                            par = (pos - 1) // 2
-                            if not _worse(v, idx, hv[par], hi[par]):
-                                break
-                            hv[pos], hi[pos] = hv[par], hi[par]
-                            pos = par
-                        hv[pos], hi[pos] = v, idx
-                    elif _worse(hv[0], hi[0], v, idx):     # better than the worst kept: replace the root
-                        hv[0], hi[0] = v, idx
-                        _sift_down(hv, hi, size, 0)
-            for r in range(size - 1, -1, -1):             # pop the worst last: best first
-                out[i, r] = hi[0]
-                hv[0], hi[0] = hv[r], hi[r]
-                _sift_down(hv, hi, r, 0)
+                    sv[m], si[m] = v, idx
+                    m += 1
+            _top_sorted(sv, si, m, min(k, m), hist, out[i])
 
 
 def _ivf_knn(queries, keys, k, bias=None, exclude_self=False):
@@ -259,11 +274,8 @@ def _ivf_knn(queries, keys, k, bias=None, exclude_self=False):
     scan, sample = _scan_size(n, k), np.unique(np.linspace(0, t - 1, min(t, _IVF_CHECK)).round().astype(np.int64))
     while scan < n:
         got = np.empty((len(sample), k), dtype=np.int64)
-        if exclude_self:                    # row i is key i: the sample keeps its own ids
-            _ivf_scan_rows(queries, cs, kc, ids, off, b, bias is not None, int(k), scan, sample, got)
-        else:
-            _ivf_scan(queries[sample], cs[sample], kc, ids, off, b, bias is not None, False, int(k),
-                      scan, got)
+        _ivf_scan(queries[sample], cs[sample], kc, ids, off, b, bias is not None,
+                  sample if exclude_self else np.full(len(sample), -1, dtype=np.int64), int(k), scan, got)
         exact = queries[sample] @ keys.T                   # (64, n): the sample's exact scores
         if bias is not None:
             exact += bias
@@ -278,21 +290,9 @@ def _ivf_knn(queries, keys, k, bias=None, exclude_self=False):
     if scan >= n:
         return _exact_knn(queries, keys, k, bias, np.arange(t) if exclude_self else None)
     out = np.empty((t, k), dtype=np.int64)
-    _ivf_scan(queries, cs, kc, ids, off, b, bias is not None, bool(exclude_self), int(k), scan, out)
+    self_ids = np.arange(t, dtype=np.int64) if exclude_self else np.full(t, -1, dtype=np.int64)
+    _ivf_scan(queries, cs, kc, ids, off, b, bias is not None, self_ids, int(k), scan, out)
     return out
-
-
-def _ivf_scan_rows(queries, cs, kc, ids, off, b, use_bias, k, min_scan, rows, out):
-    """:func:`_ivf_scan` of the key kNN for the query rows ``rows`` only (each excludes its own key id)."""
-    for a, i in enumerate(rows):
-        one = np.empty((1, k), dtype=np.int64)
-        q = np.ascontiguousarray(queries[i:i + 1])
-        c = np.ascontiguousarray(cs[i:i + 1])
-        # a one-row problem whose own id is i: shift via a bias of -inf at key i
-        bb = b.copy() if use_bias else np.zeros(len(ids), dtype=np.float32)
-        bb[i] = -np.inf
-        _ivf_scan(q, c, kc, ids, off, bb, True, False, int(k), min_scan, one)
-        out[a] = one[0]
 
 
 def _exact_knn(queries, keys, k, bias, self_ids):

@@ -58,7 +58,8 @@ def test_ivf_scan_of_every_cluster_is_the_reference_knn(t, n, k, use_bias, self_
     cs = np.ascontiguousarray(rng.standard_normal((len(queries), len(cent))).astype(np.float32))  # any order
     out = np.full((len(queries), k), -1, dtype=np.int64)
     b = bias if use_bias else np.zeros(1, dtype=np.float32)
-    fg._ivf_scan(queries, cs, kc, ids, off, b, use_bias, self_keys, k, n, out)
+    self_ids = np.arange(len(queries)) if self_keys else np.full(len(queries), -1)
+    fg._ivf_scan(queries, cs, kc, ids, off, b, use_bias, self_ids, k, n, out)
     np.testing.assert_array_equal(out, rg.knn(queries, keys, k, bias=bias, exclude_self=self_keys))
 
 
