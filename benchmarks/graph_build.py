@@ -1,18 +1,19 @@
 """Graph index build time (RetrievalAttention, default ``GraphConfig``: ALL prefill queries) on SmolLM2
-at 8K tokens against the dense prefill of the same prompt, old vs new fast kernels, in one run (issue 15
-item 1). Writes ``benchmarks/results/graph_build.md``.
+at 8K tokens against the dense prefill of the same prompt, old (exact kNN) vs new (IVF kNN) fast kernels,
+in one run (issue 15 item 1). Writes ``benchmarks/results/graph_build.md``.
 
     python benchmarks/graph_build.py [--tokens 8192] [--old-layers 30] [--out benchmarks/results/graph_build.md]
 
 1. Dense prefill of ``--tokens`` tokens of built-in natural text through SmolLM2-135M (retrokv's fast
    full attention, keeping every layer's Q/K/V: the harness's shared prefill, what ``make demo`` runs).
-2. Profile of one query head (layer 15, head 0; its KV head's ``key_neighbors`` included) per build
-   stage, old and new kernels side by side, and inside ``knn`` of the prefill queries the BLAS matmul
-   vs the top-k selection.
+2. Profile of one query head (layer 15, head 0; its KV head's ``key_neighbors`` and IVF layout included)
+   per build stage, old and new kernels side by side, and inside the old exact ``knn`` of the prefill
+   queries the BLAS matmul vs the top-k selection.
 3. The graph index of all 30 layers built from the saved prefill (``hf.attach(model, "graph")`` +
    ``rebuild``, the user's path) with the new kernels, and with the old ones (``load_old``:
-   ``fast/graph_index.py`` as of main before this change) on the first ``--old-layers`` layers; the
-   graphs of both are compared (bit-equal adjacency and entry points).
+   ``fast/graph_index.py`` as of main before this change: exact kNN) on the first ``--old-layers``
+   layers; the graphs of both are compared (share of the old graphs' edges that the new graphs have,
+   equal entry points). Search quality of the two builds: ``benchmarks/ood_recall.py``.
 
 All timings are wall-clock on a shared machine: the load average is recorded before and after; compare
 the ratios, which are measured in the same run.
@@ -35,7 +36,7 @@ from retrokv import GraphConfig  # noqa: E402
 from retrokv.harness import eval as E  # noqa: E402
 
 
-OLD_REV = "2b8c820"      # main before issue 15's graph kernels
+OLD_REV = "8172b9b"      # main before the IVF kNN build (exact kNN of every prefill query)
 
 
 def load_old(rev=OLD_REV):
@@ -49,7 +50,7 @@ def load_old(rev=OLD_REV):
     src = subprocess.run(["git", "show", f"{rev}:fast/graph_index.py"], cwd=root, check=True,
                          capture_output=True, text=True).stdout
     src = (src.replace("from ..reference", "from retrokv.reference").replace("from ._dispatch", "from retrokv.fast._dispatch")
-           .replace("from .baselines", "from retrokv.fast.baselines").replace("cache=True", "cache=False"))
+           .replace("from .baselines", "from retrokv.fast.baselines").replace("from ._topk", "from retrokv.fast._topk").replace("cache=True", "cache=False"))
     mod = types.ModuleType("graph_index_old")
     sys.modules[mod.__name__] = mod
     exec(compile(src, f"{rev}:fast/graph_index.py", "exec"), mod.__dict__)
@@ -79,7 +80,10 @@ def timed(f, *a, **kw):
 
 def profile_head(impl, q, keys, cfg):
     """Seconds per stage for one query head (plus its KV head's key kNN)."""
-    t = {}
+    t = {"IVF layout: k-means (per KV head)": 0.0}
+    if hasattr(impl, "_layout"):
+        impl._layout_cache.clear()
+        t["IVF layout: k-means (per KV head)"] = timed(impl._layout, keys)[1]
     knbrs, t["key_neighbors (per KV head)"] = timed(impl.key_neighbors, keys, cfg.max_degree)
     entry = impl.entry_point(keys)
     nbrs, t["knn (prefill queries)"] = timed(impl.knn, q, keys, cfg.n_query_neighbors)
@@ -91,7 +95,8 @@ def profile_head(impl, q, keys, cfg):
 
 
 def knn_split(q, keys, k, block):
-    """Inside knn of the prefill queries: BLAS matmul vs selection, old (select_topk) and new (fused)."""
+    """Inside the exact knn of the prefill queries: BLAS matmul vs selection, select_topk and fused."""
+    from retrokv.fast._topk import select_block
     from retrokv.fast.baselines import select_topk
 
     mm = s_old = s_new = 0.0
@@ -101,7 +106,7 @@ def knn_split(q, keys, k, block):
         scores, dt = timed(lambda: q[s:s + block] @ keys.T)
         mm += dt
         s_old += timed(select_topk, scores, k)[1]
-        s_new += timed(new_impl._select_block, scores, k, zero, False, np.int64(s), False, out, np.int64(s))[1]
+        s_new += timed(select_block, scores, k, zero, False, np.int64(s), False, out, np.int64(s))[1]
     return mm, s_old, s_new
 
 
@@ -136,6 +141,8 @@ def main():
     wq, wk = rng.standard_normal((300, 64)).astype(np.float32), rng.standard_normal((400, 64)).astype(np.float32)
     for impl in (old_impl, new_impl):
         impl.build_graph(wq, wk, 20, 8, 40, "l2", knbrs=impl.key_neighbors(wk, 8))
+    wk = rng.standard_normal((3000, 64)).astype(np.float32)        # large enough for the IVF path
+    new_impl.build_graph(wq, wk, 20, 8, 40, "l2", knbrs=new_impl.key_neighbors(wk, 8))
     knn_split(wq, wk, 20, 128)
 
     model, tok = load_smollm2()
@@ -155,14 +162,22 @@ def main():
     split = knn_split(qh, keys, cfg.n_query_neighbors, new_impl._BLOCK)
     print(prof["old"], prof["new"], split, flush=True)
 
+    del new_impl._scans[:]
     new_s, new_g = build_all(model, saved, layers, new_impl)
+    scans = np.array(new_impl._scans)                    # per IVF kNN call: fraction of keys scanned
     print(f"new build, {len(layers)} layers: {new_s:.1f} s", flush=True)
     old_layers = layers[:args.old_layers]
     new_sub_s = new_s if len(old_layers) == len(layers) else build_all(model, saved, old_layers, new_impl)[0]
     old_s, old_g = build_all(model, saved, old_layers, old_impl)
     print(f"old build, {len(old_layers)} layers: {old_s:.1f} s", flush=True)
-    same = all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
-               for layer in old_layers for a, b in zip(new_g[layer], old_g[layer]))
+    shared = total = 0
+    same_entry = True
+    for layer in old_layers:
+        for a, b in zip(new_g[layer], old_g[layer]):
+            same_entry &= bool(np.array_equal(a[1], b[1]))
+            for x, y in zip(a[0].reshape(-1, a[0].shape[-1]), b[0].reshape(-1, b[0].shape[-1])):
+                shared += len(np.intersect1d(x[x >= 0], y[y >= 0]))
+                total += int((y >= 0).sum())
     load1 = load()
 
     rows = [{"stage": s, "old_s": prof["old"][s], "new_s": prof["new"][s],
@@ -172,16 +187,16 @@ def main():
     mm, s_old, s_new = split
     rows2 = [{"part of knn (prefill queries)": "BLAS matmul (1024-row blocks, as the reference)", "seconds": mm},
              {"part of knn (prefill queries)": "top-k selection, old (select_topk after scores += bias)", "seconds": s_old},
-             {"part of knn (prefill queries)": "top-k selection, new (fused _select_block)", "seconds": s_new}]
+             {"part of knn (prefill queries)": "top-k selection, fused (_topk.select_block)", "seconds": s_new}]
     n_kv, n_q = k.shape[1], q.shape[1]
     rows3 = [{"what": "dense prefill (retrokv fast full attention, Q/K/V kept)", "layers": len(layers),
               "seconds": prefill_s, "vs_prefill": 1.0},
-             {"what": "graph build, new kernels", "layers": len(layers), "seconds": new_s,
+             {"what": "graph build, new kernels (IVF kNN)", "layers": len(layers), "seconds": new_s,
               "vs_prefill": new_s / prefill_s}]
     if len(old_layers) != len(layers):
-        rows3.append({"what": "graph build, new kernels", "layers": len(old_layers), "seconds": new_sub_s,
+        rows3.append({"what": "graph build, new kernels (IVF kNN)", "layers": len(old_layers), "seconds": new_sub_s,
                       "vs_prefill": float("nan")})
-    rows3.append({"what": "graph build, old kernels (main)", "layers": len(old_layers), "seconds": old_s,
+    rows3.append({"what": f"graph build, old kernels (main {OLD_REV}, exact kNN)", "layers": len(old_layers), "seconds": old_s,
                   "vs_prefill": old_s / prefill_s if len(old_layers) == len(layers) else float("nan")})
     with open(args.out, "w") as f:
         f.write(f"# Graph index build with all prefill queries vs dense prefill (SmolLM2-135M, CPU)\n\n"
@@ -192,11 +207,17 @@ def main():
                 f"{q.shape[2]} prefill queries per head; {len(keys)} indexed keys per head), "
                 f"{n_q} query heads / {n_kv} KV heads per layer.\n\n"
                 f"## Whole model: build vs dense prefill\n\n" + E.markdown_table(rows3, list(rows3[0])) +
-                f"\n\nOld and new graphs bit-equal (adjacency and entry point, every head of the "
-                f"{len(old_layers)} layers built both ways): **{same}**.\n\n"
+                f"\n\nEdges of the old (exact-kNN) graphs that the new graphs also have, every head of the "
+                f"{len(old_layers)} layers built both ways: **{100 * shared / max(total, 1):.1f}%**; same entry "
+                f"points: **{same_entry}**. Search recall of both builds at equal keys scored: "
+                f"`benchmarks/results/ood_recall.md`.\n\n"
+                f"Fraction of the keys each IVF kNN of the new build scanned (after its self-check; "
+                f"{len(scans)} calls: 1 key kNN per KV head, 1 query kNN per query head, every layer): "
+                + ", ".join(f"{v:.3g}: {c}" for v, c in zip(*np.unique(np.round(scans, 3), return_counts=True)))
+                + ".\n\n"
                 f"## Profile of one query head (layer 15, head 0)\n\n" + E.markdown_table(rows, list(rows[0])) +
-                "\n\n`key_neighbors` runs once per KV head (shared by its query heads); the other stages once "
-                "per query head.\n\n" + E.markdown_table(rows2, list(rows2[0])) + "\n")
+                "\n\nThe IVF layout and `key_neighbors` run once per KV head (shared by its query heads); the "
+                "other stages once per query head.\n\n" + E.markdown_table(rows2, list(rows2[0])) + "\n")
     print(open(args.out).read())
 
 

@@ -19,7 +19,9 @@ then finds its top keys in a few hops. The build, one graph per query head over 
 5. ``connect``: every key is made reachable from the entry point (the key nearest the key mean).
 
 Search (§3.3) is a greedy beam search with a candidate list of ``L`` entries. Ranking decisions use
-float64 inner products so that the reference and the fast path build the same graph.
+float64 inner products so that the reference and the fast path build the same graph below 2048 keys;
+above, the fast path's kNN (steps 1 and 4) is an approximate IVF scan, a measured equivalent of this
+exact one (see :mod:`retrokv.fast.graph_index`).
 Adjacency is ``(n, M)`` int64 padded with ``-1``.
 """
 from __future__ import annotations

@@ -33,7 +33,9 @@ class GraphConfig:
     Attributes:
         n_sink, n_recent: static tokens, attended exactly (RA §3.3: 128 initial + 512 recent).
         top_k: keys retrieved per head at decode (RA §4: 100).
-        n_query_neighbors: exact nearest keys per prefill query used by the projection (RoarGraph: 100).
+        n_query_neighbors: nearest keys per prefill query used by the projection (RoarGraph: 100); exact
+            in the reference, an IVF scan of 10% of the keys in the fast build above 2048 keys
+            (docs/graph_index.md).
         max_degree: out-degree bound M (RoarGraph: 35).
         pool_cap: candidates considered per target before pruning (RoarGraph's build list L: 500).
         search_L: candidate-list length of the beam search (at least ``top_k``); longer contexts need
@@ -43,8 +45,8 @@ class GraphConfig:
             recall@100 = 0.95 with fewer keys scored on SmolLM2 Q/K (docs/graph_index.md).
         enhance: add nearest-key edges to free slots (RoarGraph's connectivity enhancement).
         build_queries: use at most this many prefill queries (evenly strided, always including the
-            last) for the projection; ``None`` uses all, as the paper does. The exact k-NN of every
-            prefill query dominates the build time (measured in docs/graph_index.md).
+            last) for the projection; ``None`` uses all, as the paper does. The k-NN of every
+            prefill query dominates the build time (benchmarks/results/graph_build.md).
     """
     n_sink: int = 128
     n_recent: int = 512
