@@ -162,7 +162,7 @@ def main():
     split = knn_split(qh, keys, cfg.n_query_neighbors, new_impl._BLOCK)
     print(prof["old"], prof["new"], split, flush=True)
 
-    del new_impl._scans[:]
+    new_impl._scans.clear()
     new_s, new_g = build_all(model, saved, layers, new_impl)
     scans = np.array(new_impl._scans)                    # per IVF kNN call: fraction of keys scanned
     print(f"new build, {len(layers)} layers: {new_s:.1f} s", flush=True)

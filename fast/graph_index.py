@@ -18,6 +18,7 @@ The entry point and the kNN driver are not hot and are imported from the referen
 """
 from __future__ import annotations
 
+import collections
 import sys
 
 import numba as nb
@@ -97,7 +98,7 @@ _IVF_SCAN = 0.10         # fraction of the keys each query scores (its nearest c
 _IVF_ITERS = 8           # Lloyd iterations of the key k-means
 _IVF_CHECK = 64          # queries whose IVF lists are checked against their exact lists
 _IVF_MIN_RECALL = 0.7    # below this (keys without cluster structure) the scan doubles, up to exact
-_scans = []              # fraction of the keys each IVF kNN settled on scanning (read by benchmarks/graph_build.py)
+_scans = collections.deque(maxlen=4096)   # fraction of the keys each recent IVF kNN scanned (benchmarks/graph_build.py)
 _layout_cache = {}       # one entry: the layout of the last keys (shared by key_neighbors and a GQA group)
 
 

@@ -88,7 +88,7 @@ def test_ivf_knn_recall_on_clustered_and_structureless_keys(seed):
         with exact_build():
             want_q, want_k = fg.knn(qq, kk, 20), fg.key_neighbors(kk, 8)
         np.testing.assert_array_equal(want_q, rg.knn(qq, kk, 20))          # the exact path is the reference
-        del fg._scans[:]
+        fg._scans.clear()
         assert recall(fg.knn(qq, kk, 20), want_q) >= floor
         assert recall(fg.key_neighbors(kk, 8), want_k) >= floor
         assert len(fg._scans) == 2 and max(fg._scans) < 1.0                # the IVF path ran
@@ -103,7 +103,7 @@ def test_ivf_built_graph_searches_as_well_as_the_exact_built_graph():
     pq = (clustered(rng, 2000 * 2, d).reshape(2, 2000, d) + shift).astype(np.float32)
     dq = (clustered(rng, 2 * 64, d).reshape(2, 64, d) + shift).astype(np.float32)
     cfg = dict(n_sink=0, n_recent=0, n_query_neighbors=20, max_degree=12, pool_cap=60, backend="fast")
-    del fg._scans[:]
+    fg._scans.clear()
     fast = GraphIndex.build(keys, keys, pq, **cfg)
     assert fg._scans and max(fg._scans) < 1.0                               # built from IVF lists
     with exact_build():
