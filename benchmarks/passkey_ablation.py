@@ -26,11 +26,10 @@ from retrokv.harness import eval as E  # noqa: E402
 def variants(n):
     """``(label, method, config)``: each index at its default, the oracle at its budget, and wider settings."""
     from retrokv.baselines import TopKConfig
-    from retrokv.harness.demo import demo_configs
     from retrokv.graph_index import GraphConfig
     from retrokv.wave_index import WaveConfig
 
-    graph = demo_configs()["graph"]
+    graph = GraphConfig(build_queries=1024)           # the config of the committed results (the demo's then)
     return [
         ("full", "full", None),
         ("wave", "wave", None),

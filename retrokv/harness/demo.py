@@ -1,14 +1,16 @@
 """``make demo``: SmolLM2 answers passkey prompts with full, StreamingLLM, wave-index and graph attention.
 
-    python -m retrokv.harness.demo [--lengths 4096,8192] [--samples 3] [--backend fast] [--ppl-tokens 64]
+    python -m retrokv.harness.demo [--lengths 4096,8192] [--samples 2] [--backend fast] [--ppl-tokens 64]
 
 One table, per prompt length and method: passkey accuracy, perplexity change on natural text (the
 method active for every predicted token, relative to full attention), density (fraction of the
 context read exactly per decode step) and decode tokens/s. Every method decodes from the same dense
 prefill (:func:`retrokv.harness.eval.shared_prefill`), so the prefill is paid once per prompt. StreamingLLM
-gets the wave index's exact budget (4 sinks + 64 recent + 1.8% of the tokens); the graph index builds
-from 1024 of the prefill queries (:func:`demo_configs`). The committed,
-larger run (20 prompts per length) is ``benchmarks/passkey.py``.
+gets the wave index's exact budget (4 sinks + 64 recent + 1.8% of the tokens); every other method runs
+with its defaults (:func:`retrokv.harness.eval.method_config`): the graph index builds from all prefill
+queries, as the paper does. Each stage (prefill, index build per method with a bar over the layers,
+decode) shows a progress bar. The committed, larger run (20 prompts per length) is
+``benchmarks/passkey.py``.
 """
 from __future__ import annotations
 
@@ -21,26 +23,13 @@ from . import eval as E
 DEMO_METHODS = ("full", "streaming", "wave", "graph")
 
 
-def demo_configs():
-    """The graph index projects 1024 evenly strided prefill queries instead of all of them: the exact
-    k-NN of every prefill query dominates its build (~3.6 s per layer at 4K tokens on 2 cores); the
-    search settings are the defaults. The saving costs recall at 8K: on three 8K passkey prompts this
-    graph misses all three and the graph from all queries finds them, at 3x the build time
-    (benchmarks/results/passkey_ablation_graph_all.md). With all queries the 30-layer build at 8K still
-    takes ~3x the dense prefill after issue 15's faster kNN selection (benchmarks/results/graph_build.md);
-    the demo builds the graph 4 times per length (3 prompts + the perplexity run), too slow for it."""
-    from ..graph_index import GraphConfig
-
-    return {"graph": GraphConfig(build_queries=1024)}
-
-
 def passkey_table(model, tok, lengths, samples, methods=DEMO_METHODS, backend="fast", ppl_tokens=64,
                   progress=True, configs=None):
     """Rows ``{length, method, accuracy, ppl, ppl_delta_%, density, decode_tok_s, build_s}``, plus
     ``answers`` (the generated texts) and ``depths``/``expected`` (per prompt) for per-depth reports."""
     from .data import natural_text_ids
 
-    configs = demo_configs() if configs is None else configs
+    configs = {} if configs is None else configs
     rows = []
     for n in lengths:
         prompts = E.make_samples(tok, "passkey", [n], samples)
@@ -76,7 +65,7 @@ def _lengths(s):
 def add_arguments(ap):
     """The demo's options (shared by ``python -m retrokv.harness.demo`` and ``retrokv demo``)."""
     ap.add_argument("--lengths", type=_lengths, default=[4096, 8192])
-    ap.add_argument("--samples", type=int, default=3, help="passkey prompts per length (depths evenly spaced)")
+    ap.add_argument("--samples", type=int, default=2, help="passkey prompts per length (depths evenly spaced)")
     ap.add_argument("--backend", choices=("reference", "fast"), default="fast")
     ap.add_argument("--ppl-tokens", type=int, default=64, help="predicted tokens for the perplexity column (0: skip)")
 
