@@ -334,7 +334,8 @@ def report(db, command, layers, graph_layers, machine=None, samples=None):
                                   for c in cmp],
                                  ["wave knob", "token density", "wave error", "oracle error", "wave below"]), ""]
     lines += ["## Not done here", "",
-              "* Needle-accuracy and perplexity frontiers (issue 16, y axes 2 and 3): not measured in this run.",
+              "* Needle-accuracy and perplexity frontiers (issue 16, y axes 2 and 3): measured separately by "
+              "`benchmarks/frontier_tasks.py`, in `frontier_needle.md` and `frontier_ppl.md`.",
               "* kvpress comparison: not done. kvpress 0.5.x requires transformers < 5.3 and this project runs "
               "transformers 5.x; it would need its own virtualenv (issue 16), which this run did not build.",
               "* The graph index's paper static window (128 + 512 tokens, 8-16% of a 4K-8K context by itself) is not "
