@@ -10,6 +10,8 @@ layers and steps: retrokv.harness.frontier.run_density), the error frontier's de
     python benchmarks/frontier_tasks.py ppl           # perplexity of 256 natural-text tokens after 8192
     python benchmarks/frontier_tasks.py needle --methods graph --prompts 4    # the graph's slow build, fewer prompts
     python benchmarks/frontier_tasks.py report        # -> benchmarks/results/frontier_{needle,ppl}.md, docs/img
+    FRONTIER_TASKS_DIR=/tmp/x python benchmarks/frontier_tasks.py ppl --methods graph   # concurrently, own file
+    python benchmarks/frontier_tasks.py merge /tmp/x/frontier_ppl.json                   # then add it
 
 Every (prompt, method, knob) and (corpus, method, knob) result is cached in
 benchmarks/results/frontier_needle.json / frontier_ppl.json as soon as it is measured: a stopped run resumes where it was.
@@ -33,7 +35,7 @@ RESULTS = os.path.join(HERE, "results")
 JSON = {st: os.path.join(os.environ.get("FRONTIER_TASKS_DIR", RESULTS), f"frontier_{st}.json") for st in ("needle", "ppl")}
 N = 8192
 PPL_TOKENS = 256
-# prompt i: (n_keys, corpus) cycles through these; depth = DEPTHS[i // 4]: each block of 4 prompts holds one of each
+# prompt i: (n_keys, corpus) = COMBOS[i % 4]; depth: see needle_prompts
 COMBOS = ((1, "pydoc"), (1, "licenses"), (4, "pydoc"), (4, "licenses"))
 DEPTHS = tuple(float(x) for x in np.linspace(0.05, 0.95, 5))
 
@@ -133,8 +135,10 @@ def needle_prompts(tok, count, n=N):
 
     out = []
     for i in range(count):
-        n_keys, corpus = COMBOS[i % len(COMBOS)]
-        depth = DEPTHS[(i // len(COMBOS)) % len(DEPTHS)]
+        n_keys, corpus = COMBOS[i % 4]
+        # block b = i // 4 puts the single needles at depth b and the multi-key ones at depth b + 2, so that a
+        # run stopped early still spans several depths; the 20 prompts are the 20 (task, corpus, depth) pairs
+        depth = DEPTHS[(i // 4 + (2 if i % 4 >= 2 else 0)) % 5]
         out.append((i, F.needle_prompt(tok, n, depth, n_keys, corpus, seed=i)))
     return out
 
@@ -243,9 +247,12 @@ def _commands(db):
     """The exact command lines of the stored runs, in order, deduplicated."""
     cmds = []
     for r in db.get("runs", []):
-        c = "`python benchmarks/frontier_tasks.py " + " ".join(r.get("argv", [])) + "`"
-        if c not in cmds:
-            cmds.append(c)
+        src = r.get("merged_from")
+        env = f"FRONTIER_TASKS_DIR={os.path.dirname(src)} " if src else ""
+        c = f"`{env}python benchmarks/frontier_tasks.py " + " ".join(r.get("argv", [])) + "`"
+        for x in [c] + ([f"`python benchmarks/frontier_tasks.py merge {src}`"] if src else []):
+            if x not in cmds:
+                cmds.append(x)
     return "; ".join(cmds)
 
 
@@ -276,8 +283,11 @@ def needle_report(db, machine):
              "Prompt i is RULER-style NIAH on a natural-text haystack (`retrokv.harness.frontier.needle_prompt`, "
              "i.e. `retrokv.harness.eval.needle(haystack=\"natural\")` with the haystack drawn from the corpus): "
              "tasks cycle through single needle on `pydoc`, single needle on `licenses`, 4-key multi-key "
-             "(3 distractor needles) on `pydoc`, 4-key on `licenses`; depth 0.05, 0.275, 0.5, 0.725, 0.95 "
-             f"(one per block of 4 prompts); seed i. Tasks present: {', '.join(tasks)}.", "",
+             "(3 distractor needles) on `pydoc`, 4-key on `licenses`; in block b = i // 4 the single needles sit at "
+             "depth index b and the multi-key ones at b + 2 (mod 5) of 0.05, 0.275, 0.5, 0.725, 0.95, so that the "
+             "20 prompts are the 20 (task, corpus, depth) pairs; seed i. "
+             f"Tasks present: {', '.join(tasks)}; depths measured: "
+             f"{', '.join(f'{d:.3f}' for d in sorted({r['depth'] for r in res}))}.", "",
              "**Scoring (teacher forcing, not free generation).** SmolLM2-135M, asked the question on a natural-text "
              "haystack, usually first restates the question (\"The special magic number for X is: ...\") before "
              "answering, so greedy free generation needs ~25 tokens per point, which the compute budget did not "
@@ -323,7 +333,9 @@ def ppl_report(db, machine):
              f"Command: {_commands(db)}, then `python benchmarks/frontier_tasks.py report`  ",
              f"Machine: {machine}  ",
              f"Runs: {spans}; {load} (2 cores shared with other jobs: timings are not reported).  ", "",
-             f"Per corpus (`pydoc`, `licenses`; `retrokv.harness.data.natural_text_ids`): the first {N} tokens are "
+             f"Corpora measured: {', '.join(sorted({r['corpus'] for r in rows}))} (of `pydoc`, `licenses`: a run "
+             "stopped by the deadline measures fewer). "
+             f"Per corpus (`retrokv.harness.data.natural_text_ids`): the first {N} tokens are "
              f"prefilled densely once, then the next {t} tokens are predicted one at a time under teacher "
              "forcing with the method active for every predicted token on every layer (the first is predicted "
              "by the dense prefill, as in `retrokv.harness.eval.perplexity`); each method's index is built once "
@@ -472,7 +484,9 @@ def report(ndb, pdb):
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("stage", choices=("needle", "ppl", "report"))
+    ap.add_argument("stage", choices=("needle", "ppl", "report", "merge"))
+    ap.add_argument("paths", nargs="*", help="merge: frontier_{needle,ppl}.json files of runs made elsewhere "
+                                             "(FRONTIER_TASKS_DIR, e.g. run concurrently) to add to the results")
     ap.add_argument("--backend", default="fast")
     ap.add_argument("--n", type=int, default=N)
     ap.add_argument("--prompts", type=int, default=20)
@@ -482,6 +496,16 @@ if __name__ == "__main__":
     a = ap.parse_args()
     if a.stage == "report":
         report(load_json("needle"), load_json("ppl"))
+    elif a.stage == "merge":
+        for path in a.paths:
+            with open(path) as f:
+                other = json.load(f)
+            st = "needle" if other.get("needle") else "ppl"
+            db = load_json(st)
+            db[st].update(other[st])
+            db["runs"] += [dict(r, merged_from=path) for r in other["runs"]]
+            save_json(db, st)
+            print(f"merged {len(other[st])} {st} results from {path}")
     else:
         a.methods = a.methods or (NEEDLE_DEFAULT if a.stage == "needle" else PPL_DEFAULT)
         needle(a) if a.stage == "needle" else ppl(a)
