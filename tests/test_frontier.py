@@ -215,3 +215,98 @@ def test_cli_refuses_bad_frontier_layers(tmp_path, capsys):
 
     assert main(["eval", "--frontier", "--frontier-layers", "5,99", "--out", str(tmp_path)]) == 2
     assert "frontier-layers" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------- task frontiers (needle accuracy, perplexity)
+def test_run_density_averages_byte_density_over_layers_and_steps():
+    ix = types.SimpleNamespace()                   # not a SparseIndex: counted in KV heads
+    h = types.SimpleNamespace(indexes={0: [ix], 1: [ix]}, stats={
+        0: [{"bytes_read": 2 * 100 * 4 * 32, "n_tokens": 100, "density": 1.0}],
+        1: [{"bytes_read": 2 * 100 * 4 * 32 // 4, "n_tokens": 100, "density": 0.25},
+            {"bytes_read": 2 * 200 * 4 * 32 // 2, "n_tokens": 200, "density": 0.5}]})
+    bd, td = F.run_density(h, hq=6, hkv=2, d=16, dv=16)
+    assert bd == pytest.approx((1 + 0.25 + 0.5) / 3) and td == pytest.approx((1 + 0.25 + 0.5) / 3)
+    assert all(np.isnan(F.run_density(types.SimpleNamespace(indexes={}, stats={}), 6, 2, 16, 16)))
+
+
+def test_needle_rows_compare_with_full_on_the_same_prompts():
+    res = [{"prompt": p, "method": "full", "knob": "dense", "value": None, "correct": p != 3, "answer_nll": 0.1,
+            "byte_density": 1.0, "token_density": 1.0} for p in range(4)]
+    res += [{"prompt": p, "method": "wave", "knob": "r=0.018", "value": 0.018, "correct": p in (0, 1),
+             "answer_nll": 0.5, "byte_density": 0.06 + 0.01 * p, "token_density": 0.03} for p in range(3)]
+    rows = {r["method"]: r for r in F.needle_rows(res)}
+    w = rows["wave"]
+    assert w["prompts"] == 3 and w["accuracy"] == pytest.approx(2 / 3)
+    assert w["full_accuracy"] == pytest.approx(1.0)          # prompts 0-2 only: full got all three
+    assert w["delta_points"] == pytest.approx(-100 / 3) and w["byte_density"] == pytest.approx(0.07)
+    assert rows["full"]["accuracy"] == pytest.approx(0.75)
+
+
+def test_ppl_rows_and_lowest_matching():
+    res = [{"corpus": "pydoc", "method": "full", "knob": "dense", "value": None, "ppl": 2.0, "byte_density": 1.0,
+            "token_density": 1.0},
+           {"corpus": "pydoc", "method": "wave", "knob": "a", "value": 0.1, "ppl": 2.03, "byte_density": 0.08,
+            "token_density": 0.05},
+           {"corpus": "pydoc", "method": "wave", "knob": "b", "value": 0.2, "ppl": 2.02, "byte_density": 0.12,
+            "token_density": 0.1},
+           {"corpus": "pydoc", "method": "wave", "knob": "c", "value": 0.01, "ppl": 2.2, "byte_density": 0.05,
+            "token_density": 0.02},
+           {"corpus": "licenses", "method": "wave", "knob": "a", "value": 0.1, "ppl": 3.0, "byte_density": 0.08,
+            "token_density": 0.05}]
+    rows = F.ppl_rows(res)
+    d = {(r["corpus"], r["knob"]): r["delta_pct"] for r in rows}
+    assert d[("pydoc", "a")] == pytest.approx(1.5) and d[("pydoc", "c")] == pytest.approx(10.0)
+    assert np.isnan(d[("licenses", "a")])                    # no full row for that corpus
+    best = F.lowest_matching([r for r in rows if r["corpus"] == "pydoc"], lambda r: r["delta_pct"] <= 2)
+    assert best["wave"]["knob"] == "a" and "full" not in best  # c misses, b is above 10%
+    assert F.lowest_matching(rows, lambda r: r["delta_pct"] <= 2, below=0.05) == {}
+
+
+@pytest.mark.model
+def test_needle_prompt_draws_its_haystack_from_the_corpus(smollm2):
+    from retrokv.harness import eval as E
+
+    _, tok = smollm2
+    p = F.needle_prompt(tok, 700, 0.4, 1, "pydoc", seed=5)
+    assert p.prompt_ids == E.needle(tok, 700, 0.4, 1, "natural", 5).prompt_ids and p.task == "niah_pydoc"
+    lic = F.needle_prompt(tok, 700, 0.4, 4, "licenses", seed=5)
+    text = tok.decode(list(lic.prompt_ids))
+    assert len(lic.prompt_ids) == 700 and lic.task == "mk4_licenses" and text.count("special magic numbers for") == 4
+    assert "licen" in text.lower() and lic.prompt_ids != F.needle_prompt(tok, 700, 0.4, 4, "pydoc", 5).prompt_ids
+    orig = D.natural_text_ids
+    with pytest.raises(ValueError):
+        F.needle_prompt(tok, 700, 0.4, 1, "nope")
+    with pytest.raises(ValueError):
+        F.needle_prompt(tok, 700, 0.4, 99, "licenses")         # eval.needle refuses: the patch is undone
+    assert D.natural_text_ids is orig
+
+
+@pytest.mark.model
+def test_attached_points_decode_like_the_dense_model_and_copy_per_knob(smollm2):
+    import torch
+
+    from retrokv import hf
+    from retrokv.harness import eval as E
+
+    model, tok = smollm2
+    ids = D.natural_text_ids(tok, 340, corpus="licenses")
+    n, targets = 320, ids[320:]
+    with torch.no_grad():
+        logits = model(torch.as_tensor([ids])).logits[0].float()
+    dense = -torch.log_softmax(logits[n - 1:-1], -1)[torch.arange(len(targets)), torch.as_tensor(targets)].numpy()
+    logits0, saved, _ = E.shared_prefill(model, ids[:n], "fast")
+    c = model.config
+    shape = (c.num_attention_heads, c.num_key_value_heads, 64, 64)
+    out = {}
+    for method, pts in (("full", [("dense", None)]), ("topk", [("k=8", 8), ("k=400", 400), ("k=8 again", 8)])):
+        for lab, _, h, cache in F.attached_points(model, saved, n, method, pts, "fast"):
+            nll, hit = F.teacher_forced(model, cache, logits0, targets)
+            out[lab] = (nll, F.run_density(h, *shape))
+            assert all(len(s) == len(targets) - 1 for s in h.stats.values())   # stats reset per point
+    assert getattr(model, hf._ATTACHED, None) is None                           # detached at the end
+    np.testing.assert_allclose(out["dense"][0], dense, atol=2e-3)               # full via the index == dense
+    np.testing.assert_allclose(out["k=400"][0], dense, atol=2e-3)               # k >= n: exact
+    assert out["dense"][1][0] == pytest.approx(1.0)
+    assert out["k=8"][1][0] < out["k=400"][1][0]
+    np.testing.assert_allclose(out["k=8 again"][0], out["k=8"][0], atol=1e-6)   # fresh copy per knob
+    assert not np.allclose(out["k=8"][0], dense, atol=2e-3)

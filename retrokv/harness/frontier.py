@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import types
 
 import numpy as np
 
 __all__ = ["byte_density", "head_unit", "sweep", "layer_points", "aggregate", "error_frontier", "interp_error",
-           "report", "plot", "METHODS"]
+           "report", "plot", "METHODS", "needle_prompt", "hf_config", "attached_points", "run_density",
+           "teacher_forced", "forced_answer", "needle_rows", "ppl_rows", "lowest_matching"]
 
 METHODS = ("streaming", "topk", "quest", "ivf", "wave", "wave_noest", "graph")
 STATIC = (4, 64)            # the wave index's sinks + local window, given to every retrieval baseline
@@ -332,7 +334,8 @@ def report(db, command, layers, graph_layers, machine=None, samples=None):
                                   for c in cmp],
                                  ["wave knob", "token density", "wave error", "oracle error", "wave below"]), ""]
     lines += ["## Not done here", "",
-              "* Needle-accuracy and perplexity frontiers (issue 16, y axes 2 and 3): not measured in this run.",
+              "* Needle-accuracy and perplexity frontiers (issue 16, y axes 2 and 3): measured separately by "
+              "`benchmarks/frontier_tasks.py`, in `frontier_needle.md` and `frontier_ppl.md`.",
               "* kvpress comparison: not done. kvpress 0.5.x requires transformers < 5.3 and this project runs "
               "transformers 5.x; it would need its own virtualenv (issue 16), which this run did not build.",
               "* The graph index's paper static window (128 + 512 tokens, 8-16% of a 4K-8K context by itself) is not "
@@ -378,6 +381,171 @@ def plot(db, path, layers=None, graph_layers=None):
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# ------------------------------------------------------------- task frontiers: needle accuracy, perplexity
+def needle_prompt(tok, n_tokens, depth, n_keys=1, corpus="pydoc", seed=0):
+    """RULER-style needle prompt (:func:`retrokv.harness.eval.needle`, natural-text haystack) whose haystack
+    is drawn from ``corpus`` (:data:`retrokv.harness.data.CORPORA`) instead of the default ``pydoc``;
+    ``n_keys > 1`` is RULER's multi-key NIAH (distractor needles). For ``corpus="pydoc"`` this is exactly
+    ``eval.needle(tok, n_tokens, depth, n_keys, "natural", seed)``. The sample's ``task`` is
+    ``"niah_<corpus>"`` or ``"mk<n_keys>_<corpus>"``."""
+    import functools
+
+    from . import data
+    from . import eval as E
+
+    data._check_corpus(corpus)
+    orig = data.natural_text_ids
+    data.natural_text_ids = functools.partial(orig, corpus=corpus)   # eval._haystack looks it up at call time
+    try:
+        s = E.needle(tok, n_tokens, depth, n_keys, "natural", seed)
+    finally:
+        data.natural_text_ids = orig
+    return dataclasses.replace(s, task=f"{'niah' if n_keys == 1 else f'mk{n_keys}'}_{corpus}")
+
+
+def hf_config(method, value=None):
+    """``(registry name, config)`` with which :func:`retrokv.hf.attach` builds ``method`` on the task
+    frontiers: the same configs as the error frontier (:func:`_build`: 4 sinks + 64 recent for every
+    retrieval baseline; the graph built from all prefill queries). ``value``: StreamingLLM's window."""
+    from ..baselines import IVFConfig, QuestConfig, StreamingConfig, TopKConfig
+    from ..graph_index import GraphConfig
+    from ..wave_index import WaveConfig
+
+    s0, s1 = STATIC
+    if method == "full":
+        return "full", None
+    if method == "streaming":
+        if value is None:
+            raise ValueError("streaming needs its window as value")
+        return "streaming", StreamingConfig(n_sink=s0, n_recent=int(value))
+    cfgs = {"topk": TopKConfig, "quest": QuestConfig, "ivf": IVFConfig, "graph": GraphConfig}
+    if method in cfgs:
+        return method, cfgs[method](n_sink=s0, n_recent=s1)
+    if method in ("wave", "wave_noest"):
+        return "wave", WaveConfig(estimation=method == "wave")
+    raise ValueError(f"method must be 'full' or one of {METHODS}, got {method!r}")
+
+
+def attached_points(model, saved, n, method, points, backend="fast"):
+    """Yield ``(label, value, handle, cache)`` for each ``(label, value)`` of ``points``: ``method``
+    attached to ``model`` with its indexes built ONCE from the shared prefill ``saved``
+    (:func:`retrokv.harness.eval.shared_prefill`) and, per point, a fresh copy of them with the budget
+    knob at ``value`` (:func:`_at`; StreamingLLM is rebuilt per window, which is free), plus an
+    :func:`retrokv.hf.index_cache` that resumes after the ``n`` prefill tokens. ``method`` may be
+    ``"full"`` (``points`` then holds one dummy point). The model is detached when the generator ends."""
+    from .. import hf
+
+    if method == "streaming":
+        for label, value in points:
+            name, cfg = hf_config(method, value)
+            h = hf.attach(model, name, cfg, backend)
+            try:
+                h.rebuild(saved)
+                yield label, value, h, hf.index_cache(len(saved), n)
+            finally:
+                hf.detach(model)
+        return
+    name, cfg = hf_config(method)
+    h = hf.attach(model, name, cfg, backend)
+    try:
+        h.rebuild(saved)
+        built = dict(h.indexes)
+        for label, value in points:
+            h.indexes = {layer: [_at(method, ix, value) for ix in lst] for layer, lst in built.items()}
+            h.reset_stats()
+            yield label, value, h, hf.index_cache(len(saved), n)
+    finally:
+        hf.detach(model)
+
+
+def run_density(handle, hq, hkv, d, dv):
+    """``(byte density, token density)`` of the decode steps ``handle`` ran: :func:`byte_density` of
+    every (layer, step)'s stats, averaged over layers and steps (every layer's KV has the same size,
+    so the mean is the model's total bytes read over its total KV); ``(nan, nan)`` without steps."""
+    bd, td = [], []
+    for layer, steps in handle.stats.items():
+        unit = head_unit(handle.indexes[layer][0], hkv, hq)
+        for st in steps:
+            ns = types.SimpleNamespace(bytes_read=st["bytes_read"])
+            bd.append(byte_density(ns, unit, int(st["n_tokens"]), d, dv))
+            td.append(float(st["density"]))
+    if not bd:
+        return float("nan"), float("nan")
+    return float(np.mean(bd)), float(np.mean(td))
+
+
+def teacher_forced(model, cache, logits0, targets):
+    """Teacher forcing of ``targets``, one decode step per token through ``cache`` (the method active
+    for every predicted token; the first is predicted by the prefill's last logits ``logits0``, as
+    :func:`retrokv.harness.eval.perplexity` does). Returns ``(nll, hit)``: per target its negative
+    log-likelihood and whether it was the argmax (what greedy decoding would emit after the right prefix)."""
+    import torch
+
+    from .eval import _forward
+
+    nll, hit, logits = [], [], logits0
+    for i, t in enumerate(targets):
+        lp = torch.log_softmax(logits.float(), -1)
+        nll.append(float(-lp[int(t)]))
+        hit.append(int(lp.argmax()) == int(t))
+        if i + 1 < len(targets):
+            logits = _forward(model, [int(t)], cache)
+    return np.array(nll), np.array(hit, bool)
+
+
+def forced_answer(model, tok, cache, logits0, answer):
+    """Needle scoring by teacher forcing: the answer ``" " + answer`` is fed after the question; the
+    sample is **correct** when every answer token after the leading space is the argmax given the right
+    prefix (greedy decoding that starts answering would write the whole number). The space itself is
+    predicted by the dense prefill and not scored. Returns ``(correct, mean nll of the scored tokens)``.
+    The decode steps are ``len(answer tokens) - 1``: every scored token goes through the method."""
+    ids = tok(" " + answer, add_special_tokens=False)["input_ids"]
+    nll, hit = teacher_forced(model, cache, logits0, ids)
+    return bool(hit[1:].all()), float(nll[1:].mean())
+
+
+def needle_rows(results):
+    """Per ``(method, knob)`` of needle results (dicts ``prompt, method, knob, value, correct, answer_nll,
+    byte_density, token_density``): ``prompts``, ``accuracy``, ``full_accuracy`` (full attention on the
+    SAME prompts; nan where full was not run on all of them), ``delta_points`` (100 x the difference),
+    mean ``answer_nll``, mean ``byte_density`` and ``token_density``."""
+    full = {r["prompt"]: r for r in results if r["method"] == "full"}
+    acc = {}
+    for r in results:
+        acc.setdefault((r["method"], r["knob"]), []).append(r)
+    out = []
+    for (m, knob), rs in acc.items():
+        ps = [r["prompt"] for r in rs]
+        fa = float(np.mean([full[p]["correct"] for p in ps])) if all(p in full for p in ps) else float("nan")
+        a = float(np.mean([r["correct"] for r in rs]))
+        out.append({"method": m, "knob": knob, "value": rs[0]["value"], "prompts": len(rs), "accuracy": a,
+                    "full_accuracy": fa, "delta_points": 100 * (a - fa),
+                    "answer_nll": float(np.mean([r["answer_nll"] for r in rs])),
+                    "byte_density": float(np.mean([r["byte_density"] for r in rs])),
+                    "token_density": float(np.mean([r["token_density"] for r in rs]))})
+    return out
+
+
+def ppl_rows(results):
+    """Per ``(corpus, method, knob)`` of perplexity results (dicts ``corpus, method, knob, value, ppl,
+    byte_density, token_density``): the row with ``delta_pct``, its perplexity increase over full
+    attention's on the same corpus in percent (nan without a full row)."""
+    full = {r["corpus"]: r["ppl"] for r in results if r["method"] == "full"}
+    return [dict({k: r[k] for k in ("corpus", "method", "knob", "value", "ppl", "byte_density", "token_density")},
+                 delta_pct=100 * (r["ppl"] / full[r["corpus"]] - 1) if r["corpus"] in full else float("nan"))
+            for r in results]
+
+
+def lowest_matching(rows, ok, below=0.10):
+    """Per method (full attention excluded), the row with the lowest ``byte_density`` among ``rows``
+    where ``ok(row)`` holds and the byte density is below ``below``; methods with none are absent."""
+    out = {}
+    for r in sorted(rows, key=lambda r: r["byte_density"]):
+        if r["method"] != "full" and r["byte_density"] < below and ok(r) and r["method"] not in out:
+            out[r["method"]] = r
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- CLI
