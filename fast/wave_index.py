@@ -208,48 +208,6 @@ def gather_execution_buffer(meta, steady_k, steady_v, steady_ids, retrieval, wor
     return ExecBuffer(bk, bv, bids, lengths)
 
 
-@nb.njit(parallel=True, cache=True, fastmath=_FLAGS)
-def _attend_buffer(q, bk, bv, lengths, scale):
-    hkv, g, d = q.shape
-    dv = bv.shape[2]
-    out = np.zeros((hkv, g, dv), dtype=np.float32)
-    lse = np.full((hkv, g), -np.inf, dtype=np.float32)
-    for h in nb.prange(hkv):
-        n = lengths[h]
-        s = np.empty((g, n), dtype=np.float32)
-        for j in range(n):                            # scores: each key row loaded once for the G heads
-            for r in range(g):
-                acc = np.float32(0.0)
-                for x in range(d):
-                    acc += q[h, r, x] * bk[h, j, x]
-                s[r, j] = acc * scale
-        m = np.full(g, -np.inf, dtype=np.float32)
-        nan = np.zeros(g, dtype=np.bool_)
-        for r in range(g):
-            for j in range(n):
-                m[r] = max(m[r], s[r, j])
-                nan[r] = nan[r] or s[r, j] != s[r, j]     # max() drops NaN: look for it explicitly
-        den = np.zeros(g, dtype=np.float32)
-        acc = np.zeros((g, dv), dtype=np.float32)
-        for j in range(n):                            # values: each row loaded once for the G heads
-            for r in range(g):
-                if m[r] == -np.inf:
-                    continue
-                w = np.float32(math.exp(s[r, j] - m[r]))
-                den[r] += w
-                for x in range(dv):
-                    acc[r, x] += w * bv[h, j, x]
-        for r in range(g):
-            if nan[r]:
-                out[h, r, :] = np.nan
-                lse[h, r] = np.nan
-            elif den[r] > 0:
-                for x in range(dv):
-                    out[h, r, x] = acc[r, x] / den[r]
-                lse[h, r] = m[r] + np.float32(math.log(den[r]))
-    return out, lse
-
-
 @nb.njit(cache=True, inline="always", fastmath=_FLAGS)
 def _score_rows(q, h, src, a, b, s, at, scale):
     """Scores of the rows ``a:b`` of ``src[h]`` for the G query heads, into ``s[:, at:]``."""
@@ -276,6 +234,51 @@ def _weigh_rows(h, src, a, b, s, at, m, den, acc):
                 acc[r, x] += w * src[h, t, x]
 
 
+@nb.njit(cache=True, inline="always", fastmath=_FLAGS)
+def _row_max(s):
+    """Per query head, the max score and whether a NaN is among the scores (max() drops NaN)."""
+    g, n = s.shape
+    m = np.full(g, -np.inf, dtype=np.float32)
+    nan = np.zeros(g, dtype=np.bool_)
+    for r in range(g):
+        for j in range(n):
+            m[r] = max(m[r], s[r, j])
+            nan[r] = nan[r] or s[r, j] != s[r, j]
+    return m, nan
+
+
+@nb.njit(cache=True, inline="always", fastmath=_FLAGS)
+def _finish(h, m, nan, den, acc, out, lse):
+    """``out[h] = acc / den`` and ``lse[h] = m + log den``; NaN rows stay NaN, empty rows (0, -inf)."""
+    g, dv = acc.shape
+    for r in range(g):
+        if nan[r]:
+            out[h, r, :] = np.nan
+            lse[h, r] = np.nan
+        elif den[r] > 0:
+            for x in range(dv):
+                out[h, r, x] = acc[r, x] / den[r]
+            lse[h, r] = m[r] + np.float32(math.log(den[r]))
+
+
+@nb.njit(parallel=True, cache=True, fastmath=_FLAGS)
+def _attend_buffer(q, bk, bv, lengths, scale):
+    hkv, g, _ = q.shape
+    dv = bv.shape[2]
+    out = np.zeros((hkv, g, dv), dtype=np.float32)
+    lse = np.full((hkv, g), -np.inf, dtype=np.float32)
+    for h in nb.prange(hkv):
+        n = lengths[h]
+        s = np.empty((g, n), dtype=np.float32)
+        _score_rows(q, h, bk, 0, n, s, 0, scale)             # scores: each key row loaded once for the G heads
+        m, nan = _row_max(s)
+        den = np.zeros(g, dtype=np.float32)
+        acc = np.zeros((g, dv), dtype=np.float32)
+        _weigh_rows(h, bv, 0, n, s, 0, m, den, acc)           # values: each row loaded once for the G heads
+        _finish(h, m, nan, den, acc, out, lse)
+    return out, lse
+
+
 @nb.njit(parallel=True, cache=True, fastmath=_FLAGS)
 def _attend_in_place(q, steady_k, steady_v, steady_ids, mk, mv, mids, offsets, retrieval, lengths, scale):
     hkv, g, _ = q.shape
@@ -296,12 +299,7 @@ def _attend_in_place(q, steady_k, steady_v, steady_ids, mk, mv, mids, offsets, r
             for t in range(a, b):
                 ids[h, at + t - a] = mids[h, t]
             at += b - a
-        m = np.full(g, -np.inf, dtype=np.float32)
-        nan = np.zeros(g, dtype=np.bool_)
-        for r in range(g):
-            for j in range(lengths[h]):
-                m[r] = max(m[r], s[r, j])
-                nan[r] = nan[r] or s[r, j] != s[r, j]     # max() drops NaN: look for it explicitly
+        m, nan = _row_max(s)
         den = np.zeros(g, dtype=np.float32)
         acc = np.zeros((g, dv), dtype=np.float32)
         _weigh_rows(h, steady_v, 0, n_steady, s, 0, m, den, acc)
@@ -310,14 +308,7 @@ def _attend_in_place(q, steady_k, steady_v, steady_ids, mk, mv, mids, offsets, r
             a, b = offsets[h, c], offsets[h, c + 1]
             _weigh_rows(h, mv, a, b, s, at, m, den, acc)
             at += b - a
-        for r in range(g):
-            if nan[r]:
-                out[h, r, :] = np.nan
-                lse[h, r] = np.nan
-            elif den[r] > 0:
-                for x in range(dv):
-                    out[h, r, x] = acc[r, x] / den[r]
-                lse[h, r] = m[r] + np.float32(math.log(den[r]))
+        _finish(h, m, nan, den, acc, out, lse)
     return out, lse, ids
 
 
