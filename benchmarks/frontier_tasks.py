@@ -149,18 +149,24 @@ def _shape(model):
     return c.num_attention_heads, c.num_key_value_heads, hd, hd
 
 
+def _start(stage):
+    """Open the stage's results (resumable), log this run in them, load SmolLM2: ``(db, run, model, tok, shape)``."""
+    from retrokv.harness.models import load_smollm2
+
+    db = load_json(stage)
+    run = {"stage": stage, "argv": sys.argv[1:], "start": time.strftime("%Y-%m-%d %H:%M:%S"),
+           "load": os.getloadavg()[0]}
+    db["runs"].append(run)
+    save_json(db, stage)
+    model, tok = load_smollm2()
+    return db, run, model, tok, _shape(model)
+
+
 def needle(args):
     from retrokv.harness import eval as E
     from retrokv.harness import frontier as F
-    from retrokv.harness.models import load_smollm2
 
-    db = load_json("needle")
-    run = {"stage": "needle", "argv": sys.argv[1:], "start": time.strftime("%Y-%m-%d %H:%M:%S"),
-           "load": os.getloadavg()[0]}
-    db["runs"].append(run)
-    save_json(db, "needle")
-    model, tok = load_smollm2()
-    hq, hkv, d, dv = _shape(model)
+    db, run, model, tok, (hq, hkv, d, dv) = _start("needle")
     methods = args.methods.split(",")
     groups = _groups(methods, NEEDLE_POINTS)
     for i, s in needle_prompts(tok, args.prompts, args.n):
@@ -196,15 +202,8 @@ def ppl(args):
     from retrokv.harness import eval as E
     from retrokv.harness import frontier as F
     from retrokv.harness.data import natural_text_ids
-    from retrokv.harness.models import load_smollm2
 
-    db = load_json("ppl")
-    run = {"stage": "ppl", "argv": sys.argv[1:], "start": time.strftime("%Y-%m-%d %H:%M:%S"),
-           "load": os.getloadavg()[0]}
-    db["runs"].append(run)
-    save_json(db, "ppl")
-    model, tok = load_smollm2()
-    hq, hkv, d, dv = _shape(model)
+    db, run, model, tok, (hq, hkv, d, dv) = _start("ppl")
     methods = args.methods.split(",")
     groups = _groups(methods, PPL_POINTS)
     for corpus in args.corpora.split(","):
