@@ -244,12 +244,11 @@ def attend_execution_buffer(q, buf, scale):
     different numbers of tokens, so each head is its own :func:`partial_attention`). The result is
     one operand of the log-sum-exp merge with the estimation zone (RetroInfer §4.1).
     """
-    xp = _array_module(q)
     hkv = buf.keys.shape[0]
     g = q.shape[0] // hkv
     parts = [partial_attention(q[h * g:(h + 1) * g], buf.keys[h:h + 1, :int(n)], buf.values[h:h + 1, :int(n)],
                                scale=scale) for h, n in enumerate(buf.lengths)]
-    return xp.concatenate([o for o, _ in parts]), xp.concatenate([l for _, l in parts])
+    return np.concatenate([o for o, _ in parts]), np.concatenate([l for _, l in parts])
 
 
 def exact_from_buffer(ops, q, buf, scale):
