@@ -28,6 +28,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from machine import best_of, describe  # noqa: E402
+from wave_index import synthetic_kv  # noqa: E402
 
 import retrokv.fast as fast  # noqa: E402
 import retrokv.fast.wave_index as fw  # noqa: E402
@@ -83,13 +84,7 @@ def main():
     args = ap.parse_args()
     load0 = "%.1f / %.1f / %.1f" % os.getloadavg()
     n, hkv, g, d = args.n, 8, 4, 128
-    rng = np.random.default_rng(0)                            # the keys of benchmarks/wave_index.py
-    topics = rng.standard_normal((hkv, 64, d)).astype(np.float32)
-    k = np.empty((hkv, n, d), np.float32)
-    for h in range(hkv):
-        k[h] = topics[h, rng.integers(0, 64, n)] + rng.standard_normal((n, d)).astype(np.float32) + 0.5
-    v = rng.standard_normal((hkv, n, d)).astype(np.float32)
-    qs = [rng.standard_normal((hkv * g, d)).astype(np.float32) for _ in range(args.repeats + 1)]
+    k, v, qs, _ = synthetic_kv(n, args.repeats, hkv, g, d)   # the keys of benchmarks/wave_index.py
     print("building", flush=True)
     idx = WaveIndex.build(k, v, backend="fast")
     it = iter(qs * 100)

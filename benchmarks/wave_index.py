@@ -104,16 +104,22 @@ def accuracy(args):
 
 
 
-def speed(args):
-    n, hkv, g, d = args.speed_n, 8, 4, 128
+def synthetic_kv(n, repeats, hkv=8, g=4, d=128):
+    """The speed benchmark's inputs: ``(k, v, queries, rng)`` with ``repeats + 1`` decode queries. Keys
+    have structure (a shared offset, as RoPE'd keys have, plus topic-like directions); seeded."""
     rng = np.random.default_rng(0)
-    # keys with structure (a shared offset, as RoPE'd keys have, plus topic-like directions)
     topics = rng.standard_normal((hkv, 64, d)).astype(np.float32)
     k = np.empty((hkv, n, d), np.float32)
     for h in range(hkv):
         k[h] = topics[h, rng.integers(0, 64, n)] + rng.standard_normal((n, d)).astype(np.float32) + 0.5
     v = rng.standard_normal((hkv, n, d)).astype(np.float32)
-    qs = [rng.standard_normal((hkv * g, d)).astype(np.float32) for _ in range(args.repeats + 1)]
+    qs = [rng.standard_normal((hkv * g, d)).astype(np.float32) for _ in range(repeats + 1)]
+    return k, v, qs, rng
+
+
+def speed(args):
+    n, hkv, g, d = args.speed_n, 8, 4, 128
+    k, v, qs, rng = synthetic_kv(n, args.repeats, hkv, g, d)
     res = {}
     a = rng.standard_normal((8192, d)).astype(np.float32)
     b = rng.standard_normal((8192, d)).astype(np.float32)
