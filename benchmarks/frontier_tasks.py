@@ -208,14 +208,16 @@ def ppl(args):
     groups = _groups(methods, PPL_POINTS)
     for corpus in args.corpora.split(","):
         key = lambda m, lab: f"{args.n}|{corpus}|{m}|{lab}"   # noqa: E731
-        if all(key(m, lab) in db["ppl"] for _, pts in groups for m, lab, _ in pts):
+        # a point is done when it was measured over at least as many tokens (a longer run replaces a shorter one)
+        have = lambda m, lab: len(db["ppl"].get(key(m, lab), {}).get("nll", ())) >= args.ppl_tokens   # noqa: E731
+        if all(have(m, lab) for _, pts in groups for m, lab, _ in pts):
             continue
         ids = natural_text_ids(tok, args.n + args.ppl_tokens, corpus=corpus)
         t0 = time.time()
         logits0, saved, _ = E.shared_prefill(model, ids[:args.n], args.backend)
         print(f"{corpus}: prefill {time.time() - t0:.0f}s load={os.getloadavg()[0]:.1f}", flush=True)
         for method, pts in groups:
-            done = {(m, lab) for m, lab, _ in pts if key(m, lab) in db["ppl"]}
+            done = {(m, lab) for m, lab, _ in pts if have(m, lab)}
 
             def fn(variant, lab, v, h, cache):
                 t1 = time.time()
@@ -321,13 +323,26 @@ def needle_report(db, machine):
     return "\n".join(lines), rows
 
 
+def _ppl_rows(F, results):
+    """``F.ppl_rows`` with each row set against full attention over the SAME predicted tokens: a point
+    measured over fewer tokens than full (a shorter, older run) is compared with full's first ones."""
+    out = []
+    for r in results:
+        t = len(r["nll"])
+        full = [dict(f, ppl=float(np.exp(np.mean(f["nll"][:t])))) for f in results
+                if f["method"] == "full" and f["corpus"] == r["corpus"] and len(f["nll"]) >= t]
+        row = F.ppl_rows([r] + ([] if r["method"] == "full" else full))[0]
+        out.append(dict(row, tokens=t))
+    return out
+
+
 def ppl_report(db, machine):
     from retrokv.harness import frontier as F
     from retrokv.harness.eval import markdown_table
 
-    rows = _sort(F.ppl_rows(list(db["ppl"].values())))
+    rows = _sort(_ppl_rows(F, list(db["ppl"].values())))
     spans, load = _runs(db)
-    t = len(next(iter(db["ppl"].values()))["nll"])
+    t = max(r["tokens"] for r in rows)
     lines = [f"# Perplexity frontier: perplexity increase against byte density (SmolLM2-135M, {N} + {t} tokens)", "",
              f"Command: {_commands(db)}, then `python benchmarks/frontier_tasks.py report`  ",
              f"Machine: {machine}  ",
@@ -342,8 +357,11 @@ def ppl_report(db, machine):
              f"same corpus. Byte density: mean over layers and the {t - 1} decode steps (`run_density`).", "",
              markdown_table([{"corpus": r["corpus"], "method": r["method"], "knob": r["knob"],
                               "byte density": r["byte_density"], "token density": r["token_density"],
-                              "ppl": r["ppl"], "ppl +%": f"{r['delta_pct']:+.2f}"} for r in rows],
-                            ["corpus", "method", "knob", "byte density", "token density", "ppl", "ppl +%"]), ""]
+                              "tokens": r["tokens"], "ppl": r["ppl"], "ppl +%": f"{r['delta_pct']:+.2f}"}
+                             for r in rows],
+                            ["corpus", "method", "knob", "byte density", "token density", "tokens", "ppl", "ppl +%"]),
+             "", f"`tokens`: predicted tokens the row was measured over ({t} unless a shorter run is all there is "
+             "for it); its `ppl +%` is against full attention over the same first tokens.", ""]
     return "\n".join(lines), rows
 
 

@@ -77,38 +77,60 @@ def _attention_chunks(q, k, v, limits, scale, n_tiles, n_chunks, chunk):
     return m_part, l_part, acc_part
 
 
+@nb.njit(cache=True)
+def _merge_row(m_part, l_part, acc_part, h, r, out, lse):
+    """Row ``(h, r)`` of :func:`_merge_chunks`: its chunks' partials merged by log-sum-exp."""
+    n_chunks, dv = acc_part.shape[1], acc_part.shape[3]
+    m = np.float32(-np.inf)
+    nan = False
+    for c in range(n_chunks):
+        m = max(m, m_part[h, c, r])
+        # max() drops NaN, and a row whose every score is NaN keeps m = -inf with l = NaN: look
+        # for NaN explicitly so that NaN inputs (check_finite=False) give NaN, as in the reference
+        nan = nan or m_part[h, c, r] != m_part[h, c, r] or l_part[h, c, r] != l_part[h, c, r]
+    if nan:
+        for x in range(dv):
+            out[h, r, x] = np.nan
+        lse[h, r] = np.nan
+        return
+    if m == -np.inf:
+        return                            # no key visible: (0, -inf), the merge identity
+    total = np.float32(0.0)
+    for c in range(n_chunks):
+        w = np.float32(math.exp(m_part[h, c, r] - m))
+        total += w * l_part[h, c, r]
+        for x in range(dv):
+            out[h, r, x] += w * acc_part[h, c, r, x]
+    for x in range(dv):
+        out[h, r, x] /= total
+    lse[h, r] = m + np.float32(math.log(total))
+
+
 @nb.njit(parallel=True, cache=True)
 def _merge_chunks(m_part, l_part, acc_part):
     hkv, n_chunks, rows, dv = acc_part.shape
     out = np.zeros((hkv, rows, dv), dtype=np.float32)
     lse = np.full((hkv, rows), -np.inf, dtype=np.float32)
     for item in nb.prange(hkv * rows):
-        h = item // rows
-        r = item % rows
-        m = np.float32(-np.inf)
-        nan = False
-        for c in range(n_chunks):
-            m = max(m, m_part[h, c, r])
-            # max() drops NaN, and a row whose every score is NaN keeps m = -inf with l = NaN: look
-            # for NaN explicitly so that NaN inputs (check_finite=False) give NaN, as in the reference
-            nan = nan or m_part[h, c, r] != m_part[h, c, r] or l_part[h, c, r] != l_part[h, c, r]
-        if nan:
-            for x in range(dv):
-                out[h, r, x] = np.nan
-            lse[h, r] = np.nan
-            continue
-        if m == -np.inf:
-            continue                      # no key visible: (0, -inf), the merge identity
-        total = np.float32(0.0)
-        for c in range(n_chunks):
-            w = np.float32(math.exp(m_part[h, c, r] - m))
-            total += w * l_part[h, c, r]
-            for x in range(dv):
-                out[h, r, x] += w * acc_part[h, c, r, x]
-        for x in range(dv):
-            out[h, r, x] /= total
-        lse[h, r] = m + np.float32(math.log(total))
+        _merge_row(m_part, l_part, acc_part, item // rows, item % rows, out, lse)
     return out, lse
+
+
+@nb.njit(cache=True)
+def _merge_pair(o1, l1, o2, l2):
+    """:func:`merge_partials` of two ``(rows, dv)`` partials in one serial call (a decode step's exact
+    and estimated zones): the same per-row arithmetic as :func:`_merge_chunks`."""
+    rows, dv = o1.shape
+    m_part = np.empty((1, 2, rows), dtype=np.float32)
+    m_part[0, 0], m_part[0, 1] = l1, l2
+    acc = np.empty((1, 2, rows, dv), dtype=np.float32)
+    acc[0, 0], acc[0, 1] = o1, o2
+    ones = np.ones((1, 2, rows), dtype=np.float32)
+    out = np.zeros((1, rows, dv), dtype=np.float32)
+    lse = np.full((1, rows), -np.inf, dtype=np.float32)
+    for r in range(rows):
+        _merge_row(m_part, ones, acc, 0, r, out, lse)
+    return out[0], lse[0]
 
 
 def _plan(hkv, rows, n):

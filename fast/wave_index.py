@@ -5,8 +5,8 @@ little memory as possible, once:
 
 * centroid scoring: a matmul-like kernel over the contiguous ``(Hkv, C, d)`` centroid array, the
   G query heads of a group sharing each centroid load; empty clusters get ``-inf``;
-* ranking: softmax per query head summed over the group, then ``argpartition`` (linear time)
-  instead of a full sort; only the selected clusters are sorted, to keep the rank order;
+* ranking: softmax per query head summed over the group, then a partition (linear time) instead of a
+  full sort; only the selected clusters are sorted, to keep the rank order;
 * retrieval: the clusters are contiguous ranges of the cluster-sorted KV copy, so the exact
   attention reads ``[steady | retrieved]`` where it lies (:func:`attend_retrieved`: no execution-buffer
   copy, which at 128K tokens would read and write the retrieved KV once more), one kernel for every
@@ -36,8 +36,9 @@ from retrokv.reference import wave_index as _ref
 from retrokv.reference.wave_index import (ExecBuffer, MetaIndex, Workspace, Zones, concat_meta,  # not hot
                                           empty_meta, estimation_as_pseudo_tokens)
 
+from . import _dispatch
 from ._dispatch import any_cupy, cuda, require_numpy, threads_for
-from .attention import merge_partials
+from .attention import _merge_pair, merge_partials
 from .clustering import segmented_kmeans
 
 __all__ = ["MetaIndex", "ExecBuffer", "Zones", "Workspace", "empty_meta", "build_meta_index", "concat_meta",
@@ -46,6 +47,9 @@ __all__ = ["MetaIndex", "ExecBuffer", "Zones", "Workspace", "empty_meta", "build
 
 _FLAGS = {"reassoc", "contract", "nsz", "arcp"}   # vectorise dot products; keep inf semantics
 _CHUNK = 256                                      # centroids per work item
+# a step with less work (query heads x d x (clusters + steady tokens)) runs as one kernel, _decode_step;
+# a larger one as the composed kernels, whose parallel loops split the clusters, not only the KV heads
+FUSED_MAX_WORK = 1 << 22
 
 
 @nb.njit(parallel=True, cache=True)
@@ -76,6 +80,22 @@ def build_meta_index(keys, values, positions, n_clusters, n_segments, iters=10):
     return MetaIndex(*(np.stack(x) for x in (cent, vs, sizes, offs, sk, sv, ids)))
 
 
+@nb.njit(cache=True, fastmath=_FLAGS)
+def _score_centroids(qb, cent, sizes, scale, h, i0, i1, scores):
+    """Scores of head ``h``'s centroids ``i0:i1`` for its G query heads; empty clusters get ``-inf``."""
+    g, d = qb.shape[1], qb.shape[2]
+    for i in range(i0, i1):
+        if sizes[h, i] == 0:
+            for r in range(g):
+                scores[h, r, i] = -np.inf
+            continue
+        for r in range(g):          # the centroid row stays in L1 while the G heads read it
+            acc = np.float32(0.0)
+            for x in range(d):      # contiguous dot product: vectorised
+                acc += qb[h, r, x] * cent[h, i, x]
+            scores[h, r, i] = acc * scale
+
+
 @nb.njit(parallel=True, cache=True, fastmath=_FLAGS)
 def _centroid_scores(qb, cent, sizes, scale):
     hkv, g, d = qb.shape
@@ -85,42 +105,42 @@ def _centroid_scores(qb, cent, sizes, scale):
     for item in nb.prange(hkv * n_chunks):
         h = item // n_chunks
         c0 = (item % n_chunks) * _CHUNK
-        for i in range(c0, min(c0 + _CHUNK, c)):
-            if sizes[h, i] == 0:
-                for r in range(g):
-                    scores[h, r, i] = -np.inf
-                continue
-            for r in range(g):          # the centroid row stays in L1 while the G heads read it
-                acc = np.float32(0.0)
-                for x in range(d):      # contiguous dot product: vectorised
-                    acc += qb[h, r, x] * cent[h, i, x]
-                scores[h, r, i] = acc * scale
+        _score_centroids(qb, cent, sizes, scale, h, c0, min(c0 + _CHUNK, c), scores)
     return scores
+
+
+@nb.njit(cache=True, fastmath=_FLAGS)
+def _rank_head(scores, h, p, rank):
+    """``rank[h]``: the softmax of each of head ``h``'s G query heads (``p (G, C)`` scratch), summed over the group."""
+    g, c = p.shape
+    for r in range(g):
+        m = np.float32(-np.inf)
+        for i in range(c):
+            m = max(m, scores[h, r, i])
+        if m == -np.inf:                            # every cluster empty: nothing to rank
+            for i in range(c):
+                p[r, i] = 0.0
+            continue
+        z = np.float32(0.0)
+        for i in range(c):
+            p[r, i] = np.exp(scores[h, r, i] - m)
+            z += p[r, i]
+        inv = np.float32(1.0) / z
+        for i in range(c):
+            p[r, i] *= inv
+    for i in range(c):
+        rank[h, i] = 0.0
+    for r in range(g):                              # summed over the GQA group, heads in order
+        for i in range(c):
+            rank[h, i] += p[r, i]
 
 
 @nb.njit(parallel=True, cache=True, fastmath=_FLAGS)
 def _gqa_rank(scores):
     hkv, g, c = scores.shape
-    p = np.zeros((hkv, g, c), dtype=np.float32)
-    for item in nb.prange(hkv * g):               # softmax of each query head, in parallel
-        h, r = item // g, item % g
-        m = np.float32(-np.inf)
-        for i in range(c):
-            m = max(m, scores[h, r, i])
-        if m == -np.inf:
-            continue                                # every cluster empty: nothing to rank
-        z = np.float32(0.0)
-        for i in range(c):
-            p[h, r, i] = np.exp(scores[h, r, i] - m)
-            z += p[h, r, i]
-        inv = np.float32(1.0) / z
-        for i in range(c):
-            p[h, r, i] *= inv
     rank = np.zeros((hkv, c), dtype=np.float32)
-    for h in nb.prange(hkv):                      # summed over the GQA group
-        for r in range(g):
-            for i in range(c):
-                rank[h, i] += p[h, r, i]
+    for h in nb.prange(hkv):
+        _rank_head(scores, h, np.empty((g, c), dtype=np.float32), rank)
     return rank
 
 
@@ -134,28 +154,55 @@ def rank_clusters(q, centroids, sizes, scale):
     return scores, _gqa_rank(scores)
 
 
-def select_zones(rank, n_retrieve, n_estimate):
-    """Same contract as the reference: top ``n_retrieve + n_estimate`` by partition, then sorted.
+@nb.njit(cache=True)
+def _select_head(row, top, best, cand, keys):
+    """The ``top`` best ids of ``row`` into ``best``, in the stable sort's order (rank descending, ties
+    to the lower id); ``cand``, ``keys``: ``(top,)`` scratch. ``0 < top <= len(row)``, no NaN."""
+    neg = -row
+    cut = np.partition(neg, top - 1)[top - 1]         # linear time: the worst rank that is selected
+    ties = top
+    for i in range(neg.shape[0]):
+        ties -= neg[i] < cut                          # the cut's ties fill what the strictly better leave
+    j = 0
+    for i in range(neg.shape[0]):                     # in id order, so the lowest ids win the tie at the cut
+        if neg[i] < cut or (neg[i] == cut and ties > 0):
+            ties -= neg[i] == cut
+            cand[j] = i
+            keys[j] = neg[i]
+            j += 1
+    order = np.argsort(keys, kind="mergesort")        # stable: ties inside the selection keep id order
+    for j in range(top):
+        best[j] = cand[order[j]]
 
-    A partition picks an arbitrary member of a tie at the cut, where the reference's stable sort takes
-    the lowest cluster ids (ties are common: every empty cluster ranks 0); rows with a tie at the cut,
-    or NaN, take the stable sort instead."""
+
+@nb.njit(cache=True)
+def _select(rank, top):
+    hkv = rank.shape[0]
+    best = np.empty((hkv, top), dtype=np.int64)
+    cand = np.empty(top, dtype=np.int64)
+    keys = np.empty(top, dtype=rank.dtype)
+    for h in range(hkv):
+        _select_head(rank[h], top, best[h], cand, keys)
+    return best
+
+
+def select_zones(rank, n_retrieve, n_estimate):
+    """Same contract as the reference: the top ``n_retrieve + n_estimate`` by a partition (linear time),
+    then only those sorted, in one kernel (a decode step's many small NumPy calls cost more than the work).
+
+    A partition alone picks an arbitrary member of a tie at the cut, where the reference's stable sort
+    takes the lowest cluster ids (ties are common: every empty cluster ranks 0, a repeated context has
+    equal centroids); the kernel fills the cut's ties in id order instead. Ranks with a NaN take the
+    reference's stable sort."""
     if any_cupy(rank):
         return cuda("wave_index").select_zones(rank, n_retrieve, n_estimate)
     hkv, c = rank.shape
     top = min(c, n_retrieve + n_estimate)
     if top == 0:
         return np.zeros((hkv, 0), np.int64), np.zeros((hkv, 0), np.int64)
-    cand = np.argpartition(-rank, top - 1, axis=1)[:, :top] if top < c else np.tile(np.arange(c), (hkv, 1))
-    cand = np.sort(cand, axis=1)                      # ties inside the selection resolve by cluster id below
-    picked = np.take_along_axis(rank, cand, axis=1)
-    order = np.argsort(-picked, axis=1, kind="stable")
-    best = np.take_along_axis(cand, order, axis=1).astype(np.int64)
-    if top < c:
-        cut = picked.min(axis=1, keepdims=True)       # the worst selected rank: a tie there may be unfair
-        unfair = ((rank == cut).sum(axis=1) != (picked == cut).sum(axis=1)) | np.isnan(picked).any(axis=1)
-        for h in np.flatnonzero(unfair):
-            best[h] = np.argsort(-rank[h], kind="stable")[:top]
+    if np.isnan(rank).any():
+        return _ref.select_zones(rank, n_retrieve, n_estimate)
+    best = _select(np.ascontiguousarray(rank), top)
     return best[:, :n_retrieve], best[:, n_retrieve:top]
 
 
@@ -279,36 +326,45 @@ def _attend_buffer(q, bk, bv, lengths, scale):
     return out, lse
 
 
+@nb.njit(cache=True, fastmath=_FLAGS)
+def _attend_head(q, h, steady_k, steady_v, steady_ids, mk, mv, mids, offsets, retrieval, n, scale, out, lse, ids):
+    """Exact attention of head ``h`` over its steady zone and retrieved clusters (``n`` rows in all),
+    read where they lie; the rows' token ids into ``ids[h, :n]``."""
+    g, dv = q.shape[1], steady_v.shape[2]
+    n_steady = steady_k.shape[1]
+    s = np.empty((g, n), dtype=np.float32)
+    _score_rows(q, h, steady_k, 0, n_steady, s, 0, scale)            # the steady zone, then each cluster
+    at = n_steady
+    for t in range(n_steady):
+        ids[h, t] = steady_ids[t]
+    for c in retrieval:
+        a, b = offsets[h, c], offsets[h, c + 1]
+        _score_rows(q, h, mk, a, b, s, at, scale)
+        for t in range(a, b):
+            ids[h, at + t - a] = mids[h, t]
+        at += b - a
+    m, nan = _row_max(s)
+    den = np.zeros(g, dtype=np.float32)
+    acc = np.zeros((g, dv), dtype=np.float32)
+    _weigh_rows(h, steady_v, 0, n_steady, s, 0, m, den, acc)
+    at = n_steady
+    for c in retrieval:
+        a, b = offsets[h, c], offsets[h, c + 1]
+        _weigh_rows(h, mv, a, b, s, at, m, den, acc)
+        at += b - a
+    _finish(h, m, nan, den, acc, out, lse)
+
+
 @nb.njit(parallel=True, cache=True, fastmath=_FLAGS)
 def _attend_in_place(q, steady_k, steady_v, steady_ids, mk, mv, mids, offsets, retrieval, lengths, scale):
     hkv, g, _ = q.shape
     dv = steady_v.shape[2]
-    n_steady = steady_k.shape[1]
     out = np.zeros((hkv, g, dv), dtype=np.float32)
     lse = np.full((hkv, g), -np.inf, dtype=np.float32)
     ids = np.empty((hkv, lengths.max() if hkv else 0), dtype=np.int64)
     for h in nb.prange(hkv):
-        s = np.empty((g, lengths[h]), dtype=np.float32)
-        _score_rows(q, h, steady_k, 0, n_steady, s, 0, scale)            # the steady zone, then each cluster
-        at = n_steady
-        for t in range(n_steady):
-            ids[h, t] = steady_ids[t]
-        for c in retrieval[h]:
-            a, b = offsets[h, c], offsets[h, c + 1]
-            _score_rows(q, h, mk, a, b, s, at, scale)
-            for t in range(a, b):
-                ids[h, at + t - a] = mids[h, t]
-            at += b - a
-        m, nan = _row_max(s)
-        den = np.zeros(g, dtype=np.float32)
-        acc = np.zeros((g, dv), dtype=np.float32)
-        _weigh_rows(h, steady_v, 0, n_steady, s, 0, m, den, acc)
-        at = n_steady
-        for c in retrieval[h]:
-            a, b = offsets[h, c], offsets[h, c + 1]
-            _weigh_rows(h, mv, a, b, s, at, m, den, acc)
-            at += b - a
-        _finish(h, m, nan, den, acc, out, lse)
+        _attend_head(q, h, steady_k, steady_v, steady_ids, mk, mv, mids, offsets, retrieval[h], lengths[h], scale,
+                     out, lse, ids)
     return out, lse, ids
 
 
@@ -341,35 +397,40 @@ def attend_execution_buffer(q, buf, scale):
     return out.reshape(q.shape[0], -1), lse.reshape(q.shape[0])
 
 
+@nb.njit(cache=True, fastmath=_FLAGS)
+def _estimate_head(scores, sizes, value_sums, h, est, out, lse):
+    """Eq. 2's estimate for head ``h`` over its estimation clusters ``est``: one weighted pass."""
+    g, dv = out.shape[1], out.shape[2]
+    m = np.full(g, -np.inf, dtype=np.float32)
+    for i in est:
+        for r in range(g):
+            m[r] = max(m[r], scores[h, r, i])
+    den = np.zeros(g, dtype=np.float32)
+    acc = np.zeros((g, dv), dtype=np.float32)
+    for i in est:
+        if sizes[h, i] == 0:
+            continue
+        vs = value_sums[h, i]
+        for r in range(g):
+            w = np.float32(math.exp(scores[h, r, i] - m[r]))
+            den[r] += w * np.float32(sizes[h, i])     # the size weights the denominator only
+            for x in range(dv):                       # numerator: exp(score) * value sum
+                acc[r, x] += w * vs[x]
+    for r in range(g):
+        if den[r] > 0:
+            for x in range(dv):
+                out[h, r, x] = acc[r, x] / den[r]
+            lse[h, r] = m[r] + np.float32(math.log(den[r]))
+
+
 @nb.njit(parallel=True, cache=True, fastmath=_FLAGS)
 def _estimate(scores, sizes, value_sums, est):
     hkv, g, _ = scores.shape
     dv = value_sums.shape[2]
-    e = est.shape[1]
     out = np.zeros((hkv, g, dv), dtype=np.float32)
     lse = np.full((hkv, g), -np.inf, dtype=np.float32)
     for h in nb.prange(hkv):
-        m = np.full(g, -np.inf, dtype=np.float32)
-        for j in range(e):
-            for r in range(g):
-                m[r] = max(m[r], scores[h, r, est[h, j]])
-        den = np.zeros(g, dtype=np.float32)
-        acc = np.zeros((g, dv), dtype=np.float32)
-        for j in range(e):
-            i = est[h, j]
-            if sizes[h, i] == 0:
-                continue
-            vs = value_sums[h, i]
-            for r in range(g):
-                w = np.float32(math.exp(scores[h, r, i] - m[r]))
-                den[r] += w * np.float32(sizes[h, i])     # the size weights the denominator only
-                for x in range(dv):                       # numerator: exp(score) * value sum
-                    acc[r, x] += w * vs[x]
-        for r in range(g):
-            if den[r] > 0:
-                for x in range(dv):
-                    out[h, r, x] = acc[r, x] / den[r]
-                lse[h, r] = m[r] + np.float32(math.log(den[r]))
+        _estimate_head(scores, sizes, value_sums, h, est[h], out, lse)
     return out, lse
 
 
@@ -382,17 +443,80 @@ def estimate_partial(scores, sizes, value_sums, estimation):
     return out.reshape(hkv * g, -1), lse.reshape(hkv * g)
 
 
+@nb.njit(parallel=True, cache=True, fastmath=_FLAGS)
+def _decode_step(qb, cent, sizes, value_sums, steady_k, steady_v, steady_ids, mk, mv, mids, offsets, n_retrieve,
+                 top, scale):
+    """Steps 1-3 of the reference driver in one kernel, per KV head: rank, select, exact zone in place,
+    estimate (the caller merges the two partials with :func:`~retrokv.fast.attention._merge_pair`, the
+    composed path's merge arithmetic). ``ok`` is False (nothing else computed) when a rank is NaN: the caller then takes the
+    composed path, whose selection follows the reference's sort on NaN."""
+    hkv, g, _ = qb.shape
+    c, dv = cent.shape[1], value_sums.shape[2]
+    scores = np.empty((hkv, g, c), dtype=np.float32)
+    rank = np.zeros((hkv, c), dtype=np.float32)
+    best = np.empty((hkv, top), dtype=np.int64)
+    lengths = np.full(hkv, steady_k.shape[1], dtype=np.int64)
+    nan = np.zeros(hkv, dtype=np.bool_)
+    nr = min(n_retrieve, top)
+    for h in nb.prange(hkv):                         # 1. rank the clusters, and split them into zones
+        _score_centroids(qb, cent, sizes, scale, h, 0, c, scores)
+        _rank_head(scores, h, np.empty((g, c), dtype=np.float32), rank)
+        for i in range(c):
+            nan[h] = nan[h] or rank[h, i] != rank[h, i]
+        if top > 0 and not nan[h]:
+            _select_head(rank[h], top, best[h], np.empty(top, dtype=np.int64), np.empty(top, dtype=np.float32))
+            for j in range(nr):
+                lengths[h] += offsets[h, best[h, j] + 1] - offsets[h, best[h, j]]
+    if nan.any():
+        return False, scores, rank, scores, rank, best, np.empty((hkv, 0), dtype=np.int64), lengths
+    ids = np.empty((hkv, lengths.max() if hkv else 0), dtype=np.int64)
+    out_x = np.zeros((hkv, g, dv), dtype=np.float32)
+    lse_x = np.full((hkv, g), -np.inf, dtype=np.float32)
+    out_e, lse_e = out_x.copy(), lse_x.copy()
+    for h in nb.prange(hkv):                         # 2. exact zone; 3. estimation zone
+        _attend_head(qb, h, steady_k, steady_v, steady_ids, mk, mv, mids, offsets, best[h, :nr], lengths[h], scale,
+                     out_x, lse_x, ids)
+        _estimate_head(scores, sizes, value_sums, h, best[h, nr:top], out_e, lse_e)
+    return True, out_x, lse_x, out_e, lse_e, best, ids, lengths
+
+
+def _fused_step(q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_estimate, scale):
+    """:func:`_decode_step` with the driver's contract, or ``None`` when it declines (a NaN rank)."""
+    hkv, c, d = meta.centroids.shape
+    top = min(c, n_retrieve + n_estimate)
+    qb = np.ascontiguousarray(np.asarray(q, dtype=np.float32).reshape(hkv, -1, d))
+    ok, out_x, lse_x, out_e, lse_e, best, ids, lengths = _decode_step(
+        qb, meta.centroids, meta.sizes, meta.value_sums, steady_k, steady_v, np.asarray(steady_ids, dtype=np.int64),
+        meta.keys, meta.values, meta.ids, meta.offsets, n_retrieve, top, np.float32(scale))
+    if not ok:
+        return None
+    nr, hq = min(n_retrieve, top), q.shape[0]
+    out, lse = _merge_pair(out_x.reshape(hq, -1), lse_x.reshape(hq),           # 4. log-sum-exp merge
+                           out_e.reshape(hq, -1), lse_e.reshape(hq))
+    return out, lse, Zones(best[:, :nr], best[:, nr:top], [ids[h, :lengths[h]] for h in range(hkv)])
+
+
 def tripartite_attention(q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_estimate, scale=None,
                          gather=None, workspace=None, ops=None):
     """The reference driver :func:`retrokv.reference.wave_index.tripartite_attention` with this module's kernels
-    (the CUDA kernels of :mod:`retrokv.fast.cuda.wave_index` for CuPy input)."""
+    (the CUDA kernels of :mod:`retrokv.fast.cuda.wave_index` for CuPy input).
+
+    A step below :data:`FUSED_MAX_WORK` (e.g. a 32K-token decode step) without a custom ``gather`` runs
+    the driver's four steps as ONE kernel (:func:`_decode_step`, built from the same per-head kernels):
+    such a step computes for about half a millisecond, and the dozen NumPy calls and kernel launches
+    between the steps cost a fifth of that."""
     if ops is None and any_cupy(q, steady_k, steady_v):
         ops = cuda("wave_index")
     elif ops is None:
         require_numpy("tripartite_attention", q, steady_k, steady_v)
         hq, d = q.shape
+        scale = 1.0 / np.sqrt(d) if scale is None else scale
         work = hq * d * (meta.centroids.shape[1] + steady_k.shape[1])        # centroid scores + steady zone
         with threads_for(work):
+            if gather is None and work < FUSED_MAX_WORK:
+                res = _fused_step(q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_estimate, scale)
+                if res is not None:
+                    return res
             return _ref.tripartite_attention(q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_estimate,
                                              scale, gather, workspace, ops=sys.modules[__name__])
     return _ref.tripartite_attention(q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_estimate, scale,

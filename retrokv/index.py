@@ -25,6 +25,8 @@ import numpy as np
 
 __all__ = ["IndexStats", "DecodeIndex", "resolve_config", "check_prefill_queries"]
 
+_FIELDS: dict = {}     # stats class -> its field names (scalars() runs every decode step of every layer)
+
 
 @dataclass(frozen=True, kw_only=True)
 class IndexStats:
@@ -59,10 +61,13 @@ class IndexStats:
     def scalars(self) -> dict:
         """Every numeric scalar field, zones flattened as ``zone_<name>``: what the hf handle aggregates."""
         out = {}
-        for f in dataclasses.fields(self):
-            x = getattr(self, f.name)
+        names = _FIELDS.get(type(self))
+        if names is None:
+            names = _FIELDS[type(self)] = tuple(f.name for f in dataclasses.fields(self))
+        for name in names:
+            x = getattr(self, name)
             if isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_)):
-                out[f.name] = float(x) if isinstance(x, (float, np.floating)) else int(x)
+                out[name] = float(x) if isinstance(x, (float, np.floating)) else int(x)
         out.update({f"zone_{k}": int(v) for k, v in self.zones.items()})
         return out
 

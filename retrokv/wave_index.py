@@ -148,6 +148,7 @@ class WaveIndex:
         self._meta = meta
         self._sk, self._sv, self._sids = steady_k, steady_v, steady_ids   # (Hkv, S, d), (Hkv, S, dv), (S,)
         self._n, self._n_sink = n_tokens, n_sink
+        self._sizes_of = self._sizes = self._indexed = None     # host copy of meta.sizes, for the statistics
         # the reused execution buffer, this index's own (CPU paths; on the GPU CuPy's memory pool does this)
         ws = getattr(self._mod, "Workspace", None)
         self._workspace = ws() if ws is not None else None
@@ -257,11 +258,15 @@ class WaveIndex:
 
     def _stats(self, zones, hq):
         meta, (hkv, d, dv) = self._meta, self.shape
-        sizes = to_host(meta.sizes)
-        r_tok = np.take_along_axis(sizes, zones.retrieval, axis=1).sum(axis=1)
-        e_tok = np.take_along_axis(sizes, zones.estimation, axis=1).sum(axis=1)
-        indexed = sizes.sum(axis=1)
+        if getattr(self, "_sizes_of", None) is not meta:   # the host sizes and their sums change only with the index
+            self._sizes_of, self._sizes = meta, to_host(meta.sizes)
+            self._indexed = self._sizes.sum(axis=1)
+        sizes, indexed = self._sizes, self._indexed
         steady = len(self._sids)
+        heads = np.arange(hkv)[:, None]
+        # the exact zone is the steady tokens plus the retrieved clusters' tokens, per head
+        r_tok = np.fromiter((len(x) for x in zones.exact_ids), np.int64, hkv) - steady
+        e_tok = sizes[heads, zones.estimation].sum(axis=1)
         exact = steady + r_tok
         e = zones.estimation.shape[1]
         bytes_read = int(4 * (exact.sum() * (d + dv) + hkv * self.n_clusters * d + hkv * e * dv)

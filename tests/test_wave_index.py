@@ -396,3 +396,35 @@ def test_fast_zone_selection_equals_the_stable_sort(hkv, c, r, e, seed, kind):
         return
     for a, b in zip(got, want):
         assert a.dtype == np.int64 and np.array_equal(a, b)
+
+
+@given(cases(), st.sampled_from(["finite", "nan_q"]))
+def test_fused_small_step_equals_the_composed_kernels(case, kind):
+    """A small fast step runs the driver as one kernel (``_decode_step``); forcing the composed path
+    (every step "large") must give the same zones and the same numbers, NaN inputs included."""
+    from retrokv.fast import wave_index as fast_wi
+
+    k, v, q, n, cfg = case
+    if kind == "nan_q":                                        # NaN ranks: the fused kernel declines
+        q = q.copy()
+        q[0, 0] = np.nan
+    idx = grow(k, v, n, cfg, "fast")
+    fused = idx.attend(q, return_lse=True, check_finite=False), idx.last_stats
+    old = fast_wi.FUSED_MAX_WORK
+    fast_wi.FUSED_MAX_WORK = 0
+    try:
+        composed = idx.attend(q, return_lse=True, check_finite=False), idx.last_stats
+    finally:
+        fast_wi.FUSED_MAX_WORK = old
+    (fo, fl), fs = fused
+    (co, cl), cs = composed
+    assert np.array_equal(fs.retrieval_clusters, cs.retrieval_clusters)
+    assert np.array_equal(fs.estimation_clusters, cs.estimation_clusters)
+    assert all(np.array_equal(x, y) for x, y in zip(fs.exact_ids, cs.exact_ids))
+    np.testing.assert_allclose(fo, co, atol=1e-6, rtol=1e-6, equal_nan=True)
+    np.testing.assert_allclose(fl, cl, atol=1e-6, rtol=1e-6, equal_nan=True)
+    scale, meta = 1.0 / np.sqrt(q.shape[1]), idx._meta
+    fused_ran = fast_wi._fused_step(q, meta, idx._sk, idx._sv, idx._sids, idx.n_retrieve, idx.n_estimate,
+                                    scale) is not None
+    nan_rank = bool(np.isnan(fast_wi.rank_clusters(q, meta.centroids, meta.sizes, scale)[1]).any())
+    assert fused_ran != nan_rank                               # the fused kernel ran, or declined on a NaN rank
