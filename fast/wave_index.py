@@ -17,7 +17,9 @@ little memory as possible, once:
 
 A decode step is small: below :data:`~retrokv.fast._dispatch.PARALLEL_MIN_WORK` multiply-adds its
 kernels run on one thread (:func:`~retrokv.fast._dispatch.threads_for`), so that a busy core never
-stalls a step at a barrier.
+stalls a step at a barrier; below :data:`FUSED_MAX_WORK` the driver's steps run as one kernel
+(:func:`_decode_step`) built from the per-head kernels the composed path runs in parallel loops, so
+the two paths give the same bits.
 
 Building the index (clustering, layout) is in :mod:`retrokv.fast.clustering`; the small
 bookkeeping helpers (``empty_meta``, ``concat_meta``, ``estimation_as_pseudo_tokens``, ``Workspace``)

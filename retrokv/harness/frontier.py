@@ -111,9 +111,9 @@ def _at(method, index, value):
 
     memo = {id(x): x for x in vars(index).values() if isinstance(x, types.ModuleType)}   # shared, not copied
     ix = copy.deepcopy(index, memo)
-    if method in ("topk", "graph"):
+    if method in ("topk", "graph", "graph_paper"):
         ix.top_k = int(value)
-        if method == "graph":                     # the beam must hold at least the k it returns
+        if method != "topk":                      # the beam must hold at least the k it returns
             ix.config = dataclasses.replace(ix.config, top_k=int(value), search_L=max(150, int(value) + 50))
     elif method == "quest":
         ix.n_pages = max(1, int(value) // ix.config.page_size)
@@ -224,9 +224,10 @@ def interp_error(rows, method, density, key="token_density"):
 # ---------------------------------------------------------------------------------------------- report
 LABELS = {"streaming": "StreamingLLM (window)", "topk": "exact top-k oracle (k)", "quest": "Quest (token budget)",
           "ivf": "IVF (nprobe, top_k=100)", "wave": "wave (retrieval fraction)",
-          "wave_noest": "wave, no estimation zone", "graph": "graph (k)"}
+          "wave_noest": "wave, no estimation zone", "graph": "graph (k)",
+          "graph_paper": "graph, paper's 128 + 512 static (k)"}
 COLORS = {"streaming": "tab:gray", "topk": "black", "quest": "tab:green", "ivf": "tab:purple", "wave": "tab:blue",
-          "wave_noest": "tab:cyan", "graph": "tab:orange"}
+          "wave_noest": "tab:cyan", "graph": "tab:orange", "graph_paper": "tab:brown"}
 
 
 def _groups(points):
@@ -420,6 +421,8 @@ def hf_config(method, value=None):
         if value is None:
             raise ValueError("streaming needs its window as value")
         return "streaming", StreamingConfig(n_sink=s0, n_recent=int(value))
+    if method == "graph_paper":                   # RetrievalAttention's static window, sized for 128K contexts
+        return "graph", GraphConfig()
     cfgs = {"topk": TopKConfig, "quest": QuestConfig, "ivf": IVFConfig, "graph": GraphConfig}
     if method in cfgs:
         return method, cfgs[method](n_sink=s0, n_recent=s1)
