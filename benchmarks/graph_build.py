@@ -81,9 +81,10 @@ def timed(f, *a, **kw):
 def profile_head(impl, q, keys, cfg):
     """Seconds per stage for one query head (plus its KV head's key kNN)."""
     t = {"IVF layout: k-means (per KV head)": 0.0}
-    if hasattr(impl, "_layout"):
-        impl._layout_cache.clear()
-        t["IVF layout: k-means (per KV head)"] = timed(impl._layout, keys)[1]
+    ivf = getattr(impl, "_ivf", None)                     # the IVF kNN module (new kernels only)
+    if ivf is not None:
+        ivf._layout_cache.clear()
+        t["IVF layout: k-means (per KV head)"] = timed(ivf._layout, keys)[1]
     knbrs, t["key_neighbors (per KV head)"] = timed(impl.key_neighbors, keys, cfg.max_degree)
     entry = impl.entry_point(keys)
     nbrs, t["knn (prefill queries)"] = timed(impl.knn, q, keys, cfg.n_query_neighbors)
@@ -162,9 +163,9 @@ def main():
     split = knn_split(qh, keys, cfg.n_query_neighbors, new_impl._BLOCK)
     print(prof["old"], prof["new"], split, flush=True)
 
-    new_impl._scans.clear()
+    new_impl._ivf._scans.clear()
     new_s, new_g = build_all(model, saved, layers, new_impl)
-    scans = np.array(new_impl._scans)                    # per IVF kNN call: fraction of keys scanned
+    scans = np.array(new_impl._ivf._scans)                    # per IVF kNN call: fraction of keys scanned
     print(f"new build, {len(layers)} layers: {new_s:.1f} s", flush=True)
     old_layers = layers[:args.old_layers]
     new_sub_s = new_s if len(old_layers) == len(layers) else build_all(model, saved, old_layers, new_impl)[0]

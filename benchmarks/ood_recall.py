@@ -29,7 +29,7 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(__file__))
 from machine import describe  # noqa: E402
 
-import retrokv.fast.graph_index as fast_graph  # noqa: E402
+import retrokv.fast._ivf_knn as fast_ivf  # noqa: E402
 from retrokv.baselines import IVFIndex, TopKOracle  # noqa: E402
 from retrokv.graph_index import GraphIndex  # noqa: E402
 
@@ -91,11 +91,11 @@ class exact_knn_build:
     """Within this block the fast graph build uses the exact kNN (as before issue 15) at every size."""
 
     def __enter__(self):
-        self.saved = fast_graph._IVF_MIN_KEYS
-        fast_graph._IVF_MIN_KEYS = 1 << 62
+        self.saved = fast_ivf._IVF_MIN_KEYS
+        fast_ivf._IVF_MIN_KEYS = 1 << 62
 
     def __exit__(self, *exc):
-        fast_graph._IVF_MIN_KEYS = self.saved
+        fast_ivf._IVF_MIN_KEYS = self.saved
 
 
 def recall(ids, truth):
@@ -213,7 +213,7 @@ def speed(caps, n, layer, ref_heads, repeats=3):
     t = time.perf_counter()
     ref = GraphIndex.build(keys[:1], values[:1], pq[sub], n_sink=0, n_recent=0, backend="reference")
     rows["reference build (s per head)"] = (time.perf_counter() - t) / ref_heads
-    # the fast build's IVF kNN is approximate above fast_graph._IVF_MIN_KEYS keys: the graphs differ
+    # the fast build's IVF kNN is approximate above fast_ivf._IVF_MIN_KEYS keys: the graphs differ
     # from the reference's; share of the reference graph's edges that the fast graph also has
     fa, ra = fast.adj[sub], ref.adj
     shared = sum(len(set(a[a >= 0]) & set(b[b >= 0])) for x, y in zip(fa, ra) for a, b in zip(x, y))

@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import retrokv.fast._ivf_knn as ivf
 import retrokv.fast.graph_index as fg
 import retrokv.reference.graph_index as rg
 from retrokv.baselines import TopKOracle
@@ -31,10 +32,10 @@ class exact_build:
     """The fast path with its exact kNN at every size (as before the IVF build)."""
 
     def __enter__(self):
-        self.saved, fg._IVF_MIN_KEYS = fg._IVF_MIN_KEYS, 1 << 62
+        self.saved, ivf._IVF_MIN_KEYS = ivf._IVF_MIN_KEYS, 1 << 62
 
     def __exit__(self, *exc):
-        fg._IVF_MIN_KEYS = self.saved
+        ivf._IVF_MIN_KEYS = self.saved
 
 
 def clustered(rng, n, d, centers=40):
@@ -53,13 +54,13 @@ def test_ivf_scan_of_every_cluster_is_the_reference_knn(t, n, k, use_bias, self_
     k = min(k, n - 1 if self_keys else n)
     if k < 1:
         return
-    fg._layout_cache.clear()
-    cent, half, kc, ids, off = fg._layout(keys)
+    ivf._layout_cache.clear()
+    cent, half, kc, ids, off = ivf._layout(keys)
     cs = np.ascontiguousarray(rng.standard_normal((len(queries), len(cent))).astype(np.float32))  # any order
     out = np.full((len(queries), k), -1, dtype=np.int64)
     b = bias if use_bias else np.zeros(1, dtype=np.float32)
     self_ids = np.arange(len(queries)) if self_keys else np.full(len(queries), -1)
-    fg._ivf_scan(queries, cs, kc, ids, off, b, use_bias, self_ids, k, n, out)
+    ivf._ivf_scan(queries, cs, kc, ids, off, b, use_bias, self_ids, k, n, out)
     np.testing.assert_array_equal(out, rg.knn(queries, keys, k, bias=bias, exclude_self=self_keys))
 
 
@@ -67,7 +68,7 @@ def test_ivf_partial_scan_returns_sorted_distinct_valid_ids(rng):
     keys = clustered(rng, 3000, 16)
     q = (rng.standard_normal((200, 16)) + 1).astype(np.float32)
     got = fg.knn(q, keys, 20)
-    assert fg._use_ivf(len(keys), 20)
+    assert ivf._use_ivf(len(keys), 20)
     assert ((got >= 0) & (got < len(keys))).all()
     assert all(len(set(r)) == len(r) for r in got)
     s = np.einsum("td,tkd->tk", q.astype(np.float64), keys[got].astype(np.float64))
@@ -88,10 +89,10 @@ def test_ivf_knn_recall_on_clustered_and_structureless_keys(seed):
         with exact_build():
             want_q, want_k = fg.knn(qq, kk, 20), fg.key_neighbors(kk, 8)
         np.testing.assert_array_equal(want_q, rg.knn(qq, kk, 20))          # the exact path is the reference
-        fg._scans.clear()
+        ivf._scans.clear()
         assert recall(fg.knn(qq, kk, 20), want_q) >= floor
         assert recall(fg.key_neighbors(kk, 8), want_k) >= floor
-        assert len(fg._scans) == 2 and max(fg._scans) < 1.0                # the IVF path ran
+        assert len(ivf._scans) == 2 and max(ivf._scans) < 1.0                # the IVF path ran
 
 
 def test_ivf_built_graph_searches_as_well_as_the_exact_built_graph():
@@ -103,9 +104,9 @@ def test_ivf_built_graph_searches_as_well_as_the_exact_built_graph():
     pq = (clustered(rng, 2000 * 2, d).reshape(2, 2000, d) + shift).astype(np.float32)
     dq = (clustered(rng, 2 * 64, d).reshape(2, 64, d) + shift).astype(np.float32)
     cfg = dict(n_sink=0, n_recent=0, n_query_neighbors=20, max_degree=12, pool_cap=60, backend="fast")
-    fg._scans.clear()
+    ivf._scans.clear()
     fast = GraphIndex.build(keys, keys, pq, **cfg)
-    assert fg._scans and max(fg._scans) < 1.0                               # built from IVF lists
+    assert ivf._scans and max(ivf._scans) < 1.0                               # built from IVF lists
     with exact_build():
         exact = GraphIndex.build(keys, keys, pq, **cfg)
     truth, _ = TopKOracle.build(keys, keys, n_sink=0, n_recent=0, backend="fast").search(dq, 20)
@@ -120,12 +121,12 @@ def test_ivf_built_graph_searches_as_well_as_the_exact_built_graph():
 def test_layout_cache_follows_the_keys(rng):
     a, b = clustered(rng, 3000, 16), clustered(rng, 3000, 16)
     q = rng.standard_normal((50, 16)).astype(np.float32)
-    fg._layout_cache.clear()
+    ivf._layout_cache.clear()
     want = fg.knn(q, b, 20)
     fg.knn(q, a, 20)                                 # caches a's layout
     np.testing.assert_array_equal(fg.knn(q, b, 20), want)
     b2 = b.copy()
     b2[5, 3] += 1.0                                  # same shape, other content: a fresh layout
     fg.knn(q, b2, 20)
-    assert len(fg._layout_cache) == 1 and next(iter(fg._layout_cache.values()))[2].sum() == pytest.approx(
+    assert len(ivf._layout_cache) == 1 and next(iter(ivf._layout_cache.values()))[2].sum() == pytest.approx(
         b2.astype(np.float64).sum(), rel=1e-6)

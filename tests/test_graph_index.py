@@ -1,6 +1,6 @@
 """RetrievalAttention graph index: exactness at L >= n, degree bound, connectivity, OOD recall vs IVF,
 fast == reference (same graph, same search: these sizes are below the fast build's IVF kNN threshold,
-``fast.graph_index._IVF_MIN_KEYS``; above it, tests/test_graph_build_fast.py), attention oracle, validation."""
+``fast._ivf_knn._IVF_MIN_KEYS``; above it, tests/test_graph_build_fast.py), attention oracle, validation."""
 from __future__ import annotations
 
 from collections import deque
