@@ -177,14 +177,12 @@ def _select_head(row, top, best, cand, keys):
         best[j] = cand[order[j]]
 
 
-@nb.njit(cache=True)
+@nb.njit(parallel=True, cache=True)
 def _select(rank, top):
     hkv = rank.shape[0]
     best = np.empty((hkv, top), dtype=np.int64)
-    cand = np.empty(top, dtype=np.int64)
-    keys = np.empty(top, dtype=rank.dtype)
-    for h in range(hkv):
-        _select_head(rank[h], top, best[h], cand, keys)
+    for h in nb.prange(hkv):
+        _select_head(rank[h], top, best[h], np.empty(top, dtype=np.int64), np.empty(top, dtype=rank.dtype))
     return best
 
 
@@ -400,29 +398,32 @@ def attend_execution_buffer(q, buf, scale):
 
 
 @nb.njit(cache=True, fastmath=_FLAGS)
-def _estimate_head(scores, sizes, value_sums, h, est, out, lse):
-    """Eq. 2's estimate for head ``h`` over its estimation clusters ``est``: one weighted pass."""
-    g, dv = out.shape[1], out.shape[2]
-    m = np.full(g, -np.inf, dtype=np.float32)
+def _estimate_row(scores, sizes, value_sums, h, r, est, out, lse):
+    """Eq. 2's estimate for query head ``r`` of KV head ``h`` over the estimation clusters ``est``."""
+    dv = out.shape[2]
+    m = np.float32(-np.inf)
     for i in est:
-        for r in range(g):
-            m[r] = max(m[r], scores[h, r, i])
-    den = np.zeros(g, dtype=np.float32)
-    acc = np.zeros((g, dv), dtype=np.float32)
+        m = max(m, scores[h, r, i])
+    den = np.float32(0.0)
+    acc = np.zeros(dv, dtype=np.float32)
     for i in est:
         if sizes[h, i] == 0:
             continue
-        vs = value_sums[h, i]
-        for r in range(g):
-            w = np.float32(math.exp(scores[h, r, i] - m[r]))
-            den[r] += w * np.float32(sizes[h, i])     # the size weights the denominator only
-            for x in range(dv):                       # numerator: exp(score) * value sum
-                acc[r, x] += w * vs[x]
-    for r in range(g):
-        if den[r] > 0:
-            for x in range(dv):
-                out[h, r, x] = acc[r, x] / den[r]
-            lse[h, r] = m[r] + np.float32(math.log(den[r]))
+        w = np.float32(math.exp(scores[h, r, i] - m))
+        den += w * np.float32(sizes[h, i])            # the size weights the denominator only
+        for x in range(dv):                           # numerator: exp(score) * value sum
+            acc[x] += w * value_sums[h, i, x]
+    if den > 0:
+        for x in range(dv):
+            out[h, r, x] = acc[x] / den
+        lse[h, r] = m + np.float32(math.log(den))
+
+
+@nb.njit(cache=True, fastmath=_FLAGS)
+def _estimate_head(scores, sizes, value_sums, h, est, out, lse):
+    """Eq. 2's estimate for every query head of KV head ``h`` (one :func:`_estimate_row` each)."""
+    for r in range(out.shape[1]):
+        _estimate_row(scores, sizes, value_sums, h, r, est, out, lse)
 
 
 @nb.njit(parallel=True, cache=True, fastmath=_FLAGS)
@@ -431,8 +432,8 @@ def _estimate(scores, sizes, value_sums, est):
     dv = value_sums.shape[2]
     out = np.zeros((hkv, g, dv), dtype=np.float32)
     lse = np.full((hkv, g), -np.inf, dtype=np.float32)
-    for h in nb.prange(hkv):
-        _estimate_head(scores, sizes, value_sums, h, est[h], out, lse)
+    for item in nb.prange(hkv * g):                   # per query head: G x more items than KV heads
+        _estimate_row(scores, sizes, value_sums, item // g, item % g, est[item // g], out, lse)
     return out, lse
 
 
