@@ -5,8 +5,9 @@ little memory as possible, once:
 
 * centroid scoring: a matmul-like kernel over the contiguous ``(Hkv, C, d)`` centroid array, the
   G query heads of a group sharing each centroid load; empty clusters get ``-inf``;
-* ranking: softmax per query head summed over the group, then a partition (linear time) instead of a
-  full sort; only the selected clusters are sorted, to keep the rank order;
+* ranking: softmax per query head summed over the group, then partitions (linear time) instead of a
+  full sort; only the retrieved clusters are sorted, to keep their rank order (the estimation zone is a
+  set, kept in id order);
 * retrieval: the clusters are contiguous ranges of the cluster-sorted KV copy, so the exact
   attention reads ``[steady | retrieved]`` where it lies (:func:`attend_retrieved`: no execution-buffer
   copy, which at 128K tokens would read and write the retrieved KV once more), one kernel for every
@@ -157,11 +158,9 @@ def rank_clusters(q, centroids, sizes, scale):
 
 
 @nb.njit(cache=True)
-def _select_head(row, top, best, cand, keys):
-    """The ``top`` best ids of ``row`` into ``best``, in the stable sort's order (rank descending, ties
-    to the lower id); ``cand``, ``keys``: ``(top,)`` scratch. ``0 < top <= len(row)``, no NaN."""
-    neg = -row
-    cut = np.partition(neg, top - 1)[top - 1]         # linear time: the worst rank that is selected
+def _top_ids(neg, top, cand):
+    """The ``top`` smallest of ``neg`` into ``cand``, in id order, ties at the cut to the lower ids."""
+    cut = np.partition(neg, top - 1)[top - 1]         # linear time: the worst value that is selected
     ties = top
     for i in range(neg.shape[0]):
         ties -= neg[i] < cut                          # the cut's ties fill what the strictly better leave
@@ -170,25 +169,50 @@ def _select_head(row, top, best, cand, keys):
         if neg[i] < cut or (neg[i] == cut and ties > 0):
             ties -= neg[i] == cut
             cand[j] = i
-            keys[j] = neg[i]
             j += 1
-    order = np.argsort(keys, kind="mergesort")        # stable: ties inside the selection keep id order
+
+
+@nb.njit(cache=True)
+def _select_head(row, top, nr, best):
+    """The reference's zones of one KV head into ``best (top,)``: the ``nr`` best ids in the stable sort's
+    order (rank descending, ties to the lower id), then the other ``top - nr`` of the top in id order.
+    Two partitions and a sort of the ``nr`` retrieved only. ``0 < top <= len(row)``, no NaN."""
+    cand = np.empty(top, dtype=np.int64)
+    _top_ids(-row, top, cand)                         # the top clusters, in id order
+    keys = np.empty(top, dtype=row.dtype)
     for j in range(top):
-        best[j] = cand[order[j]]
+        keys[j] = -row[cand[j]]
+    inner = np.empty(nr, dtype=np.int64)
+    if nr > 0:
+        _top_ids(keys, nr, inner)                     # positions in cand of the nr best, in id order
+    retrieved = np.zeros(top, dtype=np.bool_)
+    rk = np.empty(nr, dtype=row.dtype)
+    for j in range(nr):
+        retrieved[inner[j]] = True
+        rk[j] = keys[inner[j]]
+    order = np.argsort(rk, kind="mergesort")          # stable: equal ranks keep id order
+    for j in range(nr):
+        best[j] = cand[inner[order[j]]]
+    j = nr
+    for x in range(top):                              # the estimation zone: the rest, in id order
+        if not retrieved[x]:
+            best[j] = cand[x]
+            j += 1
 
 
 @nb.njit(parallel=True, cache=True)
-def _select(rank, top):
+def _select(rank, top, nr):
     hkv = rank.shape[0]
     best = np.empty((hkv, top), dtype=np.int64)
     for h in nb.prange(hkv):
-        _select_head(rank[h], top, best[h], np.empty(top, dtype=np.int64), np.empty(top, dtype=rank.dtype))
+        _select_head(rank[h], top, nr, best[h])
     return best
 
 
 def select_zones(rank, n_retrieve, n_estimate):
     """Same contract as the reference: the top ``n_retrieve + n_estimate`` by a partition (linear time),
-    then only those sorted, in one kernel (a decode step's many small NumPy calls cost more than the work).
+    the retrieved among them by a second one, and only those sorted, in one kernel (a decode step's many
+    small NumPy calls cost more than the work; the estimation zone comes in id order, unsorted).
 
     A partition alone picks an arbitrary member of a tie at the cut, where the reference's stable sort
     takes the lowest cluster ids (ties are common: every empty cluster ranks 0, a repeated context has
@@ -202,7 +226,7 @@ def select_zones(rank, n_retrieve, n_estimate):
         return np.zeros((hkv, 0), np.int64), np.zeros((hkv, 0), np.int64)
     if np.isnan(rank).any():
         return _ref.select_zones(rank, n_retrieve, n_estimate)
-    best = _select(np.ascontiguousarray(rank), top)
+    best = _select(np.ascontiguousarray(rank), top, min(n_retrieve, top))
     return best[:, :n_retrieve], best[:, n_retrieve:top]
 
 
@@ -467,7 +491,7 @@ def _decode_step(qb, cent, sizes, value_sums, steady_k, steady_v, steady_ids, mk
         for i in range(c):
             nan[h] = nan[h] or rank[h, i] != rank[h, i]
         if top > 0 and not nan[h]:
-            _select_head(rank[h], top, best[h], np.empty(top, dtype=np.int64), np.empty(top, dtype=np.float32))
+            _select_head(rank[h], top, nr, best[h])
             for j in range(nr):
                 lengths[h] += offsets[h, best[h, j] + 1] - offsets[h, best[h, j]]
     if nan.any():

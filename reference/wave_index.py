@@ -158,9 +158,12 @@ def rank_clusters(q, centroids, sizes, scale):
 
 
 def select_zones(rank, n_retrieve, n_estimate):
-    """Sort clusters by rank (stable, best first): the first ``n_retrieve`` are retrieved, the next ``n_estimate`` estimated."""
+    """Sort clusters by rank (stable, best first): the first ``n_retrieve`` are retrieved (in rank order),
+    the next ``n_estimate`` estimated. The estimation zone is a set (Eq. 2 sums over it): it is returned
+    in cluster-id order, which reads the value sums front to back and spares a fast path its sort."""
     order = np.argsort(-rank, axis=1, kind="stable")                   # (Hkv, C)
-    return order[:, :n_retrieve].astype(np.int64), order[:, n_retrieve:n_retrieve + n_estimate].astype(np.int64)
+    est = np.sort(order[:, n_retrieve:n_retrieve + n_estimate], axis=1)
+    return order[:, :n_retrieve].astype(np.int64), est.astype(np.int64)
 
 
 def gather_execution_buffer(meta, steady_k, steady_v, steady_ids, retrieval, workspace=None):

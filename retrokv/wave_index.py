@@ -121,7 +121,7 @@ def _count(fraction, count, n_clusters):
 @dataclass(frozen=True, kw_only=True)
 class WaveStats(IndexStats):
     """What one :meth:`WaveIndex.attend` did: the common :class:`~retrokv.index.IndexStats` plus the zones
-    in detail. Per-head arrays are ``(Hkv,)``; zone members in rank order.
+    in detail. Per-head arrays are ``(Hkv,)``; retrieved clusters in rank order, estimated ones in id order.
 
     Common fields, for the wave index: ``tokens_attended`` counts steady + retrieved tokens per query
     head; ``keys_scored`` is 0 (no key is scored to choose: clusters are ranked by their centroids);

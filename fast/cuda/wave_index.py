@@ -124,11 +124,12 @@ def rank_clusters(q, centroids, sizes, scale):
 
 
 def select_zones(rank, n_retrieve, n_estimate):
-    """Same contract as the reference: stable sort by rank, best first; ``(retrieval (Hkv, r), estimation (Hkv, e))``."""
+    """Same contract as the reference: stable sort by rank, best first; ``(retrieval (Hkv, r), estimation (Hkv, e))``,
+    the estimation zone in cluster-id order."""
     m = xp(rank)
     order = argsort_stable(m, -rank, axis=1)                            # (Hkv, C)
     return (m.ascontiguousarray(order[:, :n_retrieve]).astype(np.int64),
-            m.ascontiguousarray(order[:, n_retrieve:n_retrieve + n_estimate]).astype(np.int64))
+            m.ascontiguousarray(m.sort(order[:, n_retrieve:n_retrieve + n_estimate], axis=1)).astype(np.int64))
 
 
 @cuda.jit
