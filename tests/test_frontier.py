@@ -310,3 +310,18 @@ def test_attached_points_decode_like_the_dense_model_and_copy_per_knob(smollm2):
     assert out["k=8"][1][0] < out["k=400"][1][0]
     np.testing.assert_allclose(out["k=8 again"][0], out["k=8"][0], atol=1e-6)   # fresh copy per knob
     assert not np.allclose(out["k=8"][0], dense, atol=2e-3)
+
+
+def test_task_frontier_configs_give_the_paper_window_only_to_graph_paper(rng):
+    """Every retrieval baseline of the task frontiers keeps the wave index's 4 + 64 static tokens; only the
+    ``graph_paper`` variant keeps RetrievalAttention's 128 + 512, and its knob copy sets top-k and the beam."""
+    from retrokv.graph_index import GraphConfig
+
+    name, cfg = F.hf_config("graph_paper")
+    assert name == "graph" and (cfg.n_sink, cfg.n_recent) == (GraphConfig().n_sink, GraphConfig().n_recent) == (128, 512)
+    for m in ("graph", "topk", "quest", "ivf"):
+        assert (F.hf_config(m)[1].n_sink, F.hf_config(m)[1].n_recent) == F.STATIC
+    k = rng.standard_normal((1, 900, 8)).astype(np.float32)
+    ix = methods.build("graph", k, k, k, config=GraphConfig(n_sink=4, n_recent=16), backend="fast")
+    at = F._at("graph_paper", ix, 300)
+    assert at.top_k == 300 and at.config.top_k == 300 and at.config.search_L >= 300 and ix.top_k != 300
