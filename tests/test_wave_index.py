@@ -427,3 +427,14 @@ def test_fused_small_step_equals_the_composed_kernels(case, kind):
                                     scale) is not None
     nan_rank = bool(np.isnan(fast_wi.rank_clusters(q, meta.centroids, meta.sizes, scale)[1]).any())
     assert fused_ran != nan_rank                               # the fused kernel ran, or declined on a NaN rank
+
+
+@given(st.lists(st.floats(width=32, allow_nan=False), min_size=1, max_size=80), st.data())
+def test_radix_select_gives_the_kth_smallest(values, data):
+    """The fast selection's radix select returns the k-th smallest float: negatives, +-0, subnormals,
+    infinities and ties included (the cut the zone selection fills ties around)."""
+    from retrokv.fast.wave_index import _kth_smallest
+
+    x = np.array(values, dtype=np.float32)
+    k = data.draw(st.integers(1, len(x)))
+    assert _kth_smallest(x, k) == np.sort(x)[k - 1]
