@@ -415,7 +415,7 @@ def full_agreement(kv, rk):
             for p in sorted(set(a) & set(b))]
 
 
-def side_by_side(kv, rk):
+def side_by_side(kv, rk, max_factor=1.25):
     """For each retrokv needle point (not full), each press at its nearest density, both on the intersection of
     the prompts each measured. Returns rows: retrokv method, knob, density, accuracy, nll, n; per press the
     (ratio, density, accuracy, nll, n) on the same prompts."""
@@ -436,6 +436,8 @@ def side_by_side(kv, rk):
             if not cands:
                 continue
             (_, ratio), vs = min(cands, key=lambda kv_: abs(np.mean([x["density"] for x in kv_[1]]) - bd))
+            if abs(np.log(np.mean([v["density"] for v in vs]) / bd)) > np.log(max_factor):
+                continue                      # no press point near this density
             common = sorted({r["prompt"] for r in rs} & {v["prompt"] for v in vs})
             if not common:
                 continue
@@ -446,7 +448,8 @@ def side_by_side(kv, rk):
                                "answer_nll": float(np.mean([v["answer_nll"] for v in b])), "n": len(common),
                                "retrokv_accuracy": float(np.mean([r["correct"] for r in a])),
                                "retrokv_nll": float(np.mean([r["answer_nll"] for r in a]))}
-        out.append(row)
+        if row["cells"]:
+            out.append(row)
     order = ("wave", "wave_noest", "graph", "ivf", "quest", "streaming", "topk")
     return sorted(out, key=lambda r: (order.index(r["method"]) if r["method"] in order else 99, r["byte_density"]))
 
@@ -523,6 +526,15 @@ def report_md(db, rk_db, machine=None):
                              for r in rows],
                             ["press", "ratio", "prompts", "density", "kept context", "accuracy",
                              "full acc (same prompts)", "delta (points)", "answer nll"]), ""]
+    tasks = sorted({r["task"] for r in kv})
+    per = []
+    for r in rows:
+        row = {"press": r["press"], "ratio": f"{r['ratio']:g}"}
+        for t in tasks:
+            xs = [x["correct"] for x in kv if x["press"] == r["press"] and x["ratio"] == r["ratio"] and x["task"] == t]
+            row[t] = f"{sum(xs)}/{len(xs)}" if xs else ""
+        per.append(row)
+    lines += ["Correct prompts per task:", "", markdown_table(per, ["press", "ratio"] + tasks), ""]
     agree = full_agreement(kv, rk)
     n_same = sum(a["same"] for a in agree)
     lines += ["## Sanity check: full attention in the kvpress venv vs retrokv's full rows", "",
@@ -546,6 +558,9 @@ def report_md(db, rk_db, machine=None):
                   "cases: " + ", ".join(f"{c['press']}@{c['ratio']:g}/{c['n_tokens']}"
                                          + ("" if c["identical"] else " DIFFER") for c in checks) + ".", ""]
     sbs = side_by_side(kv, rk)
+    common = common_prompts(kv, rk)
+    rk_full = {r["prompt"]: r["correct"] for r in rk if r["method"] == "full"}
+    kv_full = {r["prompt"]: r["correct"] for r in kv if r["press"] == "full"}
     if sbs:
         tab = []
         for r in sbs:
@@ -561,66 +576,84 @@ def report_md(db, rk_db, machine=None):
         lines += ["## Side by side with retrokv (same prompts, nearest density)", "",
                   "Each retrokv needle point of `benchmarks/results/frontier_needle.json` (byte density as there) "
                   "against each press at the ratio whose density is nearest, both on the intersection of the prompt "
-                  "indices each measured (`prompts`: how many). Cells: accuracy (mean answer nll) @ density.", "",
+                  "indices each measured (`prompts`: how many), for retrokv points with a press point within a "
+                  "factor 1.25 in density. Cells: accuracy (mean answer nll) @ density. Full attention on the "
+                  f"{len(common)} prompts both measured: retrokv {sum(rk_full[p] for p in common)}/{len(common)}, "
+                  f"kvpress venv {sum(kv_full[p] for p in common)}/{len(common)} correct.", "",
                   markdown_table(tab, ["retrokv point", "byte density", "prompts", "retrokv acc (nll)"]
                                  + [p for p in PRESSES if any(p in r["cells"] for r in sbs)]), ""]
     return "\n".join(lines), rows
 
 
-def plot(rows, rk_rows, path):
+def common_prompts(kv, rk):
+    """Prompt indices measured with full attention by both kvpress (its venv) and retrokv."""
+    return sorted({r["prompt"] for r in kv if r["press"] == "full"} & {r["prompt"] for r in rk if r["method"] == "full"})
+
+
+def plot(kv, rk, path):
+    """Accuracy and answer nll against density (log x) of every press and retrokv method, all on the prompts
+    both measured with full attention (``common_prompts``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
-    from retrokv.harness.frontier import COLORS, LABELS
+    from retrokv.harness.frontier import COLORS, LABELS, needle_rows
 
+    common = set(common_prompts(kv, rk))
+    rows = press_rows([r for r in kv if r["prompt"] in common])
+    rk_rows = needle_rows([r for r in rk if r["prompt"] in common])
     kv_colors = {"streaming_llm": "tab:brown", "snapkv": "tab:olive", "expected_attention": "tab:pink",
                  "knorm": "tab:purple"}
-    fig, axes = plt.subplots(1, 2, figsize=(11.5, 4.4))
-    for ax, key, rkey in zip(axes, ("accuracy", "answer_nll"), ("accuracy", "answer_nll")):
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    for ax, key in zip(axes, ("accuracy", "answer_nll")):
         for p in PRESSES:
             sel = sorted((r for r in rows if r["press"] == p), key=lambda r: r["density"])
             if sel:
                 ax.plot([r["density"] for r in sel], [r[key] for r in sel], "s--", ms=4, color=kv_colors[p],
-                        label=f"kvpress {p} [{min(r['prompts'] for r in sel)}+ prompts]")
-        full = [r for r in rows if r["press"] == "full"]
-        if full:
-            ax.axhline(full[0][key], color="tab:red", ls=":", lw=1, label=f"full attention [{full[0]['prompts']} prompts]")
+                        label=f"kvpress {PRESSES[p]} [{min(r['prompts'] for r in sel)}+ prompts]")
         for m in ("wave", "graph", "streaming", "topk", "quest", "ivf"):
             sel = sorted((r for r in rk_rows if r["method"] == m), key=lambda r: r["byte_density"])
             if sel:
-                ax.plot([r["byte_density"] for r in sel], [r[rkey] for r in sel], "o-", ms=4, color=COLORS[m],
+                ax.plot([r["byte_density"] for r in sel], [r[key] for r in sel], "o-", ms=4, color=COLORS[m],
                         label=f"retrokv {LABELS[m]} [{min(r['prompts'] for r in sel)}+ prompts]")
+        for full, lab, mk in ([r for r in rk_rows if r["method"] == "full"], "retrokv full attention", "*"), \
+                ([r for r in rows if r["press"] == "full"], "full attention, kvpress venv", "x"):
+            if full:
+                ax.plot([1.0], [full[0][key]], mk, ms=10 if mk == "*" else 8, color="tab:red",
+                        label=f"{lab} [{full[0]['prompts']} prompts]")
         ax.set_xscale("log")
+        ax.set_xlim(0.04, 1.3)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda x, _: f"{x:g}" if x in (0.05, 0.1, 0.2, 0.3, 0.5) else ""))
+        ax.axvline(0.10, color="gray", lw=0.8, ls="--")
         ax.set_xlabel("byte density (bytes read per decode step / whole KV)")
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("needle accuracy (teacher-forced, 7 digits)")
     axes[1].set_ylabel("mean NLL of the answer digits")
+    axes[0].set_ylim(-0.03, 1.03)
     axes[1].set_yscale("log")
+    axes[1].yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+    axes[1].yaxis.set_minor_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
     axes[0].legend(fontsize=6.5, loc="upper left")
-    fig.suptitle("kvpress eviction (decided before the question) vs retrokv retrieval (every step), "
-                 "SmolLM2-135M, 8192 tokens")
+    fig.suptitle(f"kvpress eviction (decided before the question) vs retrokv retrieval (every decode step): "
+                 f"SmolLM2-135M, 8192 tokens, the {len(common)} prompts both measured", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def report(args):
-    from machine import describe  # noqa: F401  (the machine line is the measuring run's, stored in the json)
-
-    from retrokv.harness.frontier import needle_rows
-
     db = load_json(args.out)
     with open(args.retrokv) as f:
         rk_db = json.load(f)
-    md, rows = report_md(db, rk_db)
+    md, _ = report_md(db, rk_db)
     out_md = os.path.splitext(args.out or JSON)[0] + ".md"
     with open(out_md, "w") as f:
         f.write(md)
-    rk_rows = needle_rows(list(rk_db["needle"].values()))
     img = args.img or os.path.join(ROOT, "docs", "img", "frontier_kvpress.png")
-    plot(rows, rk_rows, img)
+    plot(list(db["needle"].values()), list(rk_db["needle"].values()), img)
     print(md)
     print(f"wrote {out_md} and {img}")
 

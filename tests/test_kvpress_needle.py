@@ -91,10 +91,12 @@ def test_report_tables_on_a_fake_json(tmp_path):
     knorm, snap = wave["cells"]["knorm"], wave["cells"]["snapkv"]
     assert knorm["ratio"] == 0.9 and knorm["n"] == 2 and knorm["accuracy"] == 0.5    # nearest density, prompts 0-1
     assert knorm["retrokv_accuracy"] == 0.5 and snap["n"] == 1 and snap["retrokv_accuracy"] == 1.0
+    assert K.side_by_side(list(db["needle"].values()), list(rk["needle"].values()), max_factor=1.1) == []
     md, _ = K.report_md(db, rk, machine="test machine")
     assert "1 of 2 prompts agree" in md and "MISMATCH" in md and "| knorm | 0.9 | 2 |" in md
     path = tmp_path / "p.png"
-    K.plot(K.press_rows(list(db["needle"].values())), [], str(path))
+    assert K.common_prompts(list(db["needle"].values()), list(rk["needle"].values())) == [0, 1]
+    K.plot(list(db["needle"].values()), list(rk["needle"].values()), str(path))
     assert path.stat().st_size > 0
 
 
