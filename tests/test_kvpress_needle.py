@@ -75,28 +75,34 @@ def _fake():
     for p in (0, 1, 2):
         rk[f"w{p}"] = dict(prompt=p, task="t", method="wave", knob="r=0.04", value=0.04, correct=p != 1,
                            answer_nll=0.3, byte_density=0.09, token_density=0.05)
+    # a sanity point at another length: reported apart, never mixed into the 8192-token rows
+    for press in ("full", "knorm"):
+        kv[f"short_{press}"] = dict(n_tokens=1024, prompt=0, task="t", press=press, ratio=0.0 if press == "full" else 0.9,
+                                    correct=True, answer_nll=0.1, density=0.5, kept_context=50, n_context=100)
     return {"needle": kv, "runs": [], "checks": []}, {"needle": rk}
 
 
 def test_report_tables_on_a_fake_json(tmp_path):
     db, rk = _fake()
-    rows = {(r["press"], r["ratio"]): r for r in K.press_rows(list(db["needle"].values()))}
+    long = [r for r in db["needle"].values() if r.get("n_tokens", K.N) == K.N]
+    rows = {(r["press"], r["ratio"]): r for r in K.press_rows(long)}
     assert rows[("knorm", 0.9)]["accuracy"] == 0.5 and rows[("knorm", 0.9)]["full_accuracy"] == 1.0
     assert rows[("knorm", 0.9)]["delta_points"] == pytest.approx(-50)
     assert rows[("snapkv", 0.9)]["prompts"] == 1 and rows[("snapkv", 0.9)]["full_accuracy"] == 1.0
-    agree = K.full_agreement(list(db["needle"].values()), list(rk["needle"].values()))
+    agree = K.full_agreement(long, list(rk["needle"].values()))
     assert [a["same"] for a in agree] == [True, False]
-    sbs = K.side_by_side(list(db["needle"].values()), list(rk["needle"].values()))
+    sbs = K.side_by_side(long, list(rk["needle"].values()))
     (wave,) = sbs
     knorm, snap = wave["cells"]["knorm"], wave["cells"]["snapkv"]
     assert knorm["ratio"] == 0.9 and knorm["n"] == 2 and knorm["accuracy"] == 0.5    # nearest density, prompts 0-1
     assert knorm["retrokv_accuracy"] == 0.5 and snap["n"] == 1 and snap["retrokv_accuracy"] == 1.0
-    assert K.side_by_side(list(db["needle"].values()), list(rk["needle"].values()), max_factor=1.1) == []
+    assert K.side_by_side(long, list(rk["needle"].values()), max_factor=1.1) == []
     md, _ = K.report_md(db, rk, machine="test machine")
     assert "1 of 2 prompts agree" in md and "MISMATCH" in md and "| knorm | 0.9 | 2 |" in md
+    assert "## Sanity: lower compression ratios at 1024 tokens" in md and "| knorm | 0.9 | 1 | 0.500 |" in md
     path = tmp_path / "p.png"
-    assert K.common_prompts(list(db["needle"].values()), list(rk["needle"].values())) == [0, 1]
-    K.plot(list(db["needle"].values()), list(rk["needle"].values()), str(path))
+    assert K.common_prompts(long, list(rk["needle"].values())) == [0, 1]
+    K.plot(long, list(rk["needle"].values()), str(path))
     assert path.stat().st_size > 0
 
 
