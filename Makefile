@@ -52,9 +52,16 @@ $(KVPRESS_VENV)/.installed: benchmarks/requirements-kvpress.txt pyproject.toml
 	$(KVPRESS_VENV)/bin/pip install -q --no-deps -e .
 	touch $@
 
+# The prompts are built in the main .venv (the `licenses` haystack depends on the installed distributions).
+KVPRESS_RUN := OMP_NUM_THREADS=1 TQDM_DISABLE=1 nice -n 5 $(KVPRESS_VENV)/bin/python benchmarks/kvpress_needle.py
+
 bench-kvpress: $(KVPRESS_VENV)/.installed $(STAMP)
-	OMP_NUM_THREADS=1 TQDM_DISABLE=1 nice -n 5 $(KVPRESS_VENV)/bin/python benchmarks/kvpress_needle.py check --n 1024
-	OMP_NUM_THREADS=1 TQDM_DISABLE=1 nice -n 5 $(KVPRESS_VENV)/bin/python benchmarks/kvpress_needle.py run --prompts $(KVPRESS_PROMPTS)
+	$(BIN)/python benchmarks/kvpress_needle.py prompts --prompts $(KVPRESS_PROMPTS)
+	$(BIN)/python benchmarks/kvpress_needle.py prompts --n 1024 --prompts 8
+	$(KVPRESS_RUN) check --n 1024
+	$(KVPRESS_RUN) run --n 1024 --prompts 8 --ratios 0.1,0.25,0.5,0.75
+	$(KVPRESS_RUN) run --prompts $(KVPRESS_PROMPTS)
+	$(KVPRESS_RUN) run --prompts 5 --ratios 0.5,0.25
 	$(BIN)/python benchmarks/kvpress_needle.py report
 
 clean:
