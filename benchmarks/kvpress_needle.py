@@ -645,11 +645,13 @@ def plot(kv, rk, path):
             if sel:
                 ax.plot([r["density"] for r in sel], [r[key] for r in sel], "s--", ms=4, color=kv_colors[p],
                         label=f"kvpress {PRESSES[p]} [{min(r['prompts'] for r in sel)}+ prompts]")
-        for m in ("wave", "graph", "streaming", "topk", "quest", "ivf"):
+        known = ("wave", "wave_noest", "graph", "streaming", "topk", "quest", "ivf")
+        methods = [m for m in known if any(r["method"] == m for r in rk_rows)]
+        methods += sorted({r["method"] for r in rk_rows} - set(known) - {"full"})   # any method added later
+        for m in methods:
             sel = sorted((r for r in rk_rows if r["method"] == m), key=lambda r: r["byte_density"])
-            if sel:
-                ax.plot([r["byte_density"] for r in sel], [r[key] for r in sel], "o-", ms=4, color=COLORS[m],
-                        label=f"retrokv {LABELS[m]} [{min(r['prompts'] for r in sel)}+ prompts]")
+            ax.plot([r["byte_density"] for r in sel], [r[key] for r in sel], "o-", ms=4, color=COLORS.get(m),
+                    label=f"retrokv {LABELS.get(m, m)} [{min(r['prompts'] for r in sel)}+ prompts]")
         for full, lab, mk in ([r for r in rk_rows if r["method"] == "full"], "retrokv full attention", "*"), \
                 ([r for r in rows if r["press"] == "full"], "full attention, kvpress venv", "x"):
             if full:
