@@ -205,7 +205,7 @@ def _top_ids(neg, top, cand):
 def _select_head(row, top, nr, best):
     """The reference's zones of one KV head into ``best (top,)``: the ``nr`` best ids in the stable sort's
     order (rank descending, ties to the lower id), then the other ``top - nr`` of the top in id order.
-    Two partitions and a sort of the ``nr`` retrieved only. ``0 < top <= len(row)``, no NaN."""
+    Two linear-time selections and a sort of the ``nr`` retrieved only. ``0 < top <= len(row)``, float32, no NaN."""
     cand = np.empty(top, dtype=np.int64)
     _top_ids(-row, top, cand)                         # the top clusters, in id order
     keys = np.empty(top, dtype=row.dtype)
@@ -246,14 +246,14 @@ def select_zones(rank, n_retrieve, n_estimate):
     A partition alone picks an arbitrary member of a tie at the cut, where the reference's stable sort
     takes the lowest cluster ids (ties are common: every empty cluster ranks 0, a repeated context has
     equal centroids); the kernel fills the cut's ties in id order instead. Ranks with a NaN take the
-    reference's stable sort."""
+    reference's stable sort, and so do ranks that are not float32."""
     if any_cupy(rank):
         return cuda("wave_index").select_zones(rank, n_retrieve, n_estimate)
     hkv, c = rank.shape
     top = min(c, n_retrieve + n_estimate)
     if top == 0:
         return np.zeros((hkv, 0), np.int64), np.zeros((hkv, 0), np.int64)
-    if np.isnan(rank).any():
+    if rank.dtype != np.float32 or np.isnan(rank).any():    # the radix select reads float32 bits
         return _ref.select_zones(rank, n_retrieve, n_estimate)
     best = _select(np.ascontiguousarray(rank), top, min(n_retrieve, top))
     return best[:, :n_retrieve], best[:, n_retrieve:top]

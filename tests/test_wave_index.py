@@ -438,3 +438,13 @@ def test_radix_select_gives_the_kth_smallest(values, data):
     x = np.array(values, dtype=np.float32)
     k = data.draw(st.integers(1, len(x)))
     assert _kth_smallest(x, k) == np.sort(x)[k - 1]
+
+
+def test_fast_zone_selection_of_float64_ranks_is_the_reference(rng):
+    """The radix select reads float32 bits: other dtypes take the reference's sort, with the same zones."""
+    from retrokv.fast import wave_index as fast_wi
+
+    rank = rng.random((2, 50))
+    rank[:, ::7] = 0.25                                        # ties as well
+    for a, b in zip(fast_wi.select_zones(rank, 3, 10), ref_wi.select_zones(rank, 3, 10)):
+        assert np.array_equal(a, b)
