@@ -559,8 +559,8 @@ def tripartite_attention(q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_
 
     A step below :data:`FUSED_MAX_WORK` (e.g. a 32K-token decode step) without a custom ``gather`` runs
     the driver's four steps as ONE kernel (:func:`_decode_step`, built from the same per-head kernels):
-    such a step computes for about half a millisecond, and the dozen NumPy calls and kernel launches
-    between the steps cost a fifth of that."""
+    such a step computes for well under a millisecond, so the dozen NumPy calls and kernel launches
+    between the steps are worth saving."""
     if ops is None and any_cupy(q, steady_k, steady_v):
         ops = cuda("wave_index")
     elif ops is None:
