@@ -433,7 +433,7 @@ def test_fused_small_step_equals_the_composed_kernels(case, kind):
 def test_radix_select_gives_the_kth_smallest(values, data):
     """The fast selection's radix select returns the k-th smallest float: negatives, +-0, subnormals,
     infinities and ties included (the cut the zone selection fills ties around)."""
-    from retrokv.fast.wave_index import _kth_smallest
+    from retrokv.fast._zone_select import _kth_smallest
 
     x = np.array(values, dtype=np.float32)
     k = data.draw(st.integers(1, len(x)))
