@@ -2,7 +2,7 @@
 tokens of context, in one run, with each step split into the time inside retrokv and the rest of the
 model, and the index build set against the dense prefill. Writes ``benchmarks/results/decode_speed.md``.
 
-    python benchmarks/decode_speed.py [--steps 16] [--out benchmarks/results/decode_speed.md]
+    python benchmarks/decode_speed.py [--steps 32] [--out benchmarks/results/decode_speed.md]
 
 Methods: ``plain`` = the untouched model (transformers SDPA + DynamicCache), ``full`` = retrokv's fast
 full attention through the same hook as the sparse methods (no KV copy in the cache), ``wave`` =
@@ -14,6 +14,7 @@ length): the tokens are not meaningful, the shapes, memory traffic and cluster c
 **Split of a step** (issue 15 item 4): ``retrokv_ms`` is :attr:`retrokv.hf.Attached.decode_seconds` per
 step: every layer's hand-over of the new q/k/v, ``append`` and ``attend`` (statistics included);
 ``model_ms`` is the rest of the step (projections, MLPs, norms, RoPE, LM head, transformers' glue).
+Each is the median over the timed steps of that step's own value (``--steps``, default 32).
 
 **Build against prefill** (item 5): at 8K the dense prefill is the real one of this run. A 32K
 prefill is not run (see above); its stand-in is a lower bound: one layer's causal attention over the
@@ -44,20 +45,25 @@ def tile(saved, reps):
 
 
 def time_decode(model, method, saved, n, first, steps, warmup=2):
+    """Per-step medians over ``steps`` timed greedy steps: a step preempted by another process on a shared
+    2-core machine moves a mean by milliseconds, a median not (each step's split is its own)."""
     with E._Method(model, method, None, "fast", saved, n) as run:
-        tok = first
+        tok, wall, inside = first, [], []
         for i in range(warmup + steps):
-            if i == warmup:
-                if run.handle is not None:
-                    run.handle.reset_stats()        # statistics and timer of the timed steps only
-                t0 = time.perf_counter()
+            if i == warmup and run.handle is not None:
+                run.handle.reset_stats()            # statistics of the timed steps only
+            before = run.handle.decode_seconds if run.handle is not None else 0.0
+            t0 = time.perf_counter()
             tok = int(E._forward(model, [tok], run.cache).argmax())
-        secs = time.perf_counter() - t0
-        inside = run.handle.decode_seconds if run.handle is not None else float("nan")
+            if i >= warmup:
+                wall.append(time.perf_counter() - t0)
+                inside.append(run.handle.decode_seconds - before if run.handle is not None else float("nan"))
         dens = run.handle.mean_density() if run.handle is not None else 1.0
-    return {"decode_tok_s": steps / secs, "ms_per_token": 1000 * secs / steps, "retrokv_ms": 1000 * inside / steps,
-            "model_ms": 1000 * (secs - (0.0 if inside != inside else inside)) / steps,
-            "retrokv_share_%": 100 * inside / secs, "density": dens, "build_s": run.build_s}
+    wall, inside = np.array(wall), np.array(inside)
+    step = float(np.median(wall))
+    return {"decode_tok_s": 1.0 / step, "ms_per_token": 1000 * step, "retrokv_ms": 1000 * float(np.median(inside)),
+            "model_ms": 1000 * float(np.median(wall - np.nan_to_num(inside))),
+            "retrokv_share_%": 100 * float(np.median(inside / wall)), "density": dens, "build_s": run.build_s}
 
 
 def attention_prefill_s(saved, reps, layer=15):
@@ -79,7 +85,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--context", type=int, default=8192, help="real prefill length")
     ap.add_argument("--reps", default="1,4", help="contexts as multiples of the prefill")
-    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--methods", default="plain,full,wave")
     ap.add_argument("--out", default="benchmarks/results/decode_speed.md")
     args = ap.parse_args()
@@ -118,7 +124,8 @@ def main():
                 f"{' '.join(sys.argv[1:])}`  \nMachine: {describe()}  \nLoad average {load0} at start, {load1} "
                 f"at the end (1/5/15 min).  \n{args.context}-token natural-text prefill "
                 f"({prefill_s:.0f} s, dense); {args.steps} timed greedy steps after 2 warm-up steps, one batch "
-                f"of 1; tokens/s include the whole model (30 layers, LM head). Contexts beyond "
+                f"of 1; every column is a median over the timed steps (the share: the median of each step's own "
+                f"share); tokens/s include the whole model (30 layers, LM head). Contexts beyond "
                 f"{args.context} repeat the prefill's KV (see the script's docstring).\n\n"
                 f"`retrokv_ms`: time inside retrokv per step (every layer's q/k/v hand-over, `append`, `attend`, "
                 f"statistics: `Attached.decode_seconds`); `model_ms`: the rest of the step. `build_vs_prefill`: "

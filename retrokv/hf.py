@@ -215,7 +215,7 @@ class Attached:
             index.append(kn[s], vn[s])
             outs.append(index.attend(qn[s]))
             self.stats[layer].append(index.last_stats.scalars())     # host values on either device
-        stacked = xp(*outs).stack(outs)
+        stacked = outs[0][None] if len(outs) == 1 else xp(*outs).stack(outs)      # batch of one: a view
         # back to torch without a copy: DLPack on the GPU (the step never leaves it), .from_numpy on the CPU
         out = torch.from_dlpack(stacked) if is_cupy(stacked) else torch.from_numpy(stacked)
         out = out.to(device=query.device, dtype=query.dtype)[:, None]            # (B, 1, Hq, d)

@@ -257,30 +257,30 @@ class WaveIndex:
         return (out, lse) if return_lse else out
 
     def _stats(self, zones, hq):
-        meta, (hkv, d, dv) = self._meta, self.shape
-        if getattr(self, "_sizes_of", None) is not meta:   # the host sizes and their sums change only with the index
+        meta, hkv = self._meta, self._sk.shape[0]
+        d, dv = self._sk.shape[2], self._sv.shape[2]
+        if self._sizes_of is not meta:        # the host sizes and their sums change only with the index
             self._sizes_of, self._sizes = meta, to_host(meta.sizes)
             self._indexed = self._sizes.sum(axis=1)
-        sizes, indexed = self._sizes, self._indexed
-        steady = len(self._sids)
-        heads = np.arange(hkv)[:, None]
-        # the exact zone is the steady tokens plus the retrieved clusters' tokens, per head
-        r_tok = np.fromiter((len(x) for x in zones.exact_ids), np.int64, hkv) - steady
-        e_tok = sizes[heads, zones.estimation].sum(axis=1)
-        exact = steady + r_tok
-        e = zones.estimation.shape[1]
-        bytes_read = int(4 * (exact.sum() * (d + dv) + hkv * self.n_clusters * d + hkv * e * dv)
-                         + 8 * hkv * self.n_clusters)
-        g = hq // hkv
-        attended = int(g * exact.sum())
+            self._flat_at = np.arange(hkv)[:, None] * self._sizes.shape[1]   # head h's sizes in sizes.ravel()
+        steady, c, e = len(self._sids), meta.centroids.shape[1], zones.estimation.shape[1]
+        # the exact zone is the steady tokens plus the retrieved clusters' tokens, per head; a decode
+        # step is a few microseconds of these small sums (Python ints where a NumPy call costs more)
+        r_tok = np.array([len(x) - steady for x in zones.exact_ids], dtype=np.int64)
+        e_tok = self._sizes.ravel().take(zones.estimation + self._flat_at).sum(axis=1)
+        dropped = self._indexed - r_tok - e_tok
+        r_sum, e_sum, g = int(r_tok.sum()), int(e_tok.sum()), hq // hkv
+        exact_sum = hkv * steady + r_sum
+        attended = g * exact_sum
         return WaveStats(
-            n_tokens=self._n, tokens_attended=attended, keys_scored=0, meta_scored=hq * self.n_clusters,
-            bytes_read=bytes_read, density=attended / max(hq * self._n, 1),
-            zones={"steady": hq * steady, "retrieval": int(g * r_tok.sum()), "estimation": int(g * e_tok.sum()),
-                   "dropped": int(g * (indexed - r_tok - e_tok).sum())},
+            n_tokens=self._n, tokens_attended=attended, keys_scored=0, meta_scored=hq * c,
+            bytes_read=4 * (exact_sum * (d + dv) + hkv * c * d + hkv * e * dv) + 8 * hkv * c,
+            density=attended / max(hq * self._n, 1),
+            zones={"steady": hq * steady, "retrieval": g * r_sum, "estimation": g * e_sum,
+                   "dropped": int(g * dropped.sum())},
             steady_tokens=steady, retrieval_clusters=zones.retrieval, estimation_clusters=zones.estimation,
-            dropped_clusters=self.n_clusters - zones.retrieval.shape[1] - e,
-            retrieval_tokens=r_tok, estimation_tokens=e_tok, dropped_tokens=indexed - r_tok - e_tok,
+            dropped_clusters=c - zones.retrieval.shape[1] - e,
+            retrieval_tokens=r_tok, estimation_tokens=e_tok, dropped_tokens=dropped,
             exact_ids=zones.exact_ids)
 
     # ------------------------------------------------------------------ update
