@@ -22,9 +22,10 @@ stalls a step at a barrier; below :data:`FUSED_MAX_WORK` the driver's steps run 
 (:func:`_decode_step`) built from the per-head kernels the composed path runs in parallel loops, so
 the two paths give the same bits.
 
-Building the index (clustering, layout) is in :mod:`retrokv.fast.clustering`; the small
-bookkeeping helpers (``empty_meta``, ``concat_meta``, ``estimation_as_pseudo_tokens``, ``Workspace``)
-are not hot and are imported from the reference, and so is the driver: ``tripartite_attention`` is
+Building the index (clustering, layout) is in :mod:`retrokv.fast.clustering`; the built metadata goes
+on transparent huge pages (:func:`_on_huge_pages`: a decode step reads it cold). The small bookkeeping
+helpers (``empty_meta``, ``estimation_as_pseudo_tokens``, ``Workspace``) are not hot and are imported
+from the reference, and so is the driver: ``tripartite_attention`` is
 the reference's, run with this module's kernels.
 """
 from __future__ import annotations
@@ -36,7 +37,7 @@ import numba as nb
 import numpy as np
 
 from retrokv.reference import wave_index as _ref
-from retrokv.reference.wave_index import (ExecBuffer, MetaIndex, Workspace, Zones, concat_meta,  # not hot
+from retrokv.reference.wave_index import (ExecBuffer, MetaIndex, Workspace, Zones,  # not hot
                                           empty_meta, estimation_as_pseudo_tokens)
 
 from . import _dispatch
@@ -54,6 +55,41 @@ _CHUNK = 256                                      # centroids per work item
 # a step with less work (query heads x d x (clusters + steady tokens)) runs as one kernel, _decode_step;
 # a larger one as the composed kernels, whose parallel loops split the clusters, not only the KV heads
 FUSED_MAX_WORK = 1 << 22
+_HUGE_PAGE = 2 << 20                              # bytes of a transparent huge page (x86-64 Linux)
+
+
+def _on_huge_pages(meta):
+    """``meta`` with its per-cluster arrays and sorted token ids moved into one 2 MiB-aligned block, when
+    they fill at least a huge page (else unchanged). Same values, C-contiguous views.
+
+    A decode step reads these arrays cold: between two steps of a layer the model's weights have evicted
+    them, and the step touches hundreds of 4 KiB pages of them (every centroid, the estimated clusters'
+    value sums scattered across all of them), one TLB miss each. NumPy asks Linux for transparent huge
+    pages only for allocations of 4 MiB and more, which the cluster-sorted keys and values are and these
+    arrays, a few MB together at 32K tokens, are not; one block of at least 4 MiB is. Measured by
+    ``python benchmarks/wave_step_cold.py``."""
+    parts = (meta.centroids, meta.value_sums, meta.sizes, meta.offsets, meta.ids)
+    if not all(isinstance(a, np.ndarray) for a in parts):
+        return meta
+    padded = [-(-a.nbytes // 64) * 64 for a in parts]         # each array starts on a cache line
+    if sum(padded) < _HUGE_PAGE:
+        return meta
+    block = np.empty(sum(padded) + _HUGE_PAGE, dtype=np.uint8)   # >= 4 MiB: NumPy madvises huge pages
+    at = -block.ctypes.data % _HUGE_PAGE
+    moved = []
+    for a, n in zip(parts, padded):
+        view = block[at:at + a.nbytes].view(a.dtype).reshape(a.shape)
+        view[...] = a
+        moved.append(view)
+        at += n
+    cent, vs, sizes, offs, ids = moved
+    return MetaIndex(cent, vs, sizes, offs, meta.keys, meta.values, ids)
+
+
+def concat_meta(a, b):
+    """The reference's :func:`~retrokv.reference.wave_index.concat_meta` (an index update), its small
+    arrays then put on huge pages as :func:`build_meta_index` puts them."""
+    return _on_huge_pages(_ref.concat_meta(a, b))
 
 
 @nb.njit(parallel=True, cache=True)
@@ -81,7 +117,7 @@ def build_meta_index(keys, values, positions, n_clusters, n_segments, iters=10):
         c = segmented_kmeans(kh, vh, n_clusters, n_segments, iters)
         cent.append(c.centroids), vs.append(c.value_sums), sizes.append(c.sizes), offs.append(c.offsets)
         sk.append(_take_rows(kh, c.order)), sv.append(_take_rows(vh, c.order)), ids.append(positions[c.order])
-    return MetaIndex(*(np.stack(x) for x in (cent, vs, sizes, offs, sk, sv, ids)))
+    return _on_huge_pages(MetaIndex(*(np.stack(x) for x in (cent, vs, sizes, offs, sk, sv, ids))))
 
 
 @nb.njit(cache=True, fastmath=_FLAGS)

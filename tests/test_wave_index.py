@@ -448,3 +448,32 @@ def test_fast_zone_selection_of_float64_ranks_is_the_reference(rng):
     rank[:, ::7] = 0.25                                        # ties as well
     for a, b in zip(fast_wi.select_zones(rank, 3, 10), ref_wi.select_zones(rank, 3, 10)):
         assert np.array_equal(a, b)
+
+
+def test_metadata_moves_to_one_huge_page_block_with_the_same_values():
+    """fast ``_on_huge_pages``: above a huge page of small arrays they become C-contiguous views of one
+    2 MiB-aligned block with the same values (the sorted KV stays where it is); below, nothing moves;
+    an index update (``concat_meta``) packs again."""
+    from retrokv.fast import wave_index as fast_wi
+
+    rng = np.random.default_rng(0)
+    hkv, c, d, m = 2, 2500, 64, 40000
+    meta = ref_wi.MetaIndex(rng.standard_normal((hkv, c, d)).astype(np.float32),
+                            rng.standard_normal((hkv, c, d)).astype(np.float32),
+                            rng.integers(0, 30, (hkv, c)), np.sort(rng.integers(0, m, (hkv, c + 1)), axis=1),
+                            np.zeros((hkv, m, d), np.float32), np.zeros((hkv, m, d), np.float32),
+                            rng.integers(0, m, (hkv, m)))
+    packed = fast_wi._on_huge_pages(meta)
+    small = ("centroids", "value_sums", "sizes", "offsets", "ids")
+    for f in small:
+        a, b = getattr(meta, f), getattr(packed, f)
+        assert b is not a and b.dtype == a.dtype and b.flags.c_contiguous and np.array_equal(a, b)
+    assert packed.keys is meta.keys and packed.values is meta.values
+    base = packed.centroids.base
+    assert all(np.shares_memory(getattr(packed, f), base) for f in small)
+    assert packed.centroids.ctypes.data % fast_wi._HUGE_PAGE == 0 and base.nbytes >= 4 << 20
+    tiny = meta._replace(centroids=meta.centroids[:, :10], value_sums=meta.value_sums[:, :10], sizes=meta.sizes[:, :10],
+                         offsets=meta.offsets[:, :11], ids=meta.ids[:, :100])
+    assert fast_wi._on_huge_pages(tiny) is tiny
+    grown = fast_wi.concat_meta(packed, packed)
+    assert grown.centroids.shape == (hkv, 2 * c, d) and grown.centroids.ctypes.data % fast_wi._HUGE_PAGE == 0
