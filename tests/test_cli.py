@@ -40,3 +40,19 @@ def test_argparse_errors_are_short(capsys):
         cli.main(["eval", "--methods", "flash"])
     assert e.value.code == 2
     assert "unknown methods ['flash']" in capsys.readouterr().err
+
+
+def test_warmup_runs_each_named_method_once_and_refuses_unknown_names(capsys, no_model):
+    """``retrokv warmup`` (what ``make setup`` runs): builds, decodes and appends with each method named,
+    without the model, and reports one time per method; an unknown name is a short parser error."""
+    from retrokv.harness import warmup
+
+    assert cli.main(["warmup", "--methods", "streaming,quest"]) == 0
+    out = capsys.readouterr().out
+    assert "streaming" in out and "quest" in out and "wave" not in out
+    assert set(warmup.warmup(["streaming"], progress=False)) == {"streaming"}
+    with pytest.raises(ValueError, match="unknown methods"):
+        warmup.warmup(["flash"], progress=False)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["warmup", "--methods", "flash"])
+    assert e.value.code == 2

@@ -1,4 +1,5 @@
-"""The ``retrokv`` command: ``retrokv demo``, ``retrokv eval`` and ``retrokv sparsity`` on the embedded SmolLM2.
+"""The ``retrokv`` command: ``retrokv demo``, ``retrokv eval`` and ``retrokv sparsity`` on the embedded SmolLM2;
+``retrokv warmup`` compiles the fast kernels into Numba's cache (``make setup`` runs it).
 
 Example (writes ``results/eval.md`` and ``results/eval_*.png``)::
 
@@ -62,6 +63,9 @@ def build_parser():
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="passkey prompts answered with full, StreamingLLM, wave and graph attention")
     demo.add_arguments(d)
+    w = sub.add_parser("warmup", help="compile the fast backend's Numba kernels into the on-disk cache")
+    w.add_argument("--methods", type=_csv("methods", _methods.names()), default=None,
+                   help=f"comma list of {', '.join(_methods.names())} (default: all)")
     s = sub.add_parser("sparsity", help="how sparse SmolLM2's attention is, and how far queries sit from keys")
     sparsity.add_arguments(s)
     e = sub.add_parser("eval", help="synthetic retrieval tasks, perplexity and per-layer error on SmolLM2")
@@ -127,6 +131,10 @@ def main(argv=None):
 
             demo.check_args(args)
             return demo.run(args)
+        if args.command == "warmup":
+            from . import warmup
+
+            return warmup.run(args)
         if args.command == "sparsity":
             from . import sparsity
 
