@@ -4,7 +4,7 @@ In a whole-model decode step each layer's index is read cold: the model's weight
 steps of the layer. This benchmark reproduces that without the model: 30 copies of one 32K-token index
 (30 "layers", ~90 MB together, more than the last-level cache) are stepped in turn, so every step finds
 its index out of the caches, once with the metadata as separate NumPy arrays (4 KiB pages: NumPy asks
-for huge pages only from 4 MiB up) and once packed by :func:`retrokv.fast.wave_index._on_huge_pages`
+for huge pages only from 4 MiB up) and once packed by :func:`retrokv.fast._wave_build._on_huge_pages`
 (what ``build_meta_index`` now returns). Same kernel, same values; the rounds alternate the two.
 
     python benchmarks/wave_step_cold.py [--tokens 32768] [--rounds 6] [--out benchmarks/results/wave_step_cold.md]
@@ -32,6 +32,7 @@ def main():
     args = ap.parse_args()
     import numba as nb
 
+    import retrokv.fast._wave_build as fb
     import retrokv.fast.wave_index as fw
     from retrokv.harness.eval import markdown_table
     from retrokv.wave_index import WaveIndex
@@ -50,7 +51,7 @@ def main():
         plain = idx.meta._replace(**{f: np.array(getattr(idx.meta, f)) for f in small},
                                   keys=idx.meta.keys.copy(), values=idx.meta.values.copy())
         layouts["4 KiB pages"].append(plain)
-        layouts["huge pages"].append(fw._on_huge_pages(plain))
+        layouts["huge pages"].append(fb._on_huge_pages(plain))
     q = rng.standard_normal((hq, d)).astype(np.float32)
     nr, ne = idx.n_retrieve, idx.n_estimate
     want = fw._fused_step(q, layouts["4 KiB pages"][0], sk, sv, sids, nr, ne, d ** -0.5)[0]

@@ -22,11 +22,11 @@ stalls a step at a barrier; below :data:`FUSED_MAX_WORK` the driver's steps run 
 (:func:`_decode_step`) built from the per-head kernels the composed path runs in parallel loops, so
 the two paths give the same bits.
 
-Building the index (clustering, layout) is in :mod:`retrokv.fast.clustering`; the built metadata goes
-on transparent huge pages (:func:`_on_huge_pages`: a decode step reads it cold). The small bookkeeping
-helpers (``empty_meta``, ``estimation_as_pseudo_tokens``, ``Workspace``) are not hot and are imported
-from the reference, and so is the driver: ``tripartite_attention`` is
-the reference's, run with this module's kernels.
+Building the index (``build_meta_index``, ``concat_meta``: clustering, the cluster-sorted KV copy, the
+metadata on transparent huge pages) is in :mod:`retrokv.fast._wave_build` and re-exported here. The
+small bookkeeping helpers (``empty_meta``, ``estimation_as_pseudo_tokens``, ``Workspace``) are not hot
+and are imported from the reference, and so is the driver: ``tripartite_attention`` is the
+reference's, run with this module's kernels.
 """
 from __future__ import annotations
 
@@ -42,9 +42,9 @@ from retrokv.reference.wave_index import (ExecBuffer, MetaIndex, Workspace, Zone
 
 from . import _dispatch
 from ._dispatch import any_cupy, cuda, require_numpy, threads_for
+from ._wave_build import build_meta_index, concat_meta
 from ._zone_select import _select, _select_head
 from .attention import _merge_pair, merge_partials
-from .clustering import segmented_kmeans
 
 __all__ = ["MetaIndex", "ExecBuffer", "Zones", "Workspace", "empty_meta", "build_meta_index", "concat_meta",
            "rank_clusters", "select_zones", "gather_execution_buffer", "attend_execution_buffer",
@@ -55,71 +55,6 @@ _CHUNK = 256                                      # centroids per work item
 # a step with less work (query heads x d x (clusters + steady tokens)) runs as one kernel, _decode_step;
 # a larger one as the composed kernels, whose parallel loops split the clusters, not only the KV heads
 FUSED_MAX_WORK = 1 << 22
-_HUGE_PAGE = 2 << 20                              # bytes of a transparent huge page (x86-64 Linux)
-
-
-def _on_huge_pages(meta):
-    """``meta`` with its per-cluster arrays and sorted token ids moved into one 2 MiB-aligned block, when
-    they fill at least a huge page (else unchanged). Same values, C-contiguous views.
-
-    A decode step reads these arrays cold: between two steps of a layer the model's weights have evicted
-    them, and the step touches hundreds of 4 KiB pages of them (every centroid, the estimated clusters'
-    value sums scattered across all of them), one TLB miss each. NumPy asks Linux for transparent huge
-    pages only for allocations of 4 MiB and more, which the cluster-sorted keys and values are and these
-    arrays, a few MB together at 32K tokens, are not; one block of at least 4 MiB is. Measured by
-    ``python benchmarks/wave_step_cold.py``."""
-    parts = (meta.centroids, meta.value_sums, meta.sizes, meta.offsets, meta.ids)
-    if not all(isinstance(a, np.ndarray) for a in parts):
-        return meta
-    padded = [-(-a.nbytes // 64) * 64 for a in parts]         # each array starts on a cache line
-    if sum(padded) < _HUGE_PAGE:
-        return meta
-    block = np.empty(sum(padded) + _HUGE_PAGE, dtype=np.uint8)   # >= 4 MiB: NumPy madvises huge pages
-    at = -block.ctypes.data % _HUGE_PAGE
-    moved = []
-    for a, n in zip(parts, padded):
-        view = block[at:at + a.nbytes].view(a.dtype).reshape(a.shape)
-        view[...] = a
-        moved.append(view)
-        at += n
-    cent, vs, sizes, offs, ids = moved
-    return MetaIndex(cent, vs, sizes, offs, meta.keys, meta.values, ids)
-
-
-def concat_meta(a, b):
-    """The reference's :func:`~retrokv.reference.wave_index.concat_meta` (an index update), its small
-    arrays then put on huge pages as :func:`build_meta_index` puts them."""
-    return _on_huge_pages(_ref.concat_meta(a, b))
-
-
-@nb.njit(parallel=True, cache=True)
-def _take_rows(x, order):
-    """``x[order]`` for a 2-D float32 array, in parallel (the cluster-sorted KV copy)."""
-    out = np.empty((order.shape[0], x.shape[1]), dtype=x.dtype)
-    for i in nb.prange(order.shape[0]):
-        out[i] = x[order[i]]
-    return out
-
-
-def build_meta_index(keys, values, positions, n_clusters, n_segments, iters=10):
-    """Same contract as :func:`retrokv.reference.wave_index.build_meta_index` (CUDA for CuPy input)."""
-    if any_cupy(keys, values):
-        return cuda("wave_index").build_meta_index(keys, values, positions, n_clusters, n_segments, iters)
-    require_numpy("build_meta_index", keys, values)
-    hkv, m, d = keys.shape
-    dv = values.shape[2]
-    if m == 0 or n_clusters == 0:
-        return empty_meta(hkv, d, dv)
-    positions = np.asarray(positions, dtype=np.int64)
-    cent, vs, sizes, offs, sk, sv, ids = [], [], [], [], [], [], []
-    for h in range(hkv):
-        kh, vh = np.ascontiguousarray(keys[h], np.float32), np.ascontiguousarray(values[h], np.float32)
-        c = segmented_kmeans(kh, vh, n_clusters, n_segments, iters)
-        cent.append(c.centroids), vs.append(c.value_sums), sizes.append(c.sizes), offs.append(c.offsets)
-        sk.append(_take_rows(kh, c.order)), sv.append(_take_rows(vh, c.order)), ids.append(positions[c.order])
-    return _on_huge_pages(MetaIndex(*(np.stack(x) for x in (cent, vs, sizes, offs, sk, sv, ids))))
-
-
 @nb.njit(cache=True, fastmath=_FLAGS)
 def _score_centroids(qb, cent, sizes, scale, h, i0, i1, scores):
     """Scores of head ``h``'s centroids ``i0:i1`` for its G query heads; empty clusters get ``-inf``."""

@@ -454,7 +454,7 @@ def test_metadata_moves_to_one_huge_page_block_with_the_same_values():
     """fast ``_on_huge_pages``: above a huge page of small arrays they become C-contiguous views of one
     2 MiB-aligned block with the same values (the sorted KV stays where it is); below, nothing moves;
     an index update (``concat_meta``) packs again."""
-    from retrokv.fast import wave_index as fast_wi
+    from retrokv.fast import _wave_build as fast_build
 
     rng = np.random.default_rng(0)
     hkv, c, d, m = 2, 2500, 64, 40000
@@ -463,7 +463,7 @@ def test_metadata_moves_to_one_huge_page_block_with_the_same_values():
                             rng.integers(0, 30, (hkv, c)), np.sort(rng.integers(0, m, (hkv, c + 1)), axis=1),
                             np.zeros((hkv, m, d), np.float32), np.zeros((hkv, m, d), np.float32),
                             rng.integers(0, m, (hkv, m)))
-    packed = fast_wi._on_huge_pages(meta)
+    packed = fast_build._on_huge_pages(meta)
     small = ("centroids", "value_sums", "sizes", "offsets", "ids")
     for f in small:
         a, b = getattr(meta, f), getattr(packed, f)
@@ -471,9 +471,9 @@ def test_metadata_moves_to_one_huge_page_block_with_the_same_values():
     assert packed.keys is meta.keys and packed.values is meta.values
     base = packed.centroids.base
     assert all(np.shares_memory(getattr(packed, f), base) for f in small)
-    assert packed.centroids.ctypes.data % fast_wi._HUGE_PAGE == 0 and base.nbytes >= 4 << 20
+    assert packed.centroids.ctypes.data % fast_build._HUGE_PAGE == 0 and base.nbytes >= 4 << 20
     tiny = meta._replace(centroids=meta.centroids[:, :10], value_sums=meta.value_sums[:, :10], sizes=meta.sizes[:, :10],
                          offsets=meta.offsets[:, :11], ids=meta.ids[:, :100])
-    assert fast_wi._on_huge_pages(tiny) is tiny
-    grown = fast_wi.concat_meta(packed, packed)
-    assert grown.centroids.shape == (hkv, 2 * c, d) and grown.centroids.ctypes.data % fast_wi._HUGE_PAGE == 0
+    assert fast_build._on_huge_pages(tiny) is tiny
+    grown = fast_build.concat_meta(packed, packed)
+    assert grown.centroids.shape == (hkv, 2 * c, d) and grown.centroids.ctypes.data % fast_build._HUGE_PAGE == 0
