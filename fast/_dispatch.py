@@ -74,3 +74,29 @@ def threads_for(work):
         yield
     finally:
         nb.set_num_threads(old)
+
+
+_BLAS = []     # one threadpoolctl controller, made on first use (it lists the loaded libraries once)
+
+
+@contextmanager
+def blas_one_thread():
+    """Run the BLAS calls inside on the calling thread alone (OpenBLAS, MKL, BLIS via threadpoolctl).
+
+    After a multithreaded call OpenBLAS's workers spin for ~0.1 s (its ``THREAD_TIMEOUT``) before they
+    sleep; a Numba parallel kernel that follows a small BLAS call then shares the cores with them. In
+    the graph build (a small matmul, then the parallel IVF scan, per query head) that cost a quarter of
+    the build on 2 cores (benchmarks/results/graph_build.md). Without threadpoolctl: no change.
+    """
+    if not _BLAS:
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:           # an optional speed-up: the results are the same without it
+            _BLAS.append(None)
+        else:
+            _BLAS.append(ThreadpoolController())
+    if _BLAS[0] is None:
+        yield
+        return
+    with _BLAS[0].limit(limits=1, user_api="blas"):
+        yield

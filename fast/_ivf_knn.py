@@ -13,6 +13,7 @@ import numba as nb
 import numpy as np
 
 from ..reference.graph_index import _BLOCK
+from ._dispatch import blas_one_thread
 from ._topk import select_block
 
 # IVF over the keys, one layout per KV head.
@@ -190,8 +191,15 @@ def _ivf_knn(queries, keys, k, bias=None, exclude_self=False):
     Clusters are ranked by ``q.c`` (``q.c - |c|^2 / 2`` with the key kNN's bias, i.e. Euclidean) and
     scanned best first until ``_scan_size(n, k)`` keys are covered. Ids best first (ties: lower id),
     as :func:`knn`, but a true neighbour in an unscanned cluster is missed, and the float32 dot
-    products are summed in another order than BLAS's, so near-ties may swap.
+    products are summed in another order than BLAS's, so near-ties may swap. The BLAS calls here (the
+    k-means, the cluster scores, the self-check) are small and run on one thread, so that no OpenBLAS
+    worker still spins when the parallel scan starts (:func:`~retrokv.fast._dispatch.blas_one_thread`).
     """
+    with blas_one_thread():
+        return _ivf_knn_one_blas_thread(queries, keys, k, bias, exclude_self)
+
+
+def _ivf_knn_one_blas_thread(queries, keys, k, bias, exclude_self):
     cent, half, kc, ids, off = _layout(keys)
     t, n = len(queries), len(keys)
     k = min(k, n - 1 if exclude_self else n)

@@ -130,3 +130,40 @@ def test_layout_cache_follows_the_keys(rng):
     fg.knn(q, b2, 20)
     assert len(ivf._layout_cache) == 1 and next(iter(ivf._layout_cache.values()))[2].sum() == pytest.approx(
         b2.astype(np.float64).sum(), rel=1e-6)
+
+
+@given(st.integers(2, 60), st.integers(3, 12), st.integers(1, 200), st.integers(1, 6), st.integers(1, 12),
+       st.sampled_from(["ip", "l2"]), st.booleans(), st.integers(0, 2**31 - 1))
+def test_project_with_skewed_targets_is_the_reference(n, nq, t, m, pool_cap, metric, ties, seed):
+    """The fast projection (stamp de-duplication, heaviest targets first, round-robin chunks) builds the
+    reference's adjacency when a few keys are the nearest key of most queries, as on real prefill
+    queries: pools far above ``pool_cap``, repeated candidates, the target among its own candidates,
+    and (integer keys) exact distance ties, which both sides settle by the lower id."""
+    rng = np.random.default_rng(seed)
+    keys = (rng.integers(-2, 3, (n, 4)) if ties else rng.standard_normal((n, 4))).astype(np.float32)
+    nq = min(nq, n)
+    heavy = rng.integers(0, n, size=3)
+    first = np.where(rng.random(t) < 0.8, heavy[rng.integers(0, 3, t)], rng.integers(0, n, t))
+    rest = rng.integers(0, n, size=(t, nq - 1))            # any ids, repeats and the target included
+    nbrs = np.concatenate([first[:, None], rest], axis=1).astype(np.int64)
+    np.testing.assert_array_equal(fg.project(nbrs, keys, m, pool_cap, metric),
+                                  rg.project(nbrs, keys, m, pool_cap, metric))
+
+
+def test_ivf_knn_runs_its_blas_on_one_thread_then_restores_the_count(monkeypatch):
+    """The IVF kNN's small matmuls run on one BLAS thread (no OpenBLAS worker left spinning when the
+    parallel scan starts); the caller's BLAS thread count is back afterwards."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+
+    def blas_threads():
+        return [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+
+    before, seen = blas_threads(), []
+    real = ivf._layout
+    monkeypatch.setattr(ivf, "_layout", lambda keys: (seen.append(blas_threads()), real(keys))[1])
+    rng = np.random.default_rng(0)
+    keys = clustered(rng, 4096, 16)
+    got = fg.knn(keys[:64], keys, 10)
+    assert seen and all(n == 1 for n in seen[0]), seen
+    assert blas_threads() == before
+    assert recall(got, rg.knn(keys[:64], keys, 10)) > 0.9
