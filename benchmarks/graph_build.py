@@ -4,8 +4,8 @@ in one run (issue 15 item 1). Writes ``benchmarks/results/graph_build.md``.
 
     python benchmarks/graph_build.py [--tokens 8192] [--old-layers 30] [--out benchmarks/results/graph_build.md]
 
-1. Dense prefill of ``--tokens`` tokens of built-in natural text through SmolLM2-135M (retrokv's fast
-   full attention, keeping every layer's Q/K/V: the harness's shared prefill, what ``make demo`` runs).
+1. Dense prefill of ``--tokens`` tokens of built-in natural text through SmolLM2-135M (torch's SDPA
+   through ``retrokv.hf``, keeping every layer's Q/K/V: the harness's shared prefill, what ``make demo`` runs).
 2. Profile of one query head (layer 15, head 0; its KV head's ``key_neighbors`` and IVF layout included)
    per build stage, old and new kernels side by side, and inside the old exact ``knn`` of the prefill
    queries the BLAS matmul vs the top-k selection.
@@ -13,7 +13,9 @@ in one run (issue 15 item 1). Writes ``benchmarks/results/graph_build.md``.
    ``rebuild``, the user's path) with the new kernels, and with the old ones (``load_old``:
    ``fast/graph_index.py`` as of main before this change: exact kNN) on the first ``--old-layers``
    layers; the graphs of both are compared (share of the old graphs' edges that the new graphs have,
-   equal entry points). Search quality of the two builds: ``benchmarks/ood_recall.py``.
+   equal entry points). Search quality of the two builds: ``benchmarks/ood_recall.py``. An ablation on
+   the same layers: the new kernels with the IVF kNN's BLAS calls multithreaded (see
+   ``retrokv.fast._dispatch.blas_one_thread``).
 4. The dense prefill again, after the builds: machine speed drifts over minutes on a shared host, so
    the build is compared with the faster of the two prefills.
 
@@ -72,6 +74,20 @@ def kernels(impl):
         yield
     finally:
         new_impl.key_neighbors, new_impl.build_graph = saved
+
+
+@contextmanager
+def blas_spinning():
+    """The IVF kNN with its BLAS calls on every BLAS thread, as before ``blas_one_thread``: OpenBLAS's
+    workers then still spin when the parallel scan starts (the ablation row of the table)."""
+    import contextlib
+
+    saved = new_impl._ivf.blas_one_thread
+    new_impl._ivf.blas_one_thread = contextlib.nullcontext
+    try:
+        yield
+    finally:
+        new_impl._ivf.blas_one_thread = saved
 
 
 def timed(f, *a, **kw):
@@ -171,6 +187,9 @@ def main():
     print(f"new build, {len(layers)} layers: {new_s:.1f} s", flush=True)
     old_layers = layers[:args.old_layers]
     new_sub_s = new_s if len(old_layers) == len(layers) else build_all(model, saved, old_layers, new_impl)[0]
+    with blas_spinning():
+        spin_s = build_all(model, saved, old_layers, new_impl)[0]
+    print(f"new build with multithreaded BLAS in the IVF kNN, {len(old_layers)} layers: {spin_s:.1f} s", flush=True)
     old_s, old_g = build_all(model, saved, old_layers, old_impl)
     print(f"old build, {len(old_layers)} layers: {old_s:.1f} s", flush=True)
     shared = total = 0
@@ -196,7 +215,7 @@ def main():
              {"part of knn (prefill queries)": "top-k selection, old (select_topk after scores += bias)", "seconds": s_old},
              {"part of knn (prefill queries)": "top-k selection, fused (_topk.select_block)", "seconds": s_new}]
     n_kv, n_q = k.shape[1], q.shape[1]
-    rows3 = [{"what": "dense prefill (retrokv fast full attention, Q/K/V kept), before the builds",
+    rows3 = [{"what": "dense prefill (torch SDPA through retrokv.hf, Q/K/V kept), before the builds",
               "layers": len(layers), "seconds": prefill_s, "vs_prefill": prefill_s / base_s},
              {"what": "the same dense prefill, after the builds", "layers": len(layers), "seconds": prefill2_s,
               "vs_prefill": prefill2_s / base_s},
@@ -205,6 +224,9 @@ def main():
     if len(old_layers) != len(layers):
         rows3.append({"what": "graph build, new kernels (IVF kNN)", "layers": len(old_layers), "seconds": new_sub_s,
                       "vs_prefill": float("nan")})
+    rows3.append({"what": "graph build, new kernels, IVF kNN's BLAS calls multithreaded (ablation)",
+                  "layers": len(old_layers), "seconds": spin_s,
+                  "vs_prefill": spin_s / base_s if len(old_layers) == len(layers) else float("nan")})
     rows3.append({"what": f"graph build, old kernels (main {OLD_REV}, exact kNN)", "layers": len(old_layers), "seconds": old_s,
                   "vs_prefill": old_s / base_s if len(old_layers) == len(layers) else float("nan")})
     with open(args.out, "w") as f:

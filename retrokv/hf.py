@@ -25,6 +25,7 @@ benchmark can split a step into retrokv and the rest of the model (``benchmarks/
 from __future__ import annotations
 
 import time
+import warnings
 from collections import defaultdict
 
 import numpy as np
@@ -283,6 +284,7 @@ def attach(model, method="wave", config=None, backend=None, dense_layers=(), *, 
     backend = resolve(backend)
     if check_device(device) == "cuda":
         impl(backend, "attention", device)                  # device='cuda' needs backend='fast': say so now
+    _warn_if_torch_first(backend)
     modules = model.modules() if hasattr(model, "modules") and hasattr(model, "config") else ()
     layers = [m for m in modules if hasattr(m, "layer_idx") and hasattr(m, "k_proj")]
     if not layers:
@@ -301,6 +303,22 @@ def attach(model, method="wave", config=None, backend=None, dense_layers=(), *, 
     handle._hook = model.register_forward_pre_hook(_guard_cache, with_kwargs=True)
     setattr(model, _ATTACHED, handle)
     return handle
+
+
+_WARNED = []
+
+
+def _warn_if_torch_first(backend):
+    """Once per process: torch was imported before retrokv, so its OpenMP threads spin (see
+    ``retrokv/__init__.py``) and the fast kernels share the cores with them."""
+    import retrokv
+
+    if backend == "fast" and retrokv.TORCH_LOADED_FIRST and not _WARNED:
+        _WARNED.append(True)
+        warnings.warn("torch was imported before retrokv, so its OpenMP threads spin between operations and "
+                      "slow retrokv's parallel kernels (the wave index builds ~2.6x slower on 2 cores); "
+                      "import retrokv before torch, or set OMP_WAIT_POLICY=passive in the environment",
+                      RuntimeWarning, stacklevel=3)
 
 
 def _guard_cache(module, args, kwargs):
