@@ -316,7 +316,7 @@ def _warn_if_torch_first(backend):
     if backend == "fast" and retrokv.TORCH_LOADED_FIRST and not _WARNED:
         _WARNED.append(True)
         warnings.warn("torch was imported before retrokv, so its OpenMP threads spin between operations and "
-                      "slow retrokv's parallel kernels (the wave index builds ~2.6x slower on 2 cores); "
+                      "slow retrokv's parallel kernels (the wave index builds 2-3x slower on 2 cores); "
                       "import retrokv before torch, or set OMP_WAIT_POLICY=passive in the environment",
                       RuntimeWarning, stacklevel=3)
 
