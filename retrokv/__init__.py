@@ -21,7 +21,7 @@ import sys
 # policy once, when it loads, so it is set here, before torch is imported through retrokv.hf; a value
 # the user set is kept. Measured on 2 cores (benchmarks/decode_speed.py with and without it, see
 # docs/generation.md): the wave index builds 2.3-3x faster; decode speed moves within the noise.
-TORCH_LOADED_FIRST = "torch" in sys.modules and "OMP_WAIT_POLICY" not in os.environ
+_TORCH_LOADED_FIRST = "torch" in sys.modules and "OMP_WAIT_POLICY" not in os.environ
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
 from .api import apply_rope, full_attention, merge_partials, partial_attention, rotate_by

@@ -313,7 +313,7 @@ def _warn_if_torch_first(backend):
     ``retrokv/__init__.py``) and the fast kernels share the cores with them."""
     import retrokv
 
-    if backend == "fast" and retrokv.TORCH_LOADED_FIRST and not _WARNED:
+    if backend == "fast" and retrokv._TORCH_LOADED_FIRST and not _WARNED:
         _WARNED.append(True)
         warnings.warn("torch was imported before retrokv, so its OpenMP threads spin between operations and "
                       "slow retrokv's parallel kernels (the wave index builds 2-3x slower on 2 cores); "

@@ -18,7 +18,7 @@ def run(code, **env):
 
 
 def test_import_sets_passive_and_keeps_the_users_policy():
-    code = "import os, retrokv; print(os.environ['OMP_WAIT_POLICY'], retrokv.TORCH_LOADED_FIRST)"
+    code = "import os, retrokv; print(os.environ['OMP_WAIT_POLICY'], retrokv._TORCH_LOADED_FIRST)"
     assert run(code) == "passive False"
     assert run(code, OMP_WAIT_POLICY="active") == "active False"
 
@@ -30,9 +30,9 @@ def test_attach_warns_once_when_torch_came_first():
             "with warnings.catch_warnings(record=True) as w:\n"
             "    warnings.simplefilter('always')\n"
             "    hf._warn_if_torch_first('fast'); hf._warn_if_torch_first('fast')\n"
-            "print(retrokv.TORCH_LOADED_FIRST, len(w), 'OMP_WAIT_POLICY=passive' in str(w[0].message))")
+            "print(retrokv._TORCH_LOADED_FIRST, len(w), 'OMP_WAIT_POLICY=passive' in str(w[0].message))")
     assert run(code) == "True 1 True"
     quiet = code.replace("import warnings, torch, retrokv", "import warnings, retrokv, torch").replace(
-        "print(retrokv.TORCH_LOADED_FIRST, len(w), 'OMP_WAIT_POLICY=passive' in str(w[0].message))",
-        "print(retrokv.TORCH_LOADED_FIRST, len(w))")
+        "print(retrokv._TORCH_LOADED_FIRST, len(w), 'OMP_WAIT_POLICY=passive' in str(w[0].message))",
+        "print(retrokv._TORCH_LOADED_FIRST, len(w))")
     assert run(quiet) == "False 0"
