@@ -21,7 +21,6 @@ import sys
 import time
 import types
 
-os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
 import numba as nb  # noqa: E402
 import numpy as np  # noqa: E402

@@ -21,7 +21,6 @@ import os
 import sys
 import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "passive")   # see benchmarks/wave_index.py
 
 import numpy as np
 from tqdm import tqdm

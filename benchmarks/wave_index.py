@@ -25,9 +25,6 @@ import os
 import sys
 import time
 
-# libgomp's default wait policy spins at every barrier; on a shared (oversubscribed) machine a parallel
-# region then costs a scheduler time slice (~16 ms measured) instead of ~5 us. Passive waiting is robust.
-os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
 import numpy as np
 from tqdm import tqdm

@@ -2,12 +2,8 @@
 
 Exports the same names with the same signatures as :mod:`retrokv.reference`.
 """
-import os
-
-# libgomp threads spin while waiting by default; on a small, shared CPU that spinning steals the
-# cores the next parallel region needs (measured: ~16 ms per region under oversubscription).
-os.environ.setdefault("OMP_WAIT_POLICY", "passive")
-
+# libgomp's wait policy (passive: no spinning threads between parallel regions) is set once, by
+# ``import retrokv`` (retrokv/__init__.py), which importing this package runs first.
 from .attention import full_attention, merge_partials, partial_attention
 from .rope import apply_rope, rope_cos_sin, rope_inv_freq, rotate_by, rotate_half
 

@@ -19,8 +19,9 @@ import sys
 # OpenMP threads (torch's, and Numba's parallel kernels') spin after each parallel region by default;
 # on a small CPU the spinning takes the cores from the next region or BLAS call. libgomp reads the
 # policy once, when it loads, so it is set here, before torch is imported through retrokv.hf; a value
-# the user set is kept. Measured on 2 cores (benchmarks/decode_speed.py with and without it, see
-# docs/generation.md): the wave index builds 2.3-3x faster; decode speed moves within the noise.
+# the user set is kept. A parallel region under oversubscription cost ~16 ms with spinning instead of
+# ~5 us (docs/wave_index.md, the speed table's caveat). Measured on 2 cores (benchmarks/decode_speed.py
+# with and without it, docs/generation.md): the wave index builds 2.3-3x faster; decode within noise.
 _TORCH_LOADED_FIRST = "torch" in sys.modules and "OMP_WAIT_POLICY" not in os.environ
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
