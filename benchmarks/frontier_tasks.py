@@ -82,6 +82,21 @@ def save_json(db, stage):
     os.replace(tmp, JSON[stage])
 
 
+def _check_prompt(db, n, i, ids):
+    """Refuse to resume on a different prompt: the ``licenses`` haystack is built from the licence texts of
+    the installed distributions, so another environment may build other token ids for prompt ``i``. The
+    first run that measures a prompt records the SHA-256 of its ids (older results, recorded before this
+    check, were confirmed by re-measuring prompt 1's full-attention answer NLL to the last digit)."""
+    import hashlib
+
+    digest = hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()[:16]
+    seen = db.setdefault("prompt_sha", {}).setdefault(f"{n}|{i}", digest)
+    if seen != digest:
+        raise SystemExit(f"prompt {i} ({n} tokens) is not the prompt the stored results were measured on "
+                         f"(ids sha {digest}, stored {seen}): the installed packages changed the licenses "
+                         f"corpus; measure into a fresh results file instead of resuming")
+
+
 def _groups(methods, table):
     """Methods sharing one build (wave and wave_noest) as one group of (variant, label, value) points."""
     out = []
@@ -175,6 +190,7 @@ def needle(args):
     groups = _groups(methods, NEEDLE_POINTS)
     for i, s in needle_prompts(tok, args.prompts, args.n):
         key = lambda m, lab: f"{args.n}|{i}|{m}|{lab}"   # noqa: E731
+        _check_prompt(db, args.n, i, s.prompt_ids)
         if all(key(m, lab) in db["needle"] for _, pts in groups for m, lab, _ in pts):
             continue
         t0 = time.time()

@@ -95,9 +95,11 @@ _NBUCKET = 256           # score buckets of the per-query selection in _ivf_scan
 
 
 @nb.njit(cache=True)
-def _top_sorted(sv, si, m, k, hist, tv, ti, out_row):
+def _top_sorted(sv, si, m, k, lo, hi, hist, tv, ti, out_row):
     """The best ``k`` of the ``m`` scanned candidates ``(sv, si)``, best first (score desc, id asc), into ``out_row``.
 
+    ``lo``, ``hi``: the least and the greatest score above ``-inf`` (the scan tracks them as it scores,
+    which saves a pass over the candidates; ``lo = inf`` when there is none).
     Bucket select: scores are binned linearly between their min and max (a monotone map, so every
     candidate scoring at least the k-th best lands in its bucket or above), the histogram gives the
     k-th best's bucket, and the candidates from that bucket up (about ``k`` of them) are scattered
@@ -107,12 +109,6 @@ def _top_sorted(sv, si, m, k, hist, tv, ti, out_row):
     Branch-light passes over the candidates: a heap updated per key, or a quickselect, cost more than
     the dot products (measured on SmolLM2 keys).
     """
-    lo, hi = np.inf, -np.inf
-    for j in range(m):
-        v = sv[j]
-        if v > -np.inf:
-            lo = min(lo, v)
-            hi = max(hi, v)
     scale = (_NBUCKET - 1) / (hi - lo) if hi > lo else 0.0
     hist[:] = 0
     for j in range(m):
@@ -172,6 +168,7 @@ def _ivf_scan(queries, cs, kc, ids, off, bias, use_bias, self_ids, k, min_scan, 
             taken[:] = False
             m = 0
             got = 0
+            lo, hi = np.float32(np.inf), np.float32(-np.inf)
             while got < min_scan or m < k:
                 best, bc = -np.inf, -1
                 for r in range(c):                        # next best cluster (about 10% are taken)
@@ -192,7 +189,10 @@ def _ivf_scan(queries, cs, kc, ids, off, bias, use_bias, self_ids, k, min_scan, 
                         v += bias[idx]
                     sv[m], si[m] = v, idx
                     m += 1
-            _top_sorted(sv, si, m, min(k, m), hist, tv, ti, out[i])
+                    if v > -np.inf:
+                        lo = min(lo, v)
+                        hi = max(hi, v)
+            _top_sorted(sv, si, m, min(k, m), lo, hi, hist, tv, ti, out[i])
 
 
 def _ivf_knn(queries, keys, k, bias=None, exclude_self=False):
