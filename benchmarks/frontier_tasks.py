@@ -441,7 +441,7 @@ def plot_needle(rows, path):
 
     from retrokv.harness.frontier import COLORS, LABELS
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5.0))
     for m in ORDER:
         sel = sorted((r for r in rows if r["method"] == m), key=lambda r: r["byte_density"])
         if not sel:
@@ -461,9 +461,11 @@ def plot_needle(rows, path):
         ax.grid(True, which="both", alpha=0.3)
     axes[1].set_yscale("log")
     axes[0].axvline(0.10, color="gray", lw=0.8, ls="--")
-    axes[0].legend(fontsize=7, loc="lower right")
+    # below the plots: inside either axis the legend hid a point (StreamingLLM's 30% window, lower right)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=4, frameon=False)
     fig.suptitle(f"Needle frontier, SmolLM2-135M, {N} tokens, natural-text haystacks (pydoc + licenses)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
