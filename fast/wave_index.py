@@ -342,36 +342,32 @@ def attend_execution_buffer(q, buf, scale):
 
 
 @nb.njit(cache=True, fastmath=_FLAGS)
-def _estimate_head(scores, sizes, value_sums, h, est, out, lse):
-    """Eq. 2's estimate for the G query heads of KV head ``h`` over the estimation clusters ``est``.
-
-    One pass over the clusters for the whole GQA group: each value-sum row is read once and folded
-    into G accumulators (G x dv floats, in L1), where a pass per query head read every row G times
-    (at 128K tokens the estimation zone's value sums are ~1 MB per KV head, so the G re-reads came
-    from L3 or memory). Per query head the arithmetic is the same, in the same order.
-    """
-    g, dv = out.shape[1], out.shape[2]
-    m = np.full(g, -np.inf, dtype=np.float32)
+def _estimate_row(scores, sizes, value_sums, h, r, est, out, lse):
+    """Eq. 2's estimate for query head ``r`` of KV head ``h`` over the estimation clusters ``est``."""
+    dv = out.shape[2]
+    m = np.float32(-np.inf)
     for i in est:
-        for r in range(g):
-            m[r] = max(m[r], scores[h, r, i])
-    den = np.zeros(g, dtype=np.float32)
-    w = np.empty(g, dtype=np.float32)
-    acc = np.zeros((g, dv), dtype=np.float32)
+        m = max(m, scores[h, r, i])
+    den = np.float32(0.0)
+    acc = np.zeros(dv, dtype=np.float32)
     for i in est:
         if sizes[h, i] == 0:
             continue
-        for r in range(g):
-            w[r] = np.float32(math.exp(scores[h, r, i] - m[r]))
-            den[r] += w[r] * np.float32(sizes[h, i])    # the size weights the denominator only
-        for r in range(g):
-            for x in range(dv):                           # numerator: exp(score) * value sum
-                acc[r, x] += w[r] * value_sums[h, i, x]
-    for r in range(g):
-        if den[r] > 0:
-            for x in range(dv):
-                out[h, r, x] = acc[r, x] / den[r]
-            lse[h, r] = m[r] + np.float32(math.log(den[r]))
+        w = np.float32(math.exp(scores[h, r, i] - m))
+        den += w * np.float32(sizes[h, i])            # the size weights the denominator only
+        for x in range(dv):                           # numerator: exp(score) * value sum
+            acc[x] += w * value_sums[h, i, x]
+    if den > 0:
+        for x in range(dv):
+            out[h, r, x] = acc[x] / den
+        lse[h, r] = m + np.float32(math.log(den))
+
+
+@nb.njit(cache=True, fastmath=_FLAGS)
+def _estimate_head(scores, sizes, value_sums, h, est, out, lse):
+    """Eq. 2's estimate for every query head of KV head ``h`` (one :func:`_estimate_row` each)."""
+    for r in range(out.shape[1]):
+        _estimate_row(scores, sizes, value_sums, h, r, est, out, lse)
 
 
 @nb.njit(parallel=True, cache=True, fastmath=_FLAGS)
@@ -380,8 +376,8 @@ def _estimate(scores, sizes, value_sums, est):
     dv = value_sums.shape[2]
     out = np.zeros((hkv, g, dv), dtype=np.float32)
     lse = np.full((hkv, g), -np.inf, dtype=np.float32)
-    for h in nb.prange(hkv):                          # per KV head: its G query heads share one read
-        _estimate_head(scores, sizes, value_sums, h, est[h], out, lse)
+    for item in nb.prange(hkv * g):                   # per query head: G x more items than KV heads
+        _estimate_row(scores, sizes, value_sums, item // g, item % g, est[item // g], out, lse)
     return out, lse
 
 
