@@ -242,6 +242,27 @@ def test_needle_rows_compare_with_full_on_the_same_prompts():
     assert rows["full"]["accuracy"] == pytest.approx(0.75)
 
 
+def test_needle_stage_refuses_to_resume_on_other_prompt_ids():
+    """benchmarks/frontier_tasks.py records each prompt's id hash; other ids (a changed environment's
+    licenses haystack) must stop the run instead of mixing two haystacks in one table."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "frontier_tasks.py")
+    spec = importlib.util.spec_from_file_location("frontier_tasks", path)
+    T = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(T)
+    db = {"needle": {}}
+    T._check_prompt(db, 8192, 0, [1, 2, 3])
+    T._check_prompt(db, 8192, 0, [1, 2, 3])                  # the same ids: resumes
+    T._check_prompt(db, 8192, 1, [1, 2, 4])                  # another prompt has its own hash
+    assert set(db["prompt_sha"]) == {"8192|0", "8192|1"}
+    with pytest.raises(SystemExit, match="prompt 0"):
+        T._check_prompt(db, 8192, 0, [1, 2, 4])
+    with pytest.raises(SystemExit):
+        T._check_prompt(db, 8192, 1, [1, 2, 4, 5])
+
+
 def test_ppl_rows_and_lowest_matching():
     res = [{"corpus": "pydoc", "method": "full", "knob": "dense", "value": None, "ppl": 2.0, "byte_density": 1.0,
             "token_density": 1.0},
