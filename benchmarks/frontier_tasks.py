@@ -45,7 +45,8 @@ NEEDLE_POINTS = {
     "wave": [("r=0.005", 0.005), ("r=0.018", 0.018), ("r=0.04", 0.04), ("r=0.08", 0.08)],
     "wave_noest": [("r=0.018", 0.018)],
     "streaming": [("window=777", 777), ("window=2454", 2454)],
-    "topk": [("k=418", 418)],
+    # the oracle over its own k: the token budget the task needs with perfect retrieval (a ceiling for the indexes)
+    "topk": [("k=131", 131), ("k=418", 418), ("k=1300", 1300)],
     "quest": [("budget=624", 624)],
     "ivf": [("nprobe=8", 8)],
     "graph": [("k=41", 41), ("k=131", 131), ("k=234", 234)],
