@@ -94,6 +94,15 @@ def _layout(keys):
 _NBUCKET = 256           # score buckets of the per-query selection in _ivf_scan
 
 
+@nb.njit(cache=True, inline="always")
+def _bucket(v, lo, scale):
+    """Score ``v``'s bucket in ``[0, _NBUCKET)``: linear from ``lo`` (monotone in ``v``). A score at or
+    below ``lo`` (and ``-inf``) goes to bucket 0, and so does every score when a dot product overflowed to
+    ``inf`` (``scale`` is then 0 and ``inf * 0`` is NaN): the selection stays exact, only slower."""
+    x = (v - lo) * scale
+    return min(int(x), _NBUCKET - 1) if x > 0 else 0
+
+
 @nb.njit(cache=True)
 def _top_sorted(sv, si, m, k, lo, hi, hist, tv, ti, out_row):
     """The best ``k`` of the ``m`` scanned candidates ``(sv, si)``, best first (score desc, id asc), into ``out_row``.
@@ -113,7 +122,7 @@ def _top_sorted(sv, si, m, k, lo, hi, hist, tv, ti, out_row):
     hist[:] = 0
     for j in range(m):
         v = sv[j]
-        bkt = 0 if not v > lo else int((v - lo) * scale)
+        bkt = _bucket(v, lo, scale)
         hist[bkt] += 1
     need, cut = k, _NBUCKET - 1
     while cut > 0 and hist[cut] < need:
@@ -126,7 +135,7 @@ def _top_sorted(sv, si, m, k, lo, hi, hist, tv, ti, out_row):
         c += nb_
     for j in range(m):                                    # scatter, best bucket first
         v = sv[j]
-        bkt = 0 if not v > lo else int((v - lo) * scale)
+        bkt = _bucket(v, lo, scale)
         if bkt >= cut:
             p = hist[bkt]
             tv[p], ti[p] = v, si[j]
@@ -168,7 +177,7 @@ def _ivf_scan(queries, cs, kc, ids, off, bias, use_bias, self_ids, k, min_scan, 
             taken[:] = False
             m = 0
             got = 0
-            lo, hi = np.float32(np.inf), np.float32(-np.inf)
+            lo, hi = np.inf, -np.inf                      # float64, as the bucket arithmetic (no overflow)
             while got < min_scan or m < k:
                 best, bc = -np.inf, -1
                 for r in range(c):                        # next best cluster (about 10% are taken)
@@ -190,8 +199,8 @@ def _ivf_scan(queries, cs, kc, ids, off, bias, use_bias, self_ids, k, min_scan, 
                     sv[m], si[m] = v, idx
                     m += 1
                     if v > -np.inf:
-                        lo = min(lo, v)
-                        hi = max(hi, v)
+                        lo = min(lo, np.float64(v))
+                        hi = max(hi, np.float64(v))
             _top_sorted(sv, si, m, min(k, m), lo, hi, hist, tv, ti, out[i])
 
 

@@ -64,6 +64,27 @@ def test_ivf_scan_of_every_cluster_is_the_reference_knn(t, n, k, use_bias, self_
     np.testing.assert_array_equal(out, rg.knn(queries, keys, k, bias=bias, exclude_self=self_keys))
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")       # the overflows are the point
+@given(st.integers(2, 60), st.integers(1, 20), st.integers(0, 2**31 - 1))
+def test_ivf_scan_selects_exactly_when_scores_overflow_to_inf(n, k, seed):
+    """Finite float32 inputs whose dot products overflow to ``inf`` (one large positive coordinate): the
+    bucket map's scale is then 0 and ``inf * 0`` NaN. Every score must fall into a valid bucket and the
+    ids must still be the reference's (infinities first, ties by the lower id)."""
+    rng = np.random.default_rng(seed)
+    keys = rng.integers(-2, 3, size=(n, 4)).astype(np.float32)
+    keys[rng.random(n) < 0.3, 0] = 3e19                       # q.k ~ 1e39 > float32 max: inf
+    queries = np.abs(rng.integers(-2, 3, size=(5, 4))).astype(np.float32)
+    queries[:, 0] = 3e19
+    k = min(k, n)
+    ivf._layout_cache.clear()
+    cent, half, kc, ids, off = ivf._layout(keys)
+    cs = np.ascontiguousarray(rng.standard_normal((len(queries), len(cent))).astype(np.float32))
+    out = np.full((len(queries), k), -1, dtype=np.int64)
+    ivf._ivf_scan(queries, cs, kc, ids, off, np.zeros(1, dtype=np.float32), False, np.full(len(queries), -1),
+                  k, n, out)
+    np.testing.assert_array_equal(out, rg.knn(queries, keys, k))
+
+
 def test_ivf_partial_scan_returns_sorted_distinct_valid_ids(rng):
     keys = clustered(rng, 3000, 16)
     q = (rng.standard_normal((200, 16)) + 1).astype(np.float32)
