@@ -31,7 +31,7 @@ from retrokv.reference.wave_buffer import (BufferState, DeviceTier, HostTier, St
 from retrokv.reference.wave_index import ExecBuffer
 
 from ._dispatch import require_numpy
-from .wave_index import buffer_arrays  # the index's reused execution-buffer arrays
+from ._wave_exact import buffer_arrays  # the index's reused execution-buffer arrays
 
 __all__ = ["HostTier", "DeviceTier", "BufferState", "StepResult", "empty_state", "extend_host_tier",
            "extend_device_tier", "capacity_blocks", "sync_state", "plan_step", "fill_execution_buffer",

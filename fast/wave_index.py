@@ -23,7 +23,9 @@ stalls a step at a barrier; below :data:`FUSED_MAX_WORK` the driver's steps run 
 the two paths give the same bits.
 
 Building the index (``build_meta_index``, ``concat_meta``: clustering, the cluster-sorted KV copy, the
-metadata on transparent huge pages) is in :mod:`retrokv.fast._wave_build` and re-exported here. The
+metadata on transparent huge pages) is in :mod:`retrokv.fast._wave_build`, and the exact zone's kernels
+(``gather_execution_buffer``, ``attend_retrieved``, ``attend_execution_buffer``) in
+:mod:`retrokv.fast._wave_exact`; both are re-exported here. The
 small bookkeeping helpers (``empty_meta``, ``estimation_as_pseudo_tokens``, ``Workspace``) are not hot
 and are imported from the reference, and so is the driver: ``tripartite_attention`` is the
 reference's, run with this module's kernels.
@@ -42,6 +44,8 @@ from retrokv.reference.wave_index import (ExecBuffer, MetaIndex, Workspace, Zone
 
 from . import _dispatch
 from ._dispatch import any_cupy, cuda, require_numpy, threads_for
+from ._wave_exact import (_FLAGS, _attend_head, attend_execution_buffer, attend_retrieved,  # the exact zone
+                          gather_execution_buffer)
 from ._wave_build import build_meta_index, concat_meta
 from ._zone_select import _select, _select_head
 from .attention import _merge_pair, merge_partials
@@ -50,7 +54,6 @@ __all__ = ["MetaIndex", "ExecBuffer", "Zones", "Workspace", "empty_meta", "build
            "rank_clusters", "select_zones", "gather_execution_buffer", "attend_execution_buffer",
            "attend_retrieved", "estimate_partial", "estimation_as_pseudo_tokens", "tripartite_attention"]
 
-_FLAGS = {"reassoc", "contract", "nsz", "arcp"}   # vectorise dot products; keep inf semantics
 _CHUNK = 256                                      # centroids per work item
 # a step with less work (query heads x d x (clusters + steady tokens)) runs as one kernel, _decode_step;
 # a larger one as the composed kernels, whose parallel loops split the clusters, not only the KV heads
@@ -148,197 +151,6 @@ def select_zones(rank, n_retrieve, n_estimate):
         return _ref.select_zones(rank, n_retrieve, n_estimate)
     best = _select(np.ascontiguousarray(rank), top, min(n_retrieve, top))
     return best[:, :n_retrieve], best[:, n_retrieve:top]
-
-
-@nb.njit(parallel=True, cache=True)
-def _fill(bk, bv, bids, steady_k, steady_v, steady_ids, mk, mv, mids, offsets, retrieval, starts):
-    hkv, s, d = steady_k.shape
-    dv = steady_v.shape[2]
-    r = retrieval.shape[1]
-    for item in nb.prange(hkv * (r + 1)):
-        h = item // (r + 1)
-        j = item % (r + 1)
-        if j == r:                                    # the steady zone goes first
-            src_k, src_v, a, b, dst = steady_k, steady_v, 0, s, 0
-            for t in range(s):
-                bids[h, t] = steady_ids[t]
-        else:                                         # a retrieved cluster: one contiguous block
-            i = retrieval[h, j]
-            src_k, src_v, a, b, dst = mk, mv, offsets[h, i], offsets[h, i + 1], starts[h, j]
-            for t in range(a, b):
-                bids[h, dst + t - a] = mids[h, t]
-        for t in range(a, b):
-            for x in range(d):
-                bk[h, dst + t - a, x] = src_k[h, t, x]
-            for x in range(dv):
-                bv[h, dst + t - a, x] = src_v[h, t, x]
-
-
-def buffer_arrays(hkv, width, d, dv, workspace=None):
-    """Execution-buffer arrays: views into the index's ``workspace`` (reused, see
-    :class:`~retrokv.reference.wave_index.Workspace`) or, without one, fresh arrays the caller owns."""
-    if workspace is not None:
-        return workspace.take(hkv, width, d, dv)
-    return np.empty((hkv, width, d), np.float32), np.empty((hkv, width, dv), np.float32), np.empty((hkv, width), np.int64)
-
-
-def gather_execution_buffer(meta, steady_k, steady_v, steady_ids, retrieval, workspace=None):
-    """Same contract as the reference; the clusters are copied as contiguous blocks in parallel."""
-    if any_cupy(steady_k, meta.keys, retrieval):
-        return cuda("wave_index").gather_execution_buffer(meta, steady_k, steady_v, steady_ids, retrieval)
-    hkv, s, d = steady_k.shape
-    dv = steady_v.shape[2]
-    sizes = np.take_along_axis(meta.sizes, retrieval, axis=1)              # (Hkv, r)
-    ends = s + np.cumsum(sizes, axis=1)
-    starts = np.ascontiguousarray(ends - sizes)
-    lengths = (ends[:, -1] if retrieval.shape[1] else np.full(hkv, s)).astype(np.int64)
-    width = int(lengths.max(initial=0))
-    bk, bv, bids = buffer_arrays(hkv, width, d, dv, workspace)      # rows past lengths[h] are never read
-    _fill(bk, bv, bids, steady_k, steady_v, steady_ids, meta.keys, meta.values, meta.ids, meta.offsets,
-          np.ascontiguousarray(retrieval), starts)
-    return ExecBuffer(bk, bv, bids, lengths)
-
-
-@nb.njit(cache=True, inline="always", fastmath=_FLAGS)
-def _score_rows(q, h, src, a, b, s, at, scale):
-    """Scores of the rows ``a:b`` of ``src[h]`` for the G query heads, into ``s[:, at:]``."""
-    g, d = q.shape[1], q.shape[2]
-    for t in range(a, b):
-        for r in range(g):
-            acc = np.float32(0.0)
-            for x in range(d):
-                acc += q[h, r, x] * src[h, t, x]
-            s[r, at + t - a] = acc * scale
-
-
-@nb.njit(cache=True, inline="always", fastmath=_FLAGS)
-def _weigh_rows(h, src, a, b, s, at, m, den, acc):
-    """Adds ``exp(s - m)`` to ``den`` and ``exp(s - m) * v`` to ``acc`` for the rows ``a:b`` of ``src[h]``."""
-    g, dv = acc.shape
-    for t in range(a, b):
-        for r in range(g):
-            if m[r] == -np.inf:
-                continue
-            w = np.float32(math.exp(s[r, at + t - a] - m[r]))
-            den[r] += w
-            for x in range(dv):
-                acc[r, x] += w * src[h, t, x]
-
-
-@nb.njit(cache=True, inline="always", fastmath=_FLAGS)
-def _row_max(s):
-    """Per query head, the max score and whether a NaN is among the scores (max() drops NaN)."""
-    g, n = s.shape
-    m = np.full(g, -np.inf, dtype=np.float32)
-    nan = np.zeros(g, dtype=np.bool_)
-    for r in range(g):
-        for j in range(n):
-            m[r] = max(m[r], s[r, j])
-            nan[r] = nan[r] or s[r, j] != s[r, j]
-    return m, nan
-
-
-@nb.njit(cache=True, inline="always", fastmath=_FLAGS)
-def _finish(h, m, nan, den, acc, out, lse):
-    """``out[h] = acc / den`` and ``lse[h] = m + log den``; NaN rows stay NaN, empty rows (0, -inf)."""
-    g, dv = acc.shape
-    for r in range(g):
-        if nan[r]:
-            out[h, r, :] = np.nan
-            lse[h, r] = np.nan
-        elif den[r] > 0:
-            for x in range(dv):
-                out[h, r, x] = acc[r, x] / den[r]
-            lse[h, r] = m[r] + np.float32(math.log(den[r]))
-
-
-@nb.njit(parallel=True, cache=True, fastmath=_FLAGS)
-def _attend_buffer(q, bk, bv, lengths, scale):
-    hkv, g, _ = q.shape
-    dv = bv.shape[2]
-    out = np.zeros((hkv, g, dv), dtype=np.float32)
-    lse = np.full((hkv, g), -np.inf, dtype=np.float32)
-    for h in nb.prange(hkv):
-        n = lengths[h]
-        s = np.empty((g, n), dtype=np.float32)
-        _score_rows(q, h, bk, 0, n, s, 0, scale)             # scores: each key row loaded once for the G heads
-        m, nan = _row_max(s)
-        den = np.zeros(g, dtype=np.float32)
-        acc = np.zeros((g, dv), dtype=np.float32)
-        _weigh_rows(h, bv, 0, n, s, 0, m, den, acc)           # values: each row loaded once for the G heads
-        _finish(h, m, nan, den, acc, out, lse)
-    return out, lse
-
-
-@nb.njit(cache=True, fastmath=_FLAGS)
-def _attend_head(q, h, steady_k, steady_v, steady_ids, mk, mv, mids, offsets, retrieval, n, scale, out, lse, ids):
-    """Exact attention of head ``h`` over its steady zone and retrieved clusters (``n`` rows in all),
-    read where they lie; the rows' token ids into ``ids[h, :n]``."""
-    g, dv = q.shape[1], steady_v.shape[2]
-    n_steady = steady_k.shape[1]
-    s = np.empty((g, n), dtype=np.float32)
-    _score_rows(q, h, steady_k, 0, n_steady, s, 0, scale)            # the steady zone, then each cluster
-    at = n_steady
-    for t in range(n_steady):
-        ids[h, t] = steady_ids[t]
-    for c in retrieval:
-        a, b = offsets[h, c], offsets[h, c + 1]
-        _score_rows(q, h, mk, a, b, s, at, scale)
-        for t in range(a, b):
-            ids[h, at + t - a] = mids[h, t]
-        at += b - a
-    m, nan = _row_max(s)
-    den = np.zeros(g, dtype=np.float32)
-    acc = np.zeros((g, dv), dtype=np.float32)
-    _weigh_rows(h, steady_v, 0, n_steady, s, 0, m, den, acc)
-    at = n_steady
-    for c in retrieval:
-        a, b = offsets[h, c], offsets[h, c + 1]
-        _weigh_rows(h, mv, a, b, s, at, m, den, acc)
-        at += b - a
-    _finish(h, m, nan, den, acc, out, lse)
-
-
-@nb.njit(parallel=True, cache=True, fastmath=_FLAGS)
-def _attend_in_place(q, steady_k, steady_v, steady_ids, mk, mv, mids, offsets, retrieval, lengths, scale):
-    hkv, g, _ = q.shape
-    dv = steady_v.shape[2]
-    out = np.zeros((hkv, g, dv), dtype=np.float32)
-    lse = np.full((hkv, g), -np.inf, dtype=np.float32)
-    ids = np.empty((hkv, lengths.max() if hkv else 0), dtype=np.int64)
-    for h in nb.prange(hkv):
-        _attend_head(q, h, steady_k, steady_v, steady_ids, mk, mv, mids, offsets, retrieval[h], lengths[h], scale,
-                     out, lse, ids)
-    return out, lse, ids
-
-
-def attend_retrieved(q, meta, steady_k, steady_v, steady_ids, retrieval, scale, workspace=None):
-    """Same contract as :func:`retrokv.reference.wave_index.attend_retrieved`, without the copy: one kernel
-    reads the steady zone and each retrieved cluster's contiguous rows where they lie."""
-    if any_cupy(q, steady_k, meta.keys):
-        return cuda("wave_index").attend_retrieved(q, meta, steady_k, steady_v, steady_ids, retrieval, scale,
-                                                   workspace)
-    hkv, n_steady, d = steady_k.shape
-    retrieval = np.ascontiguousarray(retrieval, dtype=np.int64)
-    sizes = np.take_along_axis(meta.sizes, retrieval, axis=1)
-    lengths = (n_steady + sizes.sum(axis=1)).astype(np.int64)
-    qb = np.ascontiguousarray(np.asarray(q, dtype=np.float32).reshape(hkv, -1, d))
-    out, lse, ids = _attend_in_place(qb, steady_k, steady_v, np.asarray(steady_ids, dtype=np.int64), meta.keys,
-                                     meta.values, meta.ids, meta.offsets, retrieval, lengths, np.float32(scale))
-    return (out.reshape(q.shape[0], -1), lse.reshape(q.shape[0]),
-            [ids[h, :lengths[h]] for h in range(hkv)])
-
-
-def attend_execution_buffer(q, buf, scale):
-    """Same contract as :func:`retrokv.reference.wave_index.attend_execution_buffer`: one kernel for
-    every KV head (each head's rows ``:lengths[h]``), scores then values, each row read once."""
-    if any_cupy(q, buf.keys):
-        return cuda("wave_index").attend_execution_buffer(q, buf, scale)
-    hkv, _, d = buf.keys.shape
-    qb = np.ascontiguousarray(np.asarray(q, dtype=np.float32).reshape(hkv, -1, d))
-    out, lse = _attend_buffer(qb, buf.keys, buf.values, np.asarray(buf.lengths, dtype=np.int64),
-                              np.float32(scale))
-    return out.reshape(q.shape[0], -1), lse.reshape(q.shape[0])
 
 
 @nb.njit(cache=True, fastmath=_FLAGS)
