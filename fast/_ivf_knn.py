@@ -14,6 +14,7 @@ import numpy as np
 
 from ..reference.graph_index import _BLOCK
 from ._dispatch import blas_one_thread
+from ._ivf_scan import ivf_scan as _ivf_scan
 from ._topk import select_block
 
 # IVF over the keys, one layout per KV head.
@@ -44,25 +45,52 @@ def _use_ivf(n, k):
     return n >= _IVF_MIN_KEYS and 4 * _scan_size(n, k) <= n
 
 
+@nb.njit(parallel=True, cache=True)
+def _assign(scores, half, assign):
+    """``assign[i] = argmax_r scores[i, r] - half[r]`` (the first of equal maxima, as ``np.argmax``)."""
+    n, c = scores.shape
+    for i in nb.prange(n):
+        best, bi = scores[i, 0] - half[0], 0
+        for r in range(1, c):
+            v = scores[i, r] - half[r]
+            if v > best:
+                best, bi = v, r
+        assign[i] = bi
+
+
+@nb.njit(cache=True)
+def _update(keys, assign, cent):
+    """Each non-empty cluster's centroid becomes the float64 mean of its keys (summed in key order)."""
+    n, d = keys.shape
+    c = cent.shape[0]
+    sums = np.zeros((c, d), dtype=np.float64)
+    counts = np.zeros(c, dtype=np.int64)
+    for i in range(n):
+        b = assign[i]
+        counts[b] += 1
+        for x in range(d):
+            sums[b, x] += keys[i, x]
+    for b in range(c):
+        if counts[b] > 0:
+            for x in range(d):
+                cent[b, x] = np.float32(sums[b, x] / counts[b])
+
+
 def _kmeans(keys, c):
     """Euclidean k-means of ``keys (n, d)`` into ``c`` clusters: ``(centroids, assign)``, deterministic.
 
-    Seeds: ``c`` keys drawn with a fixed seed; assignment by ``argmax k.c - |c|^2 / 2`` (one BLAS call);
-    an emptied cluster keeps its centroid.
+    Seeds: ``c`` keys drawn with a fixed seed; assignment by ``argmax k.c - |c|^2 / 2`` (one BLAS call,
+    then :func:`_assign`); an emptied cluster keeps its centroid (:func:`_update`).
     """
     n = len(keys)
     cent = keys[np.sort(np.random.default_rng(0).choice(n, c, replace=False))].astype(np.float32)
+    assign = np.empty(n, dtype=np.int64)
     for it in range(_IVF_ITERS + 1):
         half = (0.5 * (cent.astype(np.float64) ** 2).sum(1)).astype(np.float32)
-        assign = np.argmax(keys @ cent.T - half, axis=1)
+        _assign(keys @ cent.T, half, assign)
         if it == _IVF_ITERS:
             break
-        order = np.argsort(assign, kind="stable")
-        counts = np.bincount(assign, minlength=c)
-        starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
-        nz = counts > 0
-        sums = np.add.reduceat(keys[order].astype(np.float64), starts[nz], axis=0)
-        cent[nz] = (sums / counts[nz, None]).astype(np.float32)
+        _update(keys, assign, cent)
     return cent, assign
 
 
@@ -75,7 +103,7 @@ def _layout(keys):
     import hashlib
 
     keys = np.ascontiguousarray(keys, dtype=np.float32)
-    tag = (keys.shape, hashlib.blake2b(keys.view(np.uint8), digest_size=16).digest())
+    tag = (keys.shape, hashlib.sha256(keys.view(np.uint8)).digest())   # SHA extensions: ~2x blake2b here
     if tag in _layout_cache:
         return _layout_cache[tag]
     n = len(keys)
@@ -89,119 +117,6 @@ def _layout(keys):
     _layout_cache.clear()
     _layout_cache[tag] = lay
     return lay
-
-
-_NBUCKET = 256           # score buckets of the per-query selection in _ivf_scan
-
-
-@nb.njit(cache=True, inline="always")
-def _bucket(v, lo, scale):
-    """Score ``v``'s bucket in ``[0, _NBUCKET)``: linear from ``lo`` (monotone in ``v``). A score at or
-    below ``lo`` (and ``-inf``) goes to bucket 0, and so does every score when a dot product overflowed to
-    ``inf`` (``scale`` is then 0 and ``inf * 0`` is NaN): the selection stays exact, only slower."""
-    x = (v - lo) * scale
-    return min(int(x), _NBUCKET - 1) if x > 0 else 0
-
-
-@nb.njit(cache=True)
-def _top_sorted(sv, si, m, k, lo, hi, hist, tv, ti, out_row):
-    """The best ``k`` of the ``m`` scanned candidates ``(sv, si)``, best first (score desc, id asc), into ``out_row``.
-
-    ``lo``, ``hi``: the least and the greatest score above ``-inf`` (the scan tracks them as it scores,
-    which saves a pass over the candidates; ``lo = inf`` when there is none).
-    Bucket select: scores are binned linearly between their min and max (a monotone map, so every
-    candidate scoring at least the k-th best lands in its bucket or above), the histogram gives the
-    k-th best's bucket, and the candidates from that bucket up (about ``k`` of them) are scattered
-    into ``(tv, ti)`` in bucket order, best bucket first (a counting sort). What is left out of order
-    is only within a bucket, so the closing insertion sort is near-linear; on the raw candidates it
-    made ~k^2/4 branchy moves per query, the largest cost of the graph build's query kNN at k = 100.
-    Branch-light passes over the candidates: a heap updated per key, or a quickselect, cost more than
-    the dot products (measured on SmolLM2 keys).
-    """
-    scale = (_NBUCKET - 1) / (hi - lo) if hi > lo else 0.0
-    hist[:] = 0
-    for j in range(m):
-        v = sv[j]
-        bkt = _bucket(v, lo, scale)
-        hist[bkt] += 1
-    need, cut = k, _NBUCKET - 1
-    while cut > 0 and hist[cut] < need:
-        need -= hist[cut]
-        cut -= 1
-    c = 0
-    for b in range(_NBUCKET - 1, cut - 1, -1):            # hist[b] becomes bucket b's first slot
-        nb_ = hist[b]
-        hist[b] = c
-        c += nb_
-    for j in range(m):                                    # scatter, best bucket first
-        v = sv[j]
-        bkt = _bucket(v, lo, scale)
-        if bkt >= cut:
-            p = hist[bkt]
-            tv[p], ti[p] = v, si[j]
-            hist[bkt] = p + 1
-    for x in range(1, c):                                 # insertion sort: score desc, id asc
-        v, w = tv[x], ti[x]
-        y = x
-        while y > 0 and (tv[y - 1] < v or (tv[y - 1] == v and ti[y - 1] > w)):
-            tv[y], ti[y] = tv[y - 1], ti[y - 1]
-            y -= 1
-        tv[y], ti[y] = v, w
-    for r in range(k):
-        out_row[r] = ti[r]
-
-
-@nb.njit(parallel=True, cache=True, fastmath={"reassoc", "contract", "nsz"})
-def _ivf_scan(queries, cs, kc, ids, off, bias, use_bias, self_ids, k, min_scan, out):
-    """Each query scores its best clusters by ``cs`` (best first) until ``>= min_scan`` keys: top-``k`` ids.
-
-    The scanned keys' scores go to a scratch row; one bucket selection per query
-    (:func:`_top_sorted`) returns the exact top ``k`` of them, ties by the lower id. ``fastmath`` lets
-    LLVM vectorise the float32 dot (the sum order differs from BLAS: near-ties may swap, see ``_ivf_knn``);
-    only reassociation, so infinities keep their meaning. Row ``i`` never returns key ``self_ids[i]``
-    (``-1``: no exclusion).
-    """
-    t, d = queries.shape
-    c = cs.shape[1]
-    n = kc.shape[0]
-    nchunk = min(t, 64)
-    per = (t + nchunk - 1) // nchunk
-    for ch in nb.prange(nchunk):
-        taken = np.empty(c, dtype=np.bool_)
-        sv = np.empty(n, dtype=np.float32)
-        si = np.empty(n, dtype=np.int64)
-        hist = np.empty(_NBUCKET, dtype=np.int64)
-        tv = np.empty(n, dtype=np.float32)
-        ti = np.empty(n, dtype=np.int64)
-        for i in range(ch * per, min(t, (ch + 1) * per)):
-            taken[:] = False
-            m = 0
-            got = 0
-            lo, hi = np.inf, -np.inf                      # float64, as the bucket arithmetic (no overflow)
-            while got < min_scan or m < k:
-                best, bc = -np.inf, -1
-                for r in range(c):                        # next best cluster (about 10% are taken)
-                    if not taken[r] and (bc < 0 or cs[i, r] > best):
-                        best, bc = cs[i, r], r
-                if bc < 0:
-                    break
-                taken[bc] = True
-                got += off[bc + 1] - off[bc]
-                for j in range(off[bc], off[bc + 1]):
-                    idx = ids[j]
-                    if idx == self_ids[i]:
-                        continue
-                    v = np.float32(0.0)
-                    for x in range(d):
-                        v += queries[i, x] * kc[j, x]
-                    if use_bias:
-                        v += bias[idx]
-                    sv[m], si[m] = v, idx
-                    m += 1
-                    if v > -np.inf:
-                        lo = min(lo, np.float64(v))
-                        hi = max(hi, np.float64(v))
-            _top_sorted(sv, si, m, min(k, m), lo, hi, hist, tv, ti, out[i])
 
 
 def _ivf_knn(queries, keys, k, bias=None, exclude_self=False):
@@ -240,8 +155,8 @@ def _ivf_knn_one_blas_thread(queries, keys, k, bias, exclude_self):
             exact += bias
         if exclude_self:
             exact[np.arange(len(sample)), sample] = -np.inf
-        want = np.argpartition(-exact, k - 1, axis=1)[:, :k]   # ties at the k-th score: any of them
-        hit = (np.sort(got, 1)[:, :, None] == want[:, None, :]).any(2).mean()
+        kth = np.partition(exact, n - k, axis=1)[:, n - k]      # each row's k-th best exact score
+        hit = (np.take_along_axis(exact, got, 1) >= kth[:, None]).mean()   # a tie at the k-th counts as a hit
         if hit >= _IVF_MIN_RECALL:
             break
         scan *= 2
