@@ -3,7 +3,9 @@
 Above ``_IVF_MIN_KEYS`` keys the fast build's kNN scans only the keys of each query's best clusters,
 so its lists (and the graph) differ from the reference's. What must hold instead:
 
-* scanning every cluster, the heap kernel returns exactly the reference's ids, ties included;
+* scanning every cluster, the scan returns exactly the reference's ids, ties included; scanning a
+  part, it takes each query's clusters best first and returns the exact top k of what it scored;
+* the k-means kernels give NumPy Lloyd's centroids and assignment bit for bit;
 * on keys with cluster structure the lists are nearly exact, and on structureless keys (isotropic
   Gaussian, the adversarial case: ~0.5 recall at a 10% scan) the self-check raises the scan;
 * a graph built from the IVF lists searches as well as one built from the exact lists;
@@ -83,6 +85,64 @@ def test_ivf_scan_selects_exactly_when_scores_overflow_to_inf(n, k, seed):
     ivf._ivf_scan(queries, cs, kc, ids, off, np.zeros(1, dtype=np.float32), False, np.full(len(queries), -1),
                   k, n, out)
     np.testing.assert_array_equal(out, rg.knn(queries, keys, k))
+
+
+@given(st.integers(1, 30), st.integers(20, 200), st.integers(1, 15), st.integers(1, 120), st.booleans(),
+       st.integers(0, 2**31 - 1))
+def test_ivf_partial_scan_takes_clusters_best_first(t, n, k, min_scan, use_bias, seed):
+    """A partial scan (``min_scan < n``) scores the keys of each query's clusters in the order of ``cs``
+    (ties by the lower cluster id; ``-inf`` clusters last), stopping once ``min_scan`` keys and ``k``
+    keys other than the query's own are covered; the row is the exact top ``k`` of what it scored.
+    Oracle: a stable argsort of ``-cs`` and the reference kNN over the scanned keys. ``cs`` has ties and
+    ``-inf`` entries; integer data keeps every dot product exact."""
+    rng = np.random.default_rng(seed)
+    keys = rng.integers(-2, 3, size=(n, 4)).astype(np.float32)
+    queries = np.ascontiguousarray(keys[:min(t, n)])                 # self keys: the own key is skipped
+    bias = rng.integers(-2, 3, size=n).astype(np.float32) if use_bias else None
+    k = min(k, n - 1)
+    ivf._layout_cache.clear()
+    cent, half, kc, ids, off = ivf._layout(keys)
+    cs = rng.integers(-3, 3, (len(queries), len(cent))).astype(np.float32)
+    cs[rng.random(cs.shape) < 0.2] = -np.inf
+    out = np.full((len(queries), k), -1, dtype=np.int64)
+    ivf._ivf_scan(queries, cs, kc, ids, off, bias if use_bias else np.zeros(1, dtype=np.float32), use_bias,
+                  np.arange(len(queries)), k, min_scan, out)
+    for i, q in enumerate(queries):
+        scanned, got = [], 0
+        for b in np.argsort(-cs[i], kind="stable"):
+            if got >= min_scan and len(scanned) - (i in scanned) >= k:
+                break
+            scanned += list(ids[off[b]:off[b + 1]])
+            got += off[b + 1] - off[b]
+        cand = np.array(sorted(set(scanned) - {i}))
+        score = keys[cand] @ q + (bias[cand] if use_bias else 0)
+        want = cand[np.lexsort((cand, -score))][:k]                  # score desc, id asc
+        np.testing.assert_array_equal(out[i], want)
+
+
+@given(st.integers(8, 200), st.integers(2, 12), st.integers(1, 6), st.integers(0, 2**31 - 1))
+def test_kmeans_kernels_are_numpy_lloyd(n, c, d, seed):
+    """The Numba k-means (``_assign``, ``_update``) against Lloyd's iterations in NumPy (BLAS scores,
+    ``np.argmax``, float64 means by ``np.add.reduceat``): the same centroids and assignment, bit for
+    bit, on integer keys where ties between centroids are common (the first maximum wins)."""
+    rng = np.random.default_rng(seed)
+    keys = rng.integers(-2, 3, size=(n, d)).astype(np.float32)
+    c = min(c, n)
+    cent = keys[np.sort(np.random.default_rng(0).choice(n, c, replace=False))].astype(np.float32)
+    for it in range(ivf._IVF_ITERS + 1):
+        half = (0.5 * (cent.astype(np.float64) ** 2).sum(1)).astype(np.float32)
+        assign = np.argmax(keys @ cent.T - half, axis=1)
+        if it == ivf._IVF_ITERS:
+            break
+        order = np.argsort(assign, kind="stable")
+        counts = np.bincount(assign, minlength=c)
+        nz = counts > 0
+        starts = np.concatenate(([0], np.cumsum(counts)[:-1]))[nz]
+        sums = np.add.reduceat(keys[order].astype(np.float64), starts, axis=0)
+        cent[nz] = (sums / counts[nz, None]).astype(np.float32)
+    got_cent, got_assign = ivf._kmeans(keys, c)
+    np.testing.assert_array_equal(got_cent, cent)
+    np.testing.assert_array_equal(got_assign, assign)
 
 
 def test_ivf_partial_scan_returns_sorted_distinct_valid_ids(rng):
