@@ -18,9 +18,9 @@ little memory as possible, once:
 
 A decode step is small: below :data:`~retrokv.fast._dispatch.PARALLEL_MIN_WORK` multiply-adds its
 kernels run on one thread (:func:`~retrokv.fast._dispatch.threads_for`), so that a busy core never
-stalls a step at a barrier; below :data:`FUSED_MAX_WORK` the driver's steps run as one kernel
-(:func:`_decode_step`) built from the per-head kernels the composed path runs in parallel loops, so
-the two paths give the same bits.
+stalls a step at a barrier; below :data:`FUSED_MAX_WORK`, or with more KV heads than threads, the
+driver's steps run as one kernel (:func:`_decode_step`) built from the per-head kernels the composed
+path runs in parallel loops, so the two paths give the same bits.
 
 Building the index (``build_meta_index``, ``concat_meta``: clustering, the cluster-sorted KV copy, the
 metadata on transparent huge pages) is in :mod:`retrokv.fast._wave_build`, and the exact zone's kernels
@@ -55,9 +55,20 @@ __all__ = ["MetaIndex", "ExecBuffer", "Zones", "Workspace", "empty_meta", "build
            "attend_retrieved", "estimate_partial", "estimation_as_pseudo_tokens", "tripartite_attention"]
 
 _CHUNK = 256                                      # centroids per work item
-# a step with less work (query heads x d x (clusters + steady tokens)) runs as one kernel, _decode_step;
-# a larger one as the composed kernels, whose parallel loops split the clusters, not only the KV heads
+# a step with less work (query heads x d x (clusters + steady tokens)) runs as one kernel, _decode_step,
+# and so does a larger one with more KV heads than threads (its parallel loop is over the KV heads). With
+# fewer KV heads than threads (e.g. one, MQA) a large step runs as the composed kernels, whose parallel
+# loops split the clusters. Measured at 128K tokens on 2 threads (Hkv=8, G=4, d=128): fused 6.4 ms,
+# composed 7.0-8.0 ms; Hkv=3: 2.4-2.8 vs 2.6-4.5 ms; Hkv=1: 2.1-2.5 vs 2.0-2.4 ms (docs/benchmarks.md).
 FUSED_MAX_WORK = 1 << 22
+
+
+def _fused(work, hkv):
+    """Whether a step of ``work`` multiply-adds over ``hkv`` KV heads runs as :func:`_decode_step` (inside
+    :func:`~retrokv.fast._dispatch.threads_for`, which sets the thread count first)."""
+    return work < FUSED_MAX_WORK or hkv > nb.get_num_threads()
+
+
 @nb.njit(cache=True, fastmath=_FLAGS)
 def _score_centroids(qb, cent, sizes, scale, h, i0, i1, scores):
     """Scores of head ``h``'s centroids ``i0:i1`` for its G query heads; empty clusters get ``-inf``."""
@@ -260,10 +271,11 @@ def tripartite_attention(q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_
     """The reference driver :func:`retrokv.reference.wave_index.tripartite_attention` with this module's kernels
     (the CUDA kernels of :mod:`retrokv.fast.cuda.wave_index` for CuPy input).
 
-    A step below :data:`FUSED_MAX_WORK` (e.g. a 32K-token decode step) without a custom ``gather`` runs
-    the driver's four steps as ONE kernel (:func:`_decode_step`, built from the same per-head kernels):
-    such a step computes for well under a millisecond, so the dozen NumPy calls and kernel launches
-    between the steps are worth saving."""
+    A step below :data:`FUSED_MAX_WORK` (e.g. a 32K-token decode step), or with more KV heads than Numba
+    threads, without a custom ``gather`` runs the driver's four steps as ONE kernel (:func:`_decode_step`,
+    built from the same per-head kernels, parallel over the KV heads): a small step computes for well
+    under a millisecond, so the dozen NumPy calls and kernel launches between the steps are worth
+    saving, and a large one reads each KV head's centroids and clusters once, in one pass."""
     if ops is None and any_cupy(q, steady_k, steady_v):
         ops = cuda("wave_index")
     elif ops is None:
@@ -272,7 +284,7 @@ def tripartite_attention(q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_
         scale = 1.0 / np.sqrt(d) if scale is None else scale
         work = hq * d * (meta.centroids.shape[1] + steady_k.shape[1])        # centroid scores + steady zone
         with threads_for(work):
-            if gather is None and work < FUSED_MAX_WORK:
+            if gather is None and _fused(work, meta.centroids.shape[0]):
                 res = _fused_step(q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_estimate, scale)
                 if res is not None:
                     return res

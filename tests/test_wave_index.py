@@ -400,8 +400,9 @@ def test_fast_zone_selection_equals_the_stable_sort(hkv, c, r, e, seed, kind):
 
 @given(cases(), st.sampled_from(["finite", "nan_q"]))
 def test_fused_small_step_equals_the_composed_kernels(case, kind):
-    """A small fast step runs the driver as one kernel (``_decode_step``); forcing the composed path
-    (every step "large") must give the same zones and the same bits, NaN inputs included."""
+    """A fast step runs the driver as one kernel (``_decode_step``) when it is small or has more KV heads
+    than threads; forcing the composed path must give the same zones and the same bits, NaN inputs
+    included."""
     from retrokv.fast import wave_index as fast_wi
 
     k, v, q, n, cfg = case
@@ -410,12 +411,12 @@ def test_fused_small_step_equals_the_composed_kernels(case, kind):
         q[0, 0] = np.nan
     idx = grow(k, v, n, cfg, "fast")
     fused = idx.attend(q, return_lse=True, check_finite=False), idx.last_stats
-    old = fast_wi.FUSED_MAX_WORK
-    fast_wi.FUSED_MAX_WORK = 0
+    old = fast_wi._fused
+    fast_wi._fused = lambda work, hkv: False
     try:
         composed = idx.attend(q, return_lse=True, check_finite=False), idx.last_stats
     finally:
-        fast_wi.FUSED_MAX_WORK = old
+        fast_wi._fused = old
     (fo, fl), fs = fused
     (co, cl), cs = composed
     assert np.array_equal(fs.retrieval_clusters, cs.retrieval_clusters)
