@@ -1,4 +1,4 @@
-"""The IVF scan of the graph build's approximate kNN (fast path only): one fused kernel per block of queries.
+"""The IVF scan of the graph build's approximate kNN (fast path only): one fused kernel, parallel over queries.
 
 :func:`ivf_scan` is what :func:`retrokv.fast._ivf_knn._ivf_knn` runs once it has the layout (clusters
 of the keys, keys stored cluster by cluster) and every query's cluster scores ``cs``. Per query:
@@ -24,7 +24,8 @@ _NBUCKET = 256           # score buckets of the per-query selection
 
 @nb.njit(cache=True, fastmath={"nnan", "nsz"})
 def _row_max(row):
-    """The greatest of ``row`` (a vectorised reduction)."""
+    """The greatest of ``row`` (a vectorised reduction: ``nnan`` lets LLVM use vector max; a NaN in
+    ``row`` may or may not win, and :func:`_next_cluster` then takes the clusters left in id order)."""
     best = np.float32(-np.inf)
     for r in range(row.shape[0]):
         best = max(best, row[r])
