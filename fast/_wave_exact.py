@@ -11,8 +11,9 @@ fused decode step calls :func:`_attend_head`.
   for every KV head, the G query heads of a group sharing each key and value load;
 * :func:`attend_execution_buffer`: the same kernel over a filled buffer.
 
-Scores, then one max per query head, then ``exp(s - max)``-weighted values: ``(out, lse)`` partials
-that :func:`~retrokv.fast.attention.merge_partials` merges with the estimation zone's.
+Scores, then one max per query head, then the weights ``exp(s - max)`` in place (a vectorised loop,
+:func:`~retrokv.fast._exp.exp_shifted`), then the weighted values: ``(out, lse)`` partials that
+:func:`~retrokv.fast.attention.merge_partials` merges with the estimation zone's.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import numpy as np
 from retrokv.reference.wave_index import ExecBuffer
 
 from ._dispatch import any_cupy, cuda
+from ._exp import exp_shifted
 
 _FLAGS = {"reassoc", "contract", "nsz", "arcp"}   # vectorise dot products; keep inf semantics (shared with wave_index)
 
@@ -90,17 +92,27 @@ def _score_rows(q, h, src, a, b, s, at, scale):
 
 
 @nb.njit(cache=True, inline="always", fastmath=_FLAGS)
-def _weigh_rows(h, src, a, b, s, at, m, den, acc):
-    """Adds ``exp(s - m)`` to ``den`` and ``exp(s - m) * v`` to ``acc`` for the rows ``a:b`` of ``src[h]``."""
+def _to_weights(s, m):
+    """``s[r] = exp(s[r] - m[r])`` in place, for the query heads with a score (``m[r] > -inf``)."""
+    scratch = np.empty(2 * s.shape[1], dtype=np.float32)
+    for r in range(s.shape[0]):
+        if m[r] != -np.inf:
+            exp_shifted(s[r], m[r], s[r], scratch)
+
+
+@nb.njit(cache=True, inline="always", fastmath=_FLAGS)
+def _weigh_rows(h, src, a, b, w, at, m, den, acc):
+    """Adds the weight ``w[r, at + t - a]`` (from :func:`_to_weights`) to ``den[r]`` and the weighted
+    row ``t`` of ``src[h]`` to ``acc[r]``, for the rows ``a:b``."""
     g, dv = acc.shape
     for t in range(a, b):
         for r in range(g):
             if m[r] == -np.inf:
                 continue
-            w = np.float32(math.exp(s[r, at + t - a] - m[r]))
-            den[r] += w
+            wt = w[r, at + t - a]
+            den[r] += wt
             for x in range(dv):
-                acc[r, x] += w * src[h, t, x]
+                acc[r, x] += wt * src[h, t, x]
 
 
 @nb.njit(cache=True, inline="always", fastmath=_FLAGS)
@@ -141,6 +153,7 @@ def _attend_buffer(q, bk, bv, lengths, scale):
         s = np.empty((g, n), dtype=np.float32)
         _score_rows(q, h, bk, 0, n, s, 0, scale)             # scores: each key row loaded once for the G heads
         m, nan = _row_max(s)
+        _to_weights(s, m)
         den = np.zeros(g, dtype=np.float32)
         acc = np.zeros((g, dv), dtype=np.float32)
         _weigh_rows(h, bv, 0, n, s, 0, m, den, acc)           # values: each row loaded once for the G heads
@@ -166,6 +179,7 @@ def _attend_head(q, h, steady_k, steady_v, steady_ids, mk, mv, mids, offsets, re
             ids[h, at + t - a] = mids[h, t]
         at += b - a
     m, nan = _row_max(s)
+    _to_weights(s, m)
     den = np.zeros(g, dtype=np.float32)
     acc = np.zeros((g, dv), dtype=np.float32)
     _weigh_rows(h, steady_v, 0, n_steady, s, 0, m, den, acc)

@@ -44,6 +44,7 @@ from retrokv.reference.wave_index import (ExecBuffer, MetaIndex, Workspace, Zone
 
 from . import _dispatch
 from ._dispatch import any_cupy, cuda, require_numpy, threads_for
+from ._exp import exp_shifted
 from ._wave_exact import (_FLAGS, _attend_head, attend_execution_buffer, attend_retrieved,  # the exact zone
                           gather_execution_buffer)
 from ._wave_build import build_meta_index, concat_meta
@@ -102,6 +103,7 @@ def _centroid_scores(qb, cent, sizes, scale):
 def _rank_head(scores, h, p, rank):
     """``rank[h]``: the softmax of each of head ``h``'s G query heads (``p (G, C)`` scratch), summed over the group."""
     g, c = p.shape
+    scratch = np.empty(2 * c, dtype=np.float32)
     for r in range(g):
         m = np.float32(-np.inf)
         for i in range(c):
@@ -110,9 +112,9 @@ def _rank_head(scores, h, p, rank):
             for i in range(c):
                 p[r, i] = 0.0
             continue
+        exp_shifted(scores[h, r], m, p[r], scratch)
         z = np.float32(0.0)
         for i in range(c):
-            p[r, i] = np.exp(scores[h, r, i] - m)
             z += p[r, i]
         inv = np.float32(1.0) / z
         for i in range(c):
@@ -169,17 +171,22 @@ def _estimate_row(scores, sizes, value_sums, h, r, est, out, lse):
     """Eq. 2's estimate for query head ``r`` of KV head ``h`` over the estimation clusters ``est``."""
     dv = out.shape[2]
     m = np.float32(-np.inf)
-    for i in est:
-        m = max(m, scores[h, r, i])
+    w = np.empty(len(est), dtype=np.float32)
+    for j in range(len(est)):
+        w[j] = scores[h, r, est[j]]
+        m = max(m, w[j])
+    if m == -np.inf:                                  # only empty clusters: no estimate
+        return
+    exp_shifted(w, m, w, np.empty(2 * len(est), dtype=np.float32))
     den = np.float32(0.0)
     acc = np.zeros(dv, dtype=np.float32)
-    for i in est:
+    for j in range(len(est)):
+        i = est[j]
         if sizes[h, i] == 0:
             continue
-        w = np.float32(math.exp(scores[h, r, i] - m))
-        den += w * np.float32(sizes[h, i])            # the size weights the denominator only
+        den += w[j] * np.float32(sizes[h, i])         # the size weights the denominator only
         for x in range(dv):                           # numerator: exp(score) * value sum
-            acc[x] += w * value_sums[h, i, x]
+            acc[x] += w[j] * value_sums[h, i, x]
     if den > 0:
         for x in range(dv):
             out[h, r, x] = acc[x] / den
