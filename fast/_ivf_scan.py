@@ -19,17 +19,9 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
+from ._softmax import max_of
+
 _NBUCKET = 256           # score buckets of the per-query selection
-
-
-@nb.njit(cache=True, fastmath={"nnan", "nsz"})
-def _max_of(row):
-    """The greatest of ``row`` (a vectorised reduction: ``nnan`` lets LLVM use vector max; a NaN in
-    ``row`` may or may not win, and :func:`_next_cluster` then takes the clusters left in id order)."""
-    best = np.float32(-np.inf)
-    for r in range(row.shape[0]):
-        best = max(best, row[r])
-    return best
 
 
 @nb.njit(cache=True)
@@ -87,7 +79,7 @@ def _top_sorted(sv, si, m, k, lo, hi, hist, bk, tv, ti, out_row):
 def _next_cluster(row, taken):
     """Step 1: the best cluster of ``row`` not ``taken`` (ties: the lower id), marked taken (its score
     set to ``-inf``); clusters scoring ``-inf`` or NaN come last, in id order; ``-1`` when none is left."""
-    best = _max_of(row)
+    best = max_of(row)
     bc = -1
     if best > -np.inf:                          # never a taken cluster: those score -inf
         for r in range(row.shape[0]):

@@ -12,7 +12,7 @@ fused decode step calls :func:`_attend_head`.
 * :func:`attend_execution_buffer`: the same kernel over a filled buffer.
 
 Scores, then one max per query head, then the weights ``exp(s - max)`` in place (a vectorised loop,
-:func:`~retrokv.fast._exp.exp_shifted`), then the weighted values: ``(out, lse)`` partials that
+:func:`~retrokv.fast._softmax.exp_shifted`), then the weighted values: ``(out, lse)`` partials that
 :func:`~retrokv.fast.attention.merge_partials` merges with the estimation zone's.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ import numpy as np
 from retrokv.reference.wave_index import ExecBuffer
 
 from ._dispatch import any_cupy, cuda
-from ._exp import exp_shifted
+from ._softmax import exp_shifted, has_nan, max_of
 
 _FLAGS = {"reassoc", "contract", "nsz", "arcp"}   # vectorise dot products; keep inf semantics (shared with wave_index)
 
@@ -103,28 +103,34 @@ def _to_weights(s, m):
 @nb.njit(cache=True, inline="always", fastmath=_FLAGS)
 def _weigh_rows(h, src, a, b, w, at, m, den, acc):
     """Adds the weight ``w[r, at + t - a]`` (from :func:`_to_weights`) to ``den[r]`` and the weighted
-    row ``t`` of ``src[h]`` to ``acc[r]``, for the rows ``a:b``."""
+    row ``t`` of ``src[h]`` to ``acc[r]``, for the rows ``a:b``.
+
+    One query head at a time over a block of rows: the block (at most 32 rows, 16 KiB at d = 128) is
+    read from memory once and from L1 by the other heads of the group, and each head's inner loop
+    updates one accumulator row (1.5x faster than every head per row, measured at G = 3, d = 64)."""
     g, dv = acc.shape
-    for t in range(a, b):
+    for t0 in range(a, b, 32):
+        t1 = min(t0 + 32, b)
         for r in range(g):
             if m[r] == -np.inf:
                 continue
-            wt = w[r, at + t - a]
-            den[r] += wt
-            for x in range(dv):
-                acc[r, x] += wt * src[h, t, x]
+            for t in range(t0, t1):
+                wt = w[r, at + t - a]
+                den[r] += wt
+                for x in range(dv):
+                    acc[r, x] += wt * src[h, t, x]
 
 
-@nb.njit(cache=True, inline="always", fastmath=_FLAGS)
+@nb.njit(cache=True, inline="always")
 def _row_max(s):
-    """Per query head, the max score and whether a NaN is among the scores (max() drops NaN)."""
-    g, n = s.shape
-    m = np.full(g, -np.inf, dtype=np.float32)
+    """Per query head, the max score and whether a NaN is among the scores (then the max is unspecified:
+    the row's output is NaN whatever it is)."""
+    g = s.shape[0]
+    m = np.empty(g, dtype=np.float32)
     nan = np.zeros(g, dtype=np.bool_)
     for r in range(g):
-        for j in range(n):
-            m[r] = max(m[r], s[r, j])
-            nan[r] = nan[r] or s[r, j] != s[r, j]
+        m[r] = max_of(s[r])
+        nan[r] = has_nan(s[r])
     return m, nan
 
 

@@ -44,7 +44,7 @@ from retrokv.reference.wave_index import (ExecBuffer, MetaIndex, Workspace, Zone
 
 from . import _dispatch
 from ._dispatch import any_cupy, cuda, require_numpy, threads_for
-from ._exp import exp_shifted
+from ._softmax import exp_shifted, max_of
 from ._wave_exact import (_FLAGS, _attend_head, attend_execution_buffer, attend_retrieved,  # the exact zone
                           gather_execution_buffer)
 from ._wave_build import build_meta_index, concat_meta
@@ -105,9 +105,7 @@ def _rank_head(scores, h, p, rank):
     g, c = p.shape
     scratch = np.empty(2 * c, dtype=np.float32)
     for r in range(g):
-        m = np.float32(-np.inf)
-        for i in range(c):
-            m = max(m, scores[h, r, i])
+        m = max_of(scores[h, r])                    # a NaN score makes the row NaN below (p, z)
         if m == -np.inf:                            # every cluster empty: nothing to rank
             for i in range(c):
                 p[r, i] = 0.0
@@ -170,11 +168,10 @@ def select_zones(rank, n_retrieve, n_estimate):
 def _estimate_row(scores, sizes, value_sums, h, r, est, out, lse):
     """Eq. 2's estimate for query head ``r`` of KV head ``h`` over the estimation clusters ``est``."""
     dv = out.shape[2]
-    m = np.float32(-np.inf)
     w = np.empty(len(est), dtype=np.float32)
     for j in range(len(est)):
         w[j] = scores[h, r, est[j]]
-        m = max(m, w[j])
+    m = max_of(w)
     if m == -np.inf:                                  # only empty clusters: no estimate
         return
     exp_shifted(w, m, w, np.empty(2 * len(est), dtype=np.float32))

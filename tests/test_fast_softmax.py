@@ -1,4 +1,4 @@
-"""The fast kernels' vectorised ``exp(x - m)`` (fast/_exp.py) against float64 ``exp``: under one float32
+"""The fast kernels' vectorised ``exp(x - m)`` (fast/_softmax.py) against float64 ``exp``: under one float32
 ulp where the result is a normal number, exactly 0 below ``-87`` and for ``-inf``, NaN for NaN, the same
 bits in place as out of place."""
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import given, strategies as st
 
-from retrokv.fast._exp import exp_shifted
+from retrokv.fast._softmax import exp_shifted, has_nan, max_of
 
 
 def _exp(x, m):
@@ -54,3 +54,17 @@ def test_special_values():
     assert got[0] == 0.0 and np.isnan(got[1]) and got[2] == 1.0 and got[3] == 0.0 and got[4] == 0.0
     assert got[5] > 0.0 and got[6] == 1.0
     assert np.isnan(_exp(np.zeros(3, np.float32), np.nan)).all()   # a NaN shift poisons the row
+
+
+@given(st.lists(st.floats(allow_nan=False, width=32), max_size=200))
+def test_max_of_equals_numpy_max(values):
+    x = np.array(values, np.float32)
+    assert max_of(x) == (x.max() if len(x) else -np.inf)
+    assert not has_nan(x)
+
+
+@given(st.lists(st.floats(-1e3, 1e3, width=32), min_size=1, max_size=200), st.data())
+def test_has_nan_finds_any_nan(values, data):
+    x = np.array(values, np.float32)
+    x[data.draw(st.integers(0, len(x) - 1))] = np.nan
+    assert has_nan(x)

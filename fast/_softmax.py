@@ -1,4 +1,10 @@
-"""A vectorisable ``exp(x - m)`` for the softmax weights of the fast kernels.
+"""The pieces of a float32 softmax row written so that LLVM vectorises them: :func:`max_of`,
+:func:`has_nan`, :func:`exp_shifted` (the fast kernels' softmax weights ``exp(x - m)``).
+
+A loop vectorises when it holds no calls and LLVM may reorder its reduction. A max reduction with
+``max()`` may not be reordered while a NaN could be among the values (IEEE max is not associative then):
+:func:`max_of` is compiled with ``nnan`` and leaves the NaN question to :func:`has_nan`, an integer count
+that vectorises without any fast-math flag. The exp needs more:
 
 Numba lowers ``math.exp`` on float32 to a call of the C library's ``expf``: LLVM cannot vectorise a loop
 around that call without a vector math library (Intel's SVML, which the PyPI llvmlite does not link),
@@ -20,7 +26,7 @@ The callers pass a row's max as ``m``, so ``t <= 0``; the function is exact to t
 denormals) gives exactly 0, and so does ``t = -inf`` (an
 empty cluster, a masked score); a NaN gives NaN (the callers detect NaN rows by it). Error against
 ``exp`` in float64: below one float32 ulp on ``[-87, 0]`` (0.59 measured on a grid of 2 million points;
-tests/test_fast_exp.py asserts 1), where NumPy's float32 ``exp`` errs by up to 2.4. The reference kernels
+tests/test_fast_softmax.py asserts 1), where NumPy's float32 ``exp`` errs by up to 2.4. The reference kernels
 keep NumPy's ``exp``: fast and reference already differed by ulps through their summation orders.
 """
 from __future__ import annotations
@@ -67,3 +73,22 @@ def exp_shifted(x, m, out, scratch):
         bits[i] = 0 if low else (np.int32(kf) + 127) << 23
     for i in range(n):                                  # 3. times 2^k (0.0 where t < -87)
         out[i] = p[i] * scale[i]
+
+
+@nb.njit(cache=True, fastmath={"nnan", "nsz"})
+def max_of(row):
+    """The greatest of the 1-D ``row`` (``-inf`` when empty). ``nnan`` lets LLVM use vector max: with a NaN
+    in ``row`` the result is unspecified (a NaN or some value), so callers that care ask :func:`has_nan`."""
+    best = np.float32(-np.inf)
+    for i in range(row.shape[0]):
+        best = max(best, row[i])
+    return best
+
+
+@nb.njit(cache=True)
+def has_nan(row):
+    """Whether the 1-D ``row`` holds a NaN (a vectorised count; no fast-math, which would assume none)."""
+    n = 0
+    for i in range(row.shape[0]):
+        n += row[i] != row[i]
+    return n > 0
