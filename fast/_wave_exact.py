@@ -25,6 +25,7 @@ import numpy as np
 from retrokv.reference.wave_index import ExecBuffer
 
 from ._dispatch import any_cupy, cuda
+from ._prefetch import prefetch_rows
 from ._softmax import exp_shifted, has_nan, max_of
 
 _FLAGS = {"reassoc", "contract", "nsz", "arcp"}   # vectorise dot products; keep inf semantics (shared with wave_index)
@@ -167,31 +168,44 @@ def _attend_buffer(q, bk, bv, lengths, scale):
     return out, lse
 
 
+@nb.njit(cache=True, inline="always")
+def _prefetch_cluster(src, offsets, h, retrieval, j):
+    """Prefetch the rows of head ``h``'s ``j``-th retrieved cluster in ``src`` (nothing past the last)."""
+    if j < len(retrieval):
+        a, b = offsets[h, retrieval[j]], offsets[h, retrieval[j] + 1]
+        prefetch_rows(src, (h * src.shape[1] + a) * src.shape[2], (b - a) * src.shape[2])
+
+
 @nb.njit(cache=True, fastmath=_FLAGS)
 def _attend_head(q, h, steady_k, steady_v, steady_ids, mk, mv, mids, offsets, retrieval, n, scale, out, lse, ids):
     """Exact attention of head ``h`` over its steady zone and retrieved clusters (``n`` rows in all),
-    read where they lie; the rows' token ids into ``ids[h, :n]``."""
+    read where they lie; the rows' token ids into ``ids[h, :n]``. Each cluster's block is prefetched
+    while the one before it is computed (:func:`_prefetch_cluster`)."""
     g, dv = q.shape[1], steady_v.shape[2]
     n_steady = steady_k.shape[1]
     s = np.empty((g, n), dtype=np.float32)
+    _prefetch_cluster(mk, offsets, h, retrieval, 0)
     _score_rows(q, h, steady_k, 0, n_steady, s, 0, scale)            # the steady zone, then each cluster
     at = n_steady
     for t in range(n_steady):
         ids[h, t] = steady_ids[t]
-    for c in retrieval:
-        a, b = offsets[h, c], offsets[h, c + 1]
+    for j in range(len(retrieval)):
+        _prefetch_cluster(mk, offsets, h, retrieval, j + 1)
+        a, b = offsets[h, retrieval[j]], offsets[h, retrieval[j] + 1]
         _score_rows(q, h, mk, a, b, s, at, scale)
         for t in range(a, b):
             ids[h, at + t - a] = mids[h, t]
         at += b - a
+    _prefetch_cluster(mv, offsets, h, retrieval, 0)
     m, nan = _row_max(s)
     _to_weights(s, m)
     den = np.zeros(g, dtype=np.float32)
     acc = np.zeros((g, dv), dtype=np.float32)
     _weigh_rows(h, steady_v, 0, n_steady, s, 0, m, den, acc)
     at = n_steady
-    for c in retrieval:
-        a, b = offsets[h, c], offsets[h, c + 1]
+    for j in range(len(retrieval)):
+        _prefetch_cluster(mv, offsets, h, retrieval, j + 1)
+        a, b = offsets[h, retrieval[j]], offsets[h, retrieval[j] + 1]
         _weigh_rows(h, mv, a, b, s, at, m, den, acc)
         at += b - a
     _finish(h, m, nan, den, acc, out, lse)

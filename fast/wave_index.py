@@ -44,6 +44,7 @@ from retrokv.reference.wave_index import (ExecBuffer, MetaIndex, Workspace, Zone
 
 from . import _dispatch
 from ._dispatch import any_cupy, cuda, require_numpy, threads_for
+from ._prefetch import prefetch_rows
 from ._softmax import exp_shifted, max_of
 from ._wave_exact import (_FLAGS, _attend_head, attend_execution_buffer, attend_retrieved,  # the exact zone
                           gather_execution_buffer)
@@ -56,6 +57,7 @@ __all__ = ["MetaIndex", "ExecBuffer", "Zones", "Workspace", "empty_meta", "build
            "attend_retrieved", "estimate_partial", "estimation_as_pseudo_tokens", "tripartite_attention"]
 
 _CHUNK = 256                                      # centroids per work item
+_AHEAD = 8                                        # estimated clusters' value sums prefetched ahead
 # a step with less work (query heads x d x (clusters + steady tokens)) runs as one kernel, _decode_step,
 # and so does a larger one with more KV heads than threads (its parallel loop is over the KV heads). With
 # fewer KV heads than threads (e.g. one, MQA) a large step runs as the composed kernels, whose parallel
@@ -177,7 +179,12 @@ def _estimate_row(scores, sizes, value_sums, h, r, est, out, lse):
     exp_shifted(w, m, w, np.empty(2 * len(est), dtype=np.float32))
     den = np.float32(0.0)
     acc = np.zeros(dv, dtype=np.float32)
+    c = value_sums.shape[1]
+    for j in range(min(_AHEAD, len(est))):          # the value sums are scattered rows: ask ahead
+        prefetch_rows(value_sums, (h * c + est[j]) * dv, dv)
     for j in range(len(est)):
+        if j + _AHEAD < len(est):
+            prefetch_rows(value_sums, (h * c + est[j + _AHEAD]) * dv, dv)
         i = est[j]
         if sizes[h, i] == 0:
             continue

@@ -1,0 +1,34 @@
+"""Software prefetch (fast/_prefetch.py): it compiles with the pinned Numba/LLVM (else the kernels would
+silently lose it) and, being a hint, leaves every value as it was."""
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+
+from retrokv.fast import _prefetch
+
+
+def test_the_intrinsic_compiles_here():
+    assert _prefetch.AVAILABLE, "llvm.prefetch did not compile: the fast kernels run without prefetch"
+    assert _prefetch.prefetch_rows is _prefetch._prefetch_rows_llvm
+
+
+@nb.njit
+def _sum_with_prefetch(x, ahead):
+    total = np.float32(0.0)
+    d = x.shape[2]
+    for h in range(x.shape[0]):
+        for t in range(x.shape[1]):
+            if t + ahead < x.shape[1]:
+                _prefetch.prefetch_rows(x, (h * x.shape[1] + t + ahead) * d, d)
+            for i in range(d):
+                total += x[h, t, i]
+    _prefetch.prefetch_rows(x, x.size - 1, 1)      # the very last element: a hint, never a fault
+    return total
+
+
+def test_prefetch_changes_no_value():
+    x = np.random.default_rng(0).standard_normal((3, 50, 17)).astype(np.float32)
+    before = x.copy()
+    assert _sum_with_prefetch(x, 4) == _sum_with_prefetch(x, 10 ** 6)   # same loop, prefetch never reached
+    assert np.array_equal(x, before)
