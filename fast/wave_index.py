@@ -45,7 +45,7 @@ from retrokv.reference.wave_index import (ExecBuffer, MetaIndex, Workspace, Zone
 from . import _dispatch
 from ._dispatch import any_cupy, cuda, require_numpy, threads_for
 from ._prefetch import prefetch_rows
-from ._softmax import exp_shifted, max_of
+from ._softmax import exp_shifted, has_nan, max_of
 from ._wave_exact import (_FLAGS, _attend_head, attend_execution_buffer, attend_retrieved,  # the exact zone
                           gather_execution_buffer)
 from ._wave_build import build_meta_index, concat_meta
@@ -107,7 +107,9 @@ def _rank_head(scores, h, p, rank):
     g, c = p.shape
     scratch = np.empty(2 * c, dtype=np.float32)
     for r in range(g):
-        m = max_of(scores[h, r])                    # a NaN score makes the row NaN below (p, z)
+        m = max_of(scores[h, r])
+        if has_nan(scores[h, r]):                   # max_of may skip a NaN: make the row NaN, as the reference's
+            m = np.float32(np.nan)
         if m == -np.inf:                            # every cluster empty: nothing to rank
             for i in range(c):
                 p[r, i] = 0.0
