@@ -168,42 +168,65 @@ def select_zones(rank, n_retrieve, n_estimate):
     return best[:, :n_retrieve], best[:, n_retrieve:top]
 
 
-@nb.njit(cache=True, fastmath=_FLAGS)
-def _estimate_row(scores, sizes, value_sums, h, r, est, out, lse):
-    """Eq. 2's estimate for query head ``r`` of KV head ``h`` over the estimation clusters ``est``."""
-    dv = out.shape[2]
-    w = np.empty(len(est), dtype=np.float32)
+@nb.njit(cache=True, inline="always", fastmath=_FLAGS)
+def _estimate_weights(scores, h, r, est, w, scratch):
+    """``w[j] = exp(score of est[j] - m)`` for query head ``r`` of KV head ``h``; returns ``m``, the max
+    score (``-inf``: only empty clusters, ``w`` then unset)."""
     for j in range(len(est)):
         w[j] = scores[h, r, est[j]]
     m = max_of(w)
-    if m == -np.inf:                                  # only empty clusters: no estimate
-        return
-    exp_shifted(w, m, w, np.empty(2 * len(est), dtype=np.float32))
-    den = np.float32(0.0)
-    acc = np.zeros(dv, dtype=np.float32)
-    c = value_sums.shape[1]
-    for j in range(min(_AHEAD, len(est))):          # the value sums are scattered rows: ask ahead
-        prefetch_rows(value_sums, (h * c + est[j]) * dv, dv)
-    for j in range(len(est)):
-        if j + _AHEAD < len(est):
-            prefetch_rows(value_sums, (h * c + est[j + _AHEAD]) * dv, dv)
-        i = est[j]
-        if sizes[h, i] == 0:
-            continue
-        den += w[j] * np.float32(sizes[h, i])         # the size weights the denominator only
-        for x in range(dv):                           # numerator: exp(score) * value sum
-            acc[x] += w[j] * value_sums[h, i, x]
+    if m != -np.inf:
+        exp_shifted(w, m, w, scratch)
+    return m
+
+
+@nb.njit(cache=True, inline="always", fastmath=_FLAGS)
+def _estimate_finish(acc, den, m, h, r, out, lse):
     if den > 0:
-        for x in range(dv):
+        for x in range(out.shape[2]):
             out[h, r, x] = acc[x] / den
         lse[h, r] = m + np.float32(math.log(den))
 
 
+@nb.njit(cache=True, inline="always")
+def _prefetch_value_sums(value_sums, h, est, j):
+    """Prefetch the value-sum row of head ``h``'s ``j``-th estimated cluster (nothing past the last): the
+    rows are scattered, so they are asked for :data:`_AHEAD` clusters before they are read."""
+    if j < len(est):
+        dv = value_sums.shape[2]
+        prefetch_rows(value_sums, (h * value_sums.shape[1] + est[j]) * dv, dv)
+
+
 @nb.njit(cache=True, fastmath=_FLAGS)
-def _estimate_head(scores, sizes, value_sums, h, est, out, lse):
-    """Eq. 2's estimate for every query head of KV head ``h`` (one :func:`_estimate_row` each)."""
-    for r in range(out.shape[1]):
-        _estimate_row(scores, sizes, value_sums, h, r, est, out, lse)
+def _estimate_heads(scores, sizes, value_sums, h, est, r0, r1, out, lse):
+    """Eq. 2's estimate for query heads ``r0:r1`` of KV head ``h`` over the estimation clusters ``est``.
+    Each value-sum row is read once for all of them; each head's arithmetic is the same, in the same
+    order, whichever heads share the call (the fused step passes the whole group, the composed kernel
+    one head per work item: the same bits)."""
+    g, dv = r1 - r0, value_sums.shape[2]
+    w = np.empty((g, len(est)), dtype=np.float32)
+    m = np.empty(g, dtype=np.float32)
+    scratch = np.empty(2 * len(est), dtype=np.float32)
+    for r in range(g):
+        m[r] = _estimate_weights(scores, h, r0 + r, est, w[r], scratch)
+    den = np.zeros(g, dtype=np.float32)
+    acc = np.zeros((g, dv), dtype=np.float32)
+    for j in range(_AHEAD):
+        _prefetch_value_sums(value_sums, h, est, j)
+    for j in range(len(est)):
+        _prefetch_value_sums(value_sums, h, est, j + _AHEAD)
+        i = est[j]
+        if sizes[h, i] == 0:
+            continue
+        for r in range(g):
+            if m[r] == -np.inf:                       # only empty clusters: no estimate
+                continue
+            den[r] += w[r, j] * np.float32(sizes[h, i])     # the size weights the denominator only
+            for x in range(dv):                             # numerator: exp(score) * value sum
+                acc[r, x] += w[r, j] * value_sums[h, i, x]
+    for r in range(g):
+        if m[r] != -np.inf:
+            _estimate_finish(acc[r], den[r], m[r], h, r0 + r, out, lse)
 
 
 @nb.njit(parallel=True, cache=True, fastmath=_FLAGS)
@@ -213,7 +236,7 @@ def _estimate(scores, sizes, value_sums, est):
     out = np.zeros((hkv, g, dv), dtype=np.float32)
     lse = np.full((hkv, g), -np.inf, dtype=np.float32)
     for item in nb.prange(hkv * g):                   # per query head: G x more items than KV heads
-        _estimate_row(scores, sizes, value_sums, item // g, item % g, est[item // g], out, lse)
+        _estimate_heads(scores, sizes, value_sums, item // g, est[item // g], item % g, item % g + 1, out, lse)
     return out, lse
 
 
@@ -259,7 +282,7 @@ def _decode_step(qb, cent, sizes, value_sums, steady_k, steady_v, steady_ids, mk
     for h in nb.prange(hkv):                         # 2. exact zone; 3. estimation zone
         _attend_head(qb, h, steady_k, steady_v, steady_ids, mk, mv, mids, offsets, best[h, :nr], lengths[h], scale,
                      out_x, lse_x, ids)
-        _estimate_head(scores, sizes, value_sums, h, best[h, nr:top], out_e, lse_e)
+        _estimate_heads(scores, sizes, value_sums, h, best[h, nr:top], 0, g, out_e, lse_e)
     return True, out_x, lse_x, out_e, lse_e, best, ids, lengths
 
 
