@@ -46,15 +46,16 @@ def _prefetch(typingctx, arr, flat):
 
 
 @nb.njit(cache=True)
-def _prefetch_rows_llvm(arr, first, n_elems):
-    """Every cache line of ``arr``'s elements ``first : first + n_elems`` (flat, C order)."""
+def _prefetch_rows_llvm(arr, h, a, b):
+    """Every cache line of the rows ``a:b`` of ``arr[h]`` (a C-contiguous 3-D array; nothing when ``b <= a``)."""
+    row = arr.shape[2]
     step = _LINE // arr.itemsize
-    for e in range(first, first + n_elems, step):
+    for e in range((h * arr.shape[1] + a) * row, (h * arr.shape[1] + b) * row, step):
         _prefetch(arr, e)
 
 
 @nb.njit(cache=True)
-def _prefetch_rows_none(arr, first, n_elems):
+def _prefetch_rows_none(arr, h, a, b):
     """Stand-in where the intrinsic does not compile: prefetching is only a hint."""
     return
 
@@ -63,7 +64,7 @@ def _probe():
     import numpy as np
 
     try:
-        _prefetch_rows_llvm(np.zeros(64, np.float32), 0, 64)
+        _prefetch_rows_llvm(np.zeros((1, 4, 16), np.float32), 0, 0, 4)
     except Exception:                       # an LLVM without the intrinsic's name: run without hints
         return False
     return True

@@ -1,5 +1,5 @@
 """The pieces of a float32 softmax row written so that LLVM vectorises them: :func:`max_of`,
-:func:`has_nan`, :func:`exp_shifted` (the fast kernels' softmax weights ``exp(x - m)``).
+:func:`has_nan`, :func:`max_or_nan`, :func:`exp_shifted` (the fast kernels' softmax weights ``exp(x - m)``).
 
 A loop vectorises when it holds no calls and LLVM may reorder its reduction. A max reduction with
 ``max()`` may not be reordered while a NaN could be among the values (IEEE max is not associative then):
@@ -92,3 +92,10 @@ def has_nan(row):
     for i in range(row.shape[0]):
         n += row[i] != row[i]
     return n > 0
+
+
+@nb.njit(cache=True)
+def max_or_nan(row):
+    """The greatest of the 1-D ``row``, or NaN when ``row`` holds one (``-inf`` when empty): the max a
+    softmax needs, NaN in giving NaN out. Two vectorised passes, :func:`max_of` and :func:`has_nan`."""
+    return np.float32(np.nan) if has_nan(row) else max_of(row)

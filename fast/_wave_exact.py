@@ -26,7 +26,7 @@ from retrokv.reference.wave_index import ExecBuffer
 
 from ._dispatch import any_cupy, cuda
 from ._prefetch import prefetch_rows
-from ._softmax import exp_shifted, has_nan, max_of
+from ._softmax import exp_shifted, max_or_nan
 
 _FLAGS = {"reassoc", "contract", "nsz", "arcp"}   # vectorise dot products; keep inf semantics (shared with wave_index)
 
@@ -124,14 +124,13 @@ def _weigh_rows(h, src, a, b, w, at, m, den, acc):
 
 @nb.njit(cache=True, inline="always")
 def _row_max(s):
-    """Per query head, the max score and whether a NaN is among the scores (then the max is unspecified:
-    the row's output is NaN whatever it is)."""
+    """Per query head, the max score (NaN when a NaN is among the scores) and whether it is NaN."""
     g = s.shape[0]
     m = np.empty(g, dtype=np.float32)
     nan = np.zeros(g, dtype=np.bool_)
     for r in range(g):
-        m[r] = max_of(s[r])
-        nan[r] = has_nan(s[r])
+        m[r] = max_or_nan(s[r])
+        nan[r] = m[r] != m[r]
     return m, nan
 
 
@@ -172,8 +171,7 @@ def _attend_buffer(q, bk, bv, lengths, scale):
 def _prefetch_cluster(src, offsets, h, retrieval, j):
     """Prefetch the rows of head ``h``'s ``j``-th retrieved cluster in ``src`` (nothing past the last)."""
     if j < len(retrieval):
-        a, b = offsets[h, retrieval[j]], offsets[h, retrieval[j] + 1]
-        prefetch_rows(src, (h * src.shape[1] + a) * src.shape[2], (b - a) * src.shape[2])
+        prefetch_rows(src, h, offsets[h, retrieval[j]], offsets[h, retrieval[j] + 1])
 
 
 @nb.njit(cache=True, fastmath=_FLAGS)

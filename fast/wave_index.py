@@ -45,7 +45,7 @@ from retrokv.reference.wave_index import (ExecBuffer, MetaIndex, Workspace, Zone
 from . import _dispatch
 from ._dispatch import any_cupy, cuda, require_numpy, threads_for
 from ._prefetch import prefetch_rows
-from ._softmax import exp_shifted, has_nan, max_of
+from ._softmax import exp_shifted, max_of, max_or_nan
 from ._wave_exact import (_FLAGS, _attend_head, attend_execution_buffer, attend_retrieved,  # the exact zone
                           gather_execution_buffer)
 from ._wave_build import build_meta_index, concat_meta
@@ -107,9 +107,7 @@ def _rank_head(scores, h, p, rank):
     g, c = p.shape
     scratch = np.empty(2 * c, dtype=np.float32)
     for r in range(g):
-        m = max_of(scores[h, r])
-        if has_nan(scores[h, r]):                   # max_of may skip a NaN: make the row NaN, as the reference's
-            m = np.float32(np.nan)
+        m = max_or_nan(scores[h, r])                # NaN: the row's softmax is NaN, as the reference's
         if m == -np.inf:                            # every cluster empty: nothing to rank
             for i in range(c):
                 p[r, i] = 0.0
@@ -174,7 +172,7 @@ def _estimate_weights(scores, h, r, est, w, scratch):
     score (``-inf``: only empty clusters, ``w`` then unset)."""
     for j in range(len(est)):
         w[j] = scores[h, r, est[j]]
-    m = max_of(w)
+    m = max_of(w)                                     # a NaN weight makes den NaN below: no estimate
     if m != -np.inf:
         exp_shifted(w, m, w, scratch)
     return m
@@ -193,8 +191,7 @@ def _prefetch_value_sums(value_sums, h, est, j):
     """Prefetch the value-sum row of head ``h``'s ``j``-th estimated cluster (nothing past the last): the
     rows are scattered, so they are asked for :data:`_AHEAD` clusters before they are read."""
     if j < len(est):
-        dv = value_sums.shape[2]
-        prefetch_rows(value_sums, (h * value_sums.shape[1] + est[j]) * dv, dv)
+        prefetch_rows(value_sums, h, est[j], est[j] + 1)
 
 
 @nb.njit(cache=True, fastmath=_FLAGS)

@@ -16,14 +16,12 @@ def test_the_intrinsic_compiles_here():
 @nb.njit
 def _sum_with_prefetch(x, ahead):
     total = np.float32(0.0)
-    d = x.shape[2]
     for h in range(x.shape[0]):
         for t in range(x.shape[1]):
-            if t + ahead < x.shape[1]:
-                _prefetch.prefetch_rows(x, (h * x.shape[1] + t + ahead) * d, d)
-            for i in range(d):
+            _prefetch.prefetch_rows(x, h, t + ahead, min(t + ahead + 1, x.shape[1]))   # none past the end
+            for i in range(x.shape[2]):
                 total += x[h, t, i]
-    _prefetch.prefetch_rows(x, x.size - 1, 1)      # the very last element: a hint, never a fault
+    _prefetch.prefetch_rows(x, x.shape[0] - 1, x.shape[1] - 1, x.shape[1])   # the very last row
     return total
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import given, strategies as st
 
-from retrokv.fast._softmax import exp_shifted, has_nan, max_of
+from retrokv.fast._softmax import exp_shifted, has_nan, max_of, max_or_nan
 
 
 def _exp(x, m):
@@ -68,3 +68,13 @@ def test_has_nan_finds_any_nan(values, data):
     x = np.array(values, np.float32)
     x[data.draw(st.integers(0, len(x) - 1))] = np.nan
     assert has_nan(x)
+
+
+@given(st.lists(st.floats(-1e3, 1e3, width=32), max_size=100), st.booleans())
+def test_max_or_nan(values, with_nan):
+    x = np.array(values + ([np.nan] if with_nan else []), np.float32)
+    got = max_or_nan(x)
+    if with_nan:
+        assert np.isnan(got)
+    else:
+        assert got == (x.max() if len(x) else -np.inf)
