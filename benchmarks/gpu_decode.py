@@ -27,6 +27,7 @@ import math
 import os
 import sys
 import time
+import traceback
 
 import numpy as np
 
@@ -107,6 +108,23 @@ class Bench:
             f.write("\n".join(self.lines) + "\n")
 
 
+def guarded(b, name, run):
+    """Run one section; a failure is written into the results (with its traceback in the log) and the next
+    section still runs: one device session must bring back every table it can."""
+    try:
+        return run()
+    except Exception as err:                                  # noqa: BLE001 -- reported, not swallowed
+        traceback.print_exc()
+        b.say(f"**{name}: FAILED** with `{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}`\n")
+        return None
+
+
+def rel_err(got, want):
+    """``||got - want|| / ||want||`` in float64 on the host."""
+    got, want = (np.asarray(x.get() if hasattr(x, "get") else x, np.float64) for x in (got, want))
+    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+
+
 def copy_bandwidth(b):
     """Bytes per second of a device-to-device copy (read + write): the HBM bound's denominator."""
     x = b.m.ones(2**28 if not b.sim else 2**10, np.float32)
@@ -133,6 +151,22 @@ def budgets(c):
     return r, min(int(round(c * 0.232)), c - r)
 
 
+def wave_vs_reference(b, q, meta, sk, sv, sids, r, e, scale):
+    """The CUDA step against the NumPy reference driver on a host copy of the same index (also checks the
+    index: every token in exactly one cluster, offsets consistent with sizes)."""
+    from retrokv.fast.cuda import _xp
+    from retrokv.fast.cuda import wave_index as wi
+    from retrokv.reference import wave_index as ref
+
+    host = ref.MetaIndex(*(_xp.asnumpy(x) for x in meta))
+    assert (host.sizes.sum(1) == host.keys.shape[1]).all(), "cluster sizes do not partition the tokens"
+    assert (np.diff(host.offsets, axis=1) == host.sizes).all(), "offsets disagree with sizes"
+    got = wave_step(wi, q, meta, sk, sv, sids, r, e, scale)[0]
+    want = ref.tripartite_attention(_xp.asnumpy(q), host, _xp.asnumpy(sk), _xp.asnumpy(sv), _xp.asnumpy(sids),
+                                    r, e, scale)[0]
+    return rel_err(got, want)
+
+
 def section_full(b, sizes, batches, bw):
     import torch
     import torch.nn.functional as F
@@ -140,31 +174,40 @@ def section_full(b, sizes, batches, bw):
     from retrokv.fast.cuda import attention as cu
 
     b.say("### 1. Full decode attention (one step)\n")
-    b.say("| N | batch | KV dtype | retrokv CUDA ms | torch SDPA ms | HBM bound ms | retrokv / bound | SDPA / bound |")
-    b.say("|---|---|---|---|---|---|---|---|")
+    b.say("| N | batch | KV dtype | retrokv CUDA ms | torch SDPA ms | HBM bound ms | retrokv / bound | SDPA / bound "
+          "| rel. error vs fp32 SDPA |")
+    b.say("|---|---|---|---|---|---|---|---|---|")
     for n in sizes:
         for bs in batches:
             if b.left() < 0:
                 b.say(f"| {n} | {bs} | | not run: time budget spent | | | | |")
                 continue
-            dtype = np.float16
-            k, v = b.rand((bs * HKV, n, D), dtype), b.rand((bs * HKV, n, D), dtype)
-            q = b.rand((bs * HKV * G, D))
-            try:
-                ours = b.best(lambda: cu.partial_attention(q, k, v))
-            except Exception as err:                     # the kernels' float16 reads failed to compile: say so
-                b.say(f"| {n} | {bs} | float16 | failed: {type(err).__name__} | | | | |")
-                k, v, dtype = k.astype(np.float32), v.astype(np.float32), np.float32
-                ours = b.best(lambda: cu.partial_attention(q, k, v))
-            tdt = torch.float16 if dtype == np.float16 else torch.float32
-            as_t = (lambda x: torch.from_dlpack(x)) if not b.sim else (lambda x: torch.from_numpy(np.ascontiguousarray(x)))
-            qt = as_t(q).view(bs, HKV * G, 1, D).to(tdt)
-            kt, vt = as_t(k).view(bs, HKV, n, D), as_t(v).view(bs, HKV, n, D)
-            sdpa = b.best(lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True))
-            bound = (k.nbytes + v.nbytes) / bw
-            b.say(f"| {n} | {bs} | {np.dtype(dtype).name} | {ours * 1e3:.3f} | {sdpa * 1e3:.3f} | {bound * 1e3:.3f} | "
-                  f"{ours / bound:.2f} | {sdpa / bound:.2f} |")
-            del k, v, q, qt, kt, vt
+
+            def row():
+                dtype = np.float16
+                k, v = b.rand((bs * HKV, n, D), dtype), b.rand((bs * HKV, n, D), dtype)
+                q = b.rand((bs * HKV * G, D))
+                try:
+                    ours = b.best(lambda: cu.partial_attention(q, k, v))
+                except Exception as err:                     # the kernels' float16 reads failed to compile: say so
+                    b.say(f"| {n} | {bs} | float16 | failed: {type(err).__name__} | | | | |")
+                    k, v, dtype = k.astype(np.float32), v.astype(np.float32), np.float32
+                    ours = b.best(lambda: cu.partial_attention(q, k, v))
+                tdt = torch.float16 if dtype == np.float16 else torch.float32
+                as_t = (lambda x: torch.from_dlpack(x)) if not b.sim else (lambda x: torch.from_numpy(np.ascontiguousarray(x)))
+                qt = as_t(q).view(bs, HKV * G, 1, D).to(tdt)
+                kt, vt = as_t(k).view(bs, HKV, n, D), as_t(v).view(bs, HKV, n, D)
+                sdpa = b.best(lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True))
+                bound = (k.nbytes + v.nbytes) / bw
+                err = "not checked (size)"
+                if n * bs <= 2**20:                  # float32 q (ours reads q in float32; SDPA's fp16 run rounds it)
+                    want = F.scaled_dot_product_attention(as_t(q).view(bs, HKV * G, 1, D), kt.float(), vt.float(), enable_gqa=True)
+                    got = cu.partial_attention(q, k, v)[0]
+                    err = f"{rel_err(got, want.reshape(bs * HKV * G, D).cpu().numpy()):.1e}"
+                    del want, got
+                b.say(f"| {n} | {bs} | {np.dtype(dtype).name} | {ours * 1e3:.3f} | {sdpa * 1e3:.3f} | {bound * 1e3:.3f} | "
+                      f"{ours / bound:.2f} | {sdpa / bound:.2f} | {err} |")
+            guarded(b, f"N={n} batch={bs}", row)
             b.free()
     b.say()
 
@@ -176,35 +219,41 @@ def section_wave(b, sizes, batches):
     from retrokv.reference.clustering import plan_clusters
 
     b.say("### 2. Wave attend vs full attention (float32 KV, one step)\n")
-    b.say("| N | batch | clusters/head | build s | full ms | wave ms | full / wave | full MB read | wave MB read |")
-    b.say("|---|---|---|---|---|---|---|---|---|")
+    b.say("| N | batch | clusters/head | build s | full ms | wave ms | full / wave | full MB read | wave MB read "
+          "| rel. error vs NumPy reference |")
+    b.say("|---|---|---|---|---|---|---|---|---|---|")
     builds = {}
     for n in sizes:
         for bs in batches:
             if b.left() < 0 or (n * bs > 2**20 and not b.sim):      # a 512K x 8 build alone outruns the budget
                 b.say(f"| {n} | {bs} | | not run: time budget | | | | | |")
                 continue
-            h = bs * HKV
-            k, v, q = b.rand((h, n, D), offset=0.5), b.rand((h, n, D)), b.rand((h * G, D))
-            c, seg = plan_clusters(n - STEADY)
-            r, e = budgets(c)
-            t = time.perf_counter()
-            meta = wi.build_meta_index(k[:, STEADY:], v[:, STEADY:], b.m.arange(STEADY, n), c, seg, 10)
-            b.sync()
-            build = time.perf_counter() - t
-            builds[(n, bs)] = build
-            sk, sv, sids = k[:, :STEADY], v[:, :STEADY], b.m.arange(STEADY)
-            scale = 1 / math.sqrt(D)
-            full = b.best(lambda: cu.partial_attention(q, k, v))
-            wave = b.best(lambda: wave_step(wi, q, meta, sk, sv, sids, r, e, scale))
-            sizes_h = _xp.asnumpy(meta.sizes)
-            ret, _ = wi.select_zones(wi.rank_clusters(q, meta.centroids, meta.sizes, scale)[1], r, e)
-            retrieved = int(np.take_along_axis(sizes_h, _xp.asnumpy(ret), axis=1).sum())
-            # meta index (centroids, value sums, sizes) + retrieved rows read twice (gather, attention) + steady
-            wave_bytes = h * c * (2 * D * 4 + 8) + 2 * (retrieved + h * STEADY) * 2 * D * 4
-            b.say(f"| {n} | {bs} | {c} | {build:.2f} | {full * 1e3:.3f} | {wave * 1e3:.3f} | {full / wave:.1f} | "
-                  f"{(k.nbytes + v.nbytes) / 1e6:.0f} | {wave_bytes / 1e6:.1f} |")
-            del k, v, q, meta, sk, sv
+
+            def row():
+                h = bs * HKV
+                k, v, q = b.rand((h, n, D), offset=0.5), b.rand((h, n, D)), b.rand((h * G, D))
+                c, seg = plan_clusters(n - STEADY)
+                r, e = budgets(c)
+                t = time.perf_counter()
+                meta = wi.build_meta_index(k[:, STEADY:], v[:, STEADY:], b.m.arange(STEADY, n), c, seg, 10)
+                b.sync()
+                build = time.perf_counter() - t
+                builds[(n, bs)] = build
+                sk, sv, sids = k[:, :STEADY], v[:, :STEADY], b.m.arange(STEADY)
+                scale = 1 / math.sqrt(D)
+                full = b.best(lambda: cu.partial_attention(q, k, v))
+                wave = b.best(lambda: wave_step(wi, q, meta, sk, sv, sids, r, e, scale))
+                sizes_h = _xp.asnumpy(meta.sizes)
+                ret, _ = wi.select_zones(wi.rank_clusters(q, meta.centroids, meta.sizes, scale)[1], r, e)
+                retrieved = int(np.take_along_axis(sizes_h, _xp.asnumpy(ret), axis=1).sum())
+                # meta index (centroids, value sums, sizes) + retrieved rows read twice (gather, attention) + steady
+                wave_bytes = h * c * (2 * D * 4 + 8) + 2 * (retrieved + h * STEADY) * 2 * D * 4
+                err = "not checked (size)"
+                if bs == 1 and n <= 2**17:
+                    err = f"{wave_vs_reference(b, q, meta, sk, sv, sids, r, e, scale):.1e}"
+                b.say(f"| {n} | {bs} | {c} | {build:.2f} | {full * 1e3:.3f} | {wave * 1e3:.3f} | {full / wave:.1f} | "
+                      f"{(k.nbytes + v.nbytes) / 1e6:.0f} | {wave_bytes / 1e6:.1f} | {err} |")
+            guarded(b, f"N={n} batch={bs}", row)
             b.free()
     b.say()
     return builds
@@ -351,18 +400,20 @@ def main():
     else:
         b.say("SIMULATOR RUN (NUMBA_ENABLE_CUDASIM=1, tiny sizes): exercises the code paths, measures nothing.\n")
     bw = copy_bandwidth(b)
-    b.say(f"Command: `{COMMAND}`. Device-to-device copy bandwidth measured in this run: {bw / 1e9:.0f} GB/s.\n")
-    section_full(b, args.sizes, args.batches, bw)
+    b.say(f"Command: `{COMMAND}`. Device-to-device copy bandwidth measured in this run: {bw / 1e9:.0f} GB/s. "
+          "Times are the best of 5 runs after a warm-up, host clock around a device synchronise.\n")
+    guarded(b, "full decode attention", lambda: section_full(b, args.sizes, args.batches, bw))
     b.save(args.out)
-    builds = section_wave(b, [n for n in args.sizes if n <= 2**17] or args.sizes[:1], args.batches)
+    builds = guarded(b, "wave attend", lambda: section_wave(
+        b, [n for n in args.sizes if n <= 2**17] or args.sizes[:1], args.batches)) or {}
     b.save(args.out)
     n_pre = 131072 if not args.sim else args.sizes[0]
-    section_prefill(b, n_pre, builds.get((n_pre, 1)))
+    guarded(b, "index build vs prefill", lambda: section_prefill(b, n_pre, builds.get((n_pre, 1))))
     b.save(args.out)
     for name, run in (("wave buffer", lambda: section_buffer(b, n_pre, args.buffer_steps)),
                       ("host-memory KV", lambda: section_host_kv(b, args.host_tokens, 1))):
         if b.left() > 0:
-            run()
+            guarded(b, name, run)
         else:
             b.say(f"{name}: not run: time budget ({args.budget_s:.0f} s) spent\n")
         b.save(args.out)

@@ -22,6 +22,13 @@ def _gpu_available():
 GPU = _gpu_available()
 
 
+def upto(sim_max, gpu_max):
+    """A size bound: small under the simulator (every CUDA thread is a Python thread), large on a GPU, where
+    the launch geometry is 128 threads, 128-key tiles and chunks of >= 256 keys: only sizes past those
+    exercise several tiles, chunks and blocks per head."""
+    return gpu_max if GPU else sim_max
+
+
 class Arrays:
     """The array module a test runs on: NumPy under the simulator, CuPy on a GPU."""
 

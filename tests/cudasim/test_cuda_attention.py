@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from cuda_helpers import assert_flash_tolerance, oracle
+from cuda_helpers import assert_flash_tolerance, oracle, upto
 from retrokv.fast.cuda import attention as cu
 from retrokv.reference import attention as ref
 
@@ -13,9 +13,9 @@ from retrokv.reference import attention as ref
 def qkv(draw):
     hkv = draw(st.integers(1, 2))
     g = draw(st.integers(1, 8))                              # Hq / Hkv = 1..8
-    d = draw(st.sampled_from([1, 3, 8, 17]))
+    d = draw(st.sampled_from([1, 3, 8, 17] + upto([], [64, 128])))
     dv = draw(st.sampled_from([1, 5, d]))                    # dv != d included
-    n = draw(st.integers(0, 40))                             # N = 0, 1, and not a multiple of the tile
+    n = draw(st.integers(0, upto(40, 5000)))                           # N = 0, 1, and not a multiple of the tile
     t = draw(st.one_of(st.none(), st.integers(1, max(1, min(n, 4)))))
     causal = draw(st.booleans()) and t is not None and n >= t
     mag = draw(st.sampled_from([0.1, 1.0, 4.0]))

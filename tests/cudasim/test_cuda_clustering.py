@@ -5,13 +5,14 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
+from cuda_helpers import upto
 from retrokv.fast.cuda import clustering as cu
 from retrokv.reference import clustering as ref
 
 
 @st.composite
 def keys_values(draw):
-    n = draw(st.integers(0, 90))
+    n = draw(st.integers(0, upto(90, 4000)))
     d = draw(st.sampled_from([1, 3, 8]))
     dv = draw(st.sampled_from([1, 5]))
     tpc = draw(st.sampled_from([1, 4, 16]))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
+from cuda_helpers import upto
 from retrokv.fast.cuda import lazy as cu
 from retrokv.reference import lazy as ref
 
@@ -15,7 +16,7 @@ def workloads(draw):
     g = draw(st.integers(1, 3))
     d = draw(st.sampled_from([2, 8, 16]))
     dv = draw(st.sampled_from([3, d]))
-    lengths = draw(st.lists(st.integers(0, 20), min_size=0, max_size=3))
+    lengths = draw(st.lists(st.integers(0, upto(20, 700)), min_size=0, max_size=3))
     block = draw(st.sampled_from([1, 4, 16]))
     t = draw(st.integers(1, 3))
     m = t + draw(st.integers(0, 2))

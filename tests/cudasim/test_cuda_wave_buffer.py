@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
+from cuda_helpers import upto
 from retrokv.fast.cuda import wave_buffer as cu
 from retrokv.reference import wave_buffer as ref
 from retrokv.reference import wave_index as wi
@@ -35,7 +36,7 @@ def same_cache(arrays, sc, sr):
 def runs(draw):
     hkv = draw(st.integers(1, 2))
     d, dv = draw(st.sampled_from([(4, 4), (3, 5)]))
-    n = draw(st.integers(1, 80))
+    n = draw(st.integers(1, upto(80, 2000)))
     block = draw(st.sampled_from([1, 4, 16]))
     frac = draw(st.sampled_from([0.0, 0.1, 0.3, 1.0]))
     steps = draw(st.integers(1, 4))
