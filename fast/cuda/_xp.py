@@ -23,6 +23,12 @@ __all__ = ["SIMULATOR", "MAX_TILE", "MAX_D", "is_cupy", "xp", "asnumpy", "float_
 
 SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
 
+# numba-cuda (0.30 seen) registers an overload of ``np.row_stack`` when it compiles its first kernel; NumPy 2.5
+# removed that alias of ``vstack``, so on such an install every kernel compile raised AttributeError (seen on
+# the lent H200's image: NumPy 2.5.2, numba-cuda 0.30.4). Restoring the alias is all numba-cuda needs.
+if not hasattr(np, "row_stack"):
+    np.row_stack = np.vstack
+
 # Largest shared-memory tile (keys or clusters) any kernel declares; launch tiles and threads are <= this.
 MAX_TILE = 128
 # Largest head dimension kept in shared memory (queries staged once per block).
