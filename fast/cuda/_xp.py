@@ -129,7 +129,7 @@ def pinned_copy(x):
     cache misses from the host tier (§4.4). Under the simulator it is a plain NumPy copy.
     """
     x = np.ascontiguousarray(x)
-    if SIMULATOR:
+    if SIMULATOR or x.size == 0:    # cuMemHostAlloc(0) maps no pointer (CUDA_ERROR_INVALID_VALUE, seen on an H200)
         return x.copy()
     from numba import cuda
 

@@ -30,6 +30,14 @@ A chunk with no visible key has ``m = -inf`` and weighs ``exp(-inf) = 0``; if ev
 row is ``(0, -inf)``. ``merge_partials`` reuses the same kernel with ``m = lse_i``, ``l = 1``,
 ``acc = out_i``. Causal blocks (``T > 1``) use the same kernel with a per-row key limit
 ``N - T + t + 1``: correct, not tuned (each row reads its keys itself; prefill is not the decode path).
+
+**GQA-grouped decode (``_group_kernel``).** With ``T = 1`` and one key limit per GQA group (decode, and
+the execution buffer of ``wave_index.attend_execution_buffer``), the per-row kernel would have the G
+blocks of a group read the same K/V chunk, G times the bytes from L2/HBM. The group kernel runs one
+block per (KV head, key chunk) instead and serves the group's G query rows from one read of each K/V
+element (the grouping of flash-decoding for GQA); its partials have the layout above, so the merge is
+unchanged. Causal blocks, groups whose rows stop at different keys, and groups too large for its
+shared memory or registers keep ``_chunk_kernel``.
 """
 from __future__ import annotations
 
@@ -44,6 +52,13 @@ __all__ = ["full_attention", "partial_attention", "merge_partials", "attention_p
 
 NEG_INF = float32(-math.inf)
 K_SH = 8192            # floats of a key tile staged in shared memory (32 KB): tile keys = K_SH // d
+# The group kernel's static shared memory (bytes: 4 x floats) is KV_SH + Q_SH + S_SH + 3 * MAX_G floats
+# = 32768 + 8192 + 4096 + 384 = 45440 B, under the 48 KB a block may declare statically on any GPU.
+KV_SH = 8192           # a tile of keys then values (32 KB): tile keys <= KV_SH // (d + dv), 32 at d = dv = 128
+Q_SH = 2048            # the group's query rows (8 KB): G * d <= Q_SH, so G <= 16 at d = 128
+S_SH = 1024            # the tile's G x tile scores, then exp-weights (4 KB): G * tile <= S_SH
+MAX_G = 32             # rows of one group: per-row running max, denominator and rescale factor
+ACC = 16               # accumulators per thread, in registers: G * dv <= ACC * threads (2048 on a GPU)
 
 
 @cuda.jit(device=True)
@@ -116,6 +131,117 @@ def _chunk_kernel(q, k, v, t_len, g, limits, scale, chunk, tile, m_part, l_part,
 
 
 @cuda.jit
+def _group_kernel(q, k, v, g, limits, scale, chunk, tile, m_part, l_part, acc_part):
+    """Block ``b``: KV head ``h = b % Hkv`` and key chunk ``c = b // Hkv`` for the G query rows ``h*G + i``.
+
+    Decode attention is memory-bound, so the block reads each K/V element of its chunk once (from HBM,
+    coalesced) for all G rows of the group, instead of once per row as ``_chunk_kernel`` does (flash-decoding,
+    Dao et al. 2023, with the G query heads of a KV head as one block's rows). Per tile of ``nb`` keys, steps
+    1-3 of the module docstring, with :func:`online_softmax_tile`'s arithmetic in its order, per row:
+
+    1. the block stages the tile's keys and values in ``kv_sh`` as float32 (keys first, ``tile * d``
+       floats, then values); a head's rows are contiguous, so thread ``t`` reads elements ``t, t + nt, ..``
+       (coalesced, float16 or float32 in HBM);
+    2. the ``G x nb`` (row, key) scores ``s_ij = q_i . k_j * scale`` are spread over the threads, pair
+       ``p = t, t + nt, ..`` is row ``p // nb``, key ``p % nb`` (the group's queries are staged once per
+       block in ``q_sh``); each walks the coordinates from a per-key offset (no bank conflicts);
+    3. per row ``i`` (thread ``i mod nt``): ``m' = max(m, max_j s_ij)``, ``alpha = exp(m - m')``; then every
+       pair becomes ``p_ij = exp(s_ij - m')`` in place in ``s_sh``; ``l = l alpha + sum_j p_ij``;
+    4. thread ``t`` owns the output pairs ``e = t + u * nt`` (``u < ACC``) of the ``G x dv`` accumulator,
+       row ``e // dv``, column ``e % dv``, held in registers: ``acc = acc alpha + sum_j p_ij v_j[col]``,
+       with ``v_j`` from ``kv_sh`` (consecutive threads read consecutive columns).
+
+    Shared memory: ``kv_sh`` 32 KB, ``q_sh`` 8 KB, ``s_sh`` 4 KB, per-row ``m, l, alpha`` 384 B (45440 B,
+    whatever the shapes; at d = dv = 128, G = 4 the tile is 32 keys and 32 KB + 2 KB + 512 B of it is used).
+    Bytes read per decode step: the K/V once, ``Hkv * N * (d + dv) * 2`` for float16 (``_chunk_kernel``: G
+    times that, less what L2 catches), plus ``Hq * d`` query floats per chunk; each block writes ``G`` partials
+    ``(m, l, acc)`` in the layout of ``_chunk_kernel`` (float32), merged by ``_merge_kernel``.
+    Preconditions (checked by the caller): ``T = 1``, every row of a group has the key limit
+    ``limits[h * G]``, ``G <= MAX_G``, ``G * d <= Q_SH``, ``G * dv <= ACC * nt``, ``tile * (d + dv) <= KV_SH``,
+    ``G * tile <= S_SH``.
+    """
+    q_sh = cuda.shared.array(Q_SH, float32)
+    kv_sh = cuda.shared.array(KV_SH, float32)
+    s_sh = cuda.shared.array(S_SH, float32)
+    m_sh = cuda.shared.array(MAX_G, float32)       # running max per row
+    l_sh = cuda.shared.array(MAX_G, float32)       # running denominator per row
+    a_sh = cuda.shared.array(MAX_G, float32)       # this tile's rescale factor per row
+    acc = cuda.local.array(ACC, float32)           # registers: constant size, constant indices
+    hkv, _, d = k.shape
+    dv = v.shape[2]
+    h = cuda.blockIdx.x % hkv
+    c = cuda.blockIdx.x // hkv
+    tid = cuda.threadIdx.x
+    nt = cuda.blockDim.x
+    r0 = h * g                                     # the group's first query row
+    j0 = c * chunk
+    j1 = min(j0 + chunk, limits[r0])               # one limit for the whole group (the caller's promise)
+    for e in range(tid, g * d, nt):
+        q_sh[e] = q[r0 + e // d, e % d]
+    for i in range(tid, g, nt):
+        m_sh[i] = NEG_INF
+        l_sh[i] = float32(0.0)
+    for u in range(ACC):
+        acc[u] = float32(0.0)
+    cuda.syncthreads()
+    v0 = tile * d                                  # values start after the tile's keys
+    for b0 in range(j0, j1, tile):
+        nb = min(tile, j1 - b0)
+        for e in range(tid, nb * d, nt):           # 1. K and V tiles, each element read once
+            kv_sh[e] = float32(k[h, b0 + e // d, e % d])
+        for e in range(tid, nb * dv, nt):
+            kv_sh[v0 + e] = float32(v[h, b0 + e // dv, e % dv])
+        cuda.syncthreads()
+        for p in range(tid, g * nb, nt):           # 2. G x nb scores across the block
+            i = p // nb
+            jj = p - i * nb
+            s = float32(0.0)
+            x = jj % d                             # skewed start: no bank conflicts between keys
+            for _ in range(d):
+                s += q_sh[i * d + x] * kv_sh[jj * d + x]
+                x += 1
+                if x == d:
+                    x = 0
+            s_sh[i * tile + jj] = s * scale
+        cuda.syncthreads()
+        for i in range(tid, g, nt):                # 3. running max and rescale, in online_softmax_tile's order
+            m_new = m_sh[i]
+            for jj in range(nb):
+                m_new = max(m_new, s_sh[i * tile + jj])
+            a_sh[i] = float32(math.exp(m_sh[i] - m_new))      # exp(-inf) = 0 on the first tile
+            m_sh[i] = m_new
+        cuda.syncthreads()
+        for p in range(tid, g * nb, nt):
+            i = p // nb
+            e = i * tile + p - i * nb
+            s_sh[e] = float32(math.exp(s_sh[e] - m_sh[i]))
+        cuda.syncthreads()
+        for i in range(tid, g, nt):                # l and acc read disjoint shared words: no barrier between
+            total = float32(0.0)
+            for jj in range(nb):
+                total += s_sh[i * tile + jj]
+            l_sh[i] = l_sh[i] * a_sh[i] + total
+        for u in range(ACC):                       # 4. this thread's (row, column) pairs
+            e = tid + u * nt
+            if e < g * dv:
+                i = e // dv
+                x = e - i * dv
+                a = acc[u] * a_sh[i]
+                for jj in range(nb):
+                    a += s_sh[i * tile + jj] * kv_sh[v0 + jj * dv + x]
+                acc[u] = a
+        cuda.syncthreads()                         # the next tile overwrites kv_sh, s_sh and a_sh
+    for i in range(tid, g, nt):
+        m_part[c, r0 + i] = m_sh[i]
+        l_part[c, r0 + i] = l_sh[i]
+    for u in range(ACC):
+        e = tid + u * nt
+        if e < g * dv:
+            i = e // dv
+            acc_part[c, r0 + i, e - i * dv] = acc[u]
+
+
+@cuda.jit
 def _merge_kernel(m_part, l_part, acc_part, out, lse):
     """Block ``r``: LSE merge of the ``P`` partials ``(m, l, acc)`` of row ``r``; threads over ``dv``."""
     n_parts = m_part.shape[0]
@@ -155,18 +281,38 @@ def merge_chunks(m_part, l_part, acc_part):
     return out, lse
 
 
-def attention_partials(rows, k, v, t_len, g, limits, scale):
-    """Chunk partials ``(m, l, acc)`` of query ``rows (R, d)`` over ``k, v``; row ``r`` reads KV head ``(r // t_len) // g``."""
+def group_tile(g, d, dv):
+    """Keys per tile of :func:`_group_kernel` for groups of ``g`` rows, or 0 when a group does not fit it
+    (its queries in ``q_sh``, its accumulators in ``ACC`` registers per thread, one key in the tiles)."""
+    if not 1 <= g <= MAX_G or g * d > Q_SH or g * dv > ACC * geometry().threads:
+        return 0
+    return min(geometry().tile, KV_SH // (d + dv), S_SH // g)
+
+
+def attention_partials(rows, k, v, t_len, g, limits, scale, group_limits=False):
+    """Chunk partials ``(m, l, acc)`` of query ``rows (R, d)`` over ``k, v``; row ``r`` reads KV head ``(r // t_len) // g``.
+
+    ``group_limits=True`` is the caller's promise that the ``g`` rows of each GQA group have the same key
+    limit (decode, the execution buffer): with ``t_len == 1`` that routes to :func:`_group_kernel`, which
+    reads each K/V element once per group instead of once per row (checking it here would cost a
+    device-to-host copy per step)."""
     xm = xp(rows, k, v)
     n_rows, d = rows.shape
-    n, dv = k.shape[1], v.shape[2]
+    hkv, n, dv = k.shape[0], k.shape[1], v.shape[2]
     if d > MAX_D:
         raise ValueError(f"head_dim {d} is larger than the CUDA kernels' limit of {MAX_D}")
-    n_chunks, chunk = split(n, n_rows)
+    tile = group_tile(g, d, dv) if (group_limits and t_len == 1) else 0
+    # The group kernel launches Hkv blocks per chunk, not Hq: more chunks keep the device as full.
+    n_chunks, chunk = split(n, hkv if tile else n_rows)
     m_part = xm.full((n_chunks, n_rows), -np.inf, np.float32)
     l_part = xm.zeros((n_chunks, n_rows), np.float32)
     acc_part = xm.zeros((n_chunks, n_rows, dv), np.float32)
-    if n and n_rows:
+    if not (n and n_rows):
+        return m_part, l_part, acc_part
+    if tile:
+        launch(_group_kernel, n_chunks * hkv, rows, k, v, np.int64(g), limits, np.float32(scale),
+               np.int64(chunk), np.int64(tile), m_part, l_part, acc_part)
+    else:
         launch(_chunk_kernel, n_chunks * n_rows, rows, k, v, np.int64(t_len), np.int64(g), limits,
                np.float32(scale), np.int64(chunk), np.int64(max(1, min(geometry().tile, K_SH // d))),
                m_part, l_part, acc_part)
@@ -193,7 +339,7 @@ def partial_attention(q, k, v, causal=False, scale=None):
     else:
         limits = xm.full(hq * t, n, np.int64)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    out, lse = merge_chunks(*attention_partials(rows, k, v, t, g, limits, scale))
+    out, lse = merge_chunks(*attention_partials(rows, k, v, t, g, limits, scale, group_limits=t == 1))
     out, lse = out.reshape(hq, t, dv), lse.reshape(hq, t)
     if decode:
         return out[:, 0], lse[:, 0]

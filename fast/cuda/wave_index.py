@@ -258,7 +258,7 @@ def attend_execution_buffer(q, buf, scale):
     hkv = buf.keys.shape[0]
     g = q.shape[0] // hkv
     limits = m.asarray(np.repeat(np.asarray(buf.lengths, np.int64), g))      # row h*G + j stops at lengths[h]
-    return merge_chunks(*attention_partials(q, buf.keys, buf.values, 1, g, limits, scale))
+    return merge_chunks(*attention_partials(q, buf.keys, buf.values, 1, g, limits, scale, group_limits=True))
 
 
 def attend_retrieved(q, meta, steady_k, steady_v, steady_ids, retrieval, scale, workspace=None):
