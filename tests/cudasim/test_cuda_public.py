@@ -51,9 +51,11 @@ def wave_case(draw):
     return hkv, g, d, dv, n, cfg, draw(st.floats(0.0, 0.5)), draw(st.integers(0, 2**31 - 1))
 
 
-def attend_both(ref, dev, q, ref_buf=None, dev_buf=None):
+def attend_both(ref, dev, q, ref_buf=None, dev_buf=None, dev_q=None):
+    """``q`` (host) to the reference index; ``dev_q`` (a device copy) or the host ``q`` itself to the CUDA one
+    (a CPU index refuses a CuPy query, so each side gets its own)."""
     want = ref.attend(q, return_lse=True, buffer=ref_buf)
-    got = dev.attend(q, return_lse=True, buffer=dev_buf)
+    got = dev.attend(q if dev_q is None else dev_q, return_lse=True, buffer=dev_buf)
     close(got[0], want[0])
     close(got[1], want[1])
     a, b = ref.last_stats, dev.last_stats
@@ -83,7 +85,7 @@ def test_wave_index_build_append_and_buffer_match_reference(arrays, case):
     assert db.device == "cuda"
     for step in range(3):                           # the same query twice: the second step can hit
         q = rng.standard_normal((hkv * g, d)).astype(np.float32) if step != 2 else q
-        attend_both(ref, dev, arrays.dev(q), rb, db)
+        attend_both(ref, dev, q, rb, db, dev_q=arrays.dev(q))
         a, b = rb.stats, db.stats
         assert (a.hits, a.misses, a.admitted, a.evicted, a.bytes_h2d) == (b.hits, b.misses, b.admitted, b.evicted,
                                                                          b.bytes_h2d)
