@@ -362,7 +362,7 @@ def section_host_kv(b, n, bs):
         k, v = b.rand((1, n, D), offset=0.5), b.rand((1, n, D))
         mh = wi.build_meta_index(k[:, STEADY:], v[:, STEADY:], b.m.arange(STEADY, n), c, seg, 10)
         heads.append(mh._replace(keys=_xp.asnumpy(mh.keys), values=_xp.asnumpy(mh.values), ids=_xp.asnumpy(mh.ids)))
-        steady.append((k[:, :STEADY], v[:, :STEADY]))
+        steady.append((k[:, :STEADY].copy(), v[:, :STEADY].copy()))    # copies: a view would keep the whole KV on the device
         del k, v
         b.free()
     build = time.perf_counter() - t
@@ -375,14 +375,23 @@ def section_host_kv(b, n, bs):
     meta = meta._replace(keys=None, values=None, ids=None)      # the host tier holds the KV now
     scale = 1 / math.sqrt(D)
     q = b.rand((h * G, D))
-    step = b.best(lambda: wave_step(wi, q, meta, sk, sv, sids, r, e, scale,
-                                    gather=lambda ret: wb.gather_step(state, sk, sv, sids, ret)[0]), 3)
+    def one_step():
+        return wave_step(wi, q, meta, sk, sv, sids, r, e, scale,
+                         gather=lambda ret: wb.gather_step(state, sk, sv, sids, ret)[0])
+
+    t = time.perf_counter()
+    one_step()                                           # cold: every retrieved cluster misses the cache
+    b.sync()
+    cold = time.perf_counter() - t
+    step = b.best(one_step, 3)                           # the same query again: its clusters are cached now
     kv_bytes = 2 * h * n * D * 4
     dev_bytes = b.m.get_default_memory_pool().used_bytes() if not b.sim else 0
     free, total = b.m.cuda.Device().mem_info if not b.sim else (0, 0)
-    b.say("| KV (float32) GB | device memory GB | device bytes in use GB | build s | step ms |")
-    b.say("|---|---|---|---|---|")
-    b.say(f"| {kv_bytes / 1e9:.1f} | {total / 1e9:.1f} | {dev_bytes / 1e9:.2f} | {build:.1f} | {step * 1e3:.2f} |\n")
+    b.say("| KV (float32) GB | device memory GB | device bytes in use GB | build s | first step ms (all misses) "
+          "| repeated step ms (cached) |")
+    b.say("|---|---|---|---|---|---|")
+    b.say(f"| {kv_bytes / 1e9:.1f} | {total / 1e9:.1f} | {dev_bytes / 1e9:.2f} | {build:.1f} | {cold * 1e3:.2f} "
+          f"| {step * 1e3:.2f} |\n")
     if kv_bytes < total:
         b.say(f"This KV ({kv_bytes / 1e9:.1f} GB) would fit on this device; host memory here is too small to hold "
               "a KV larger than the device's, so the run shows the mechanism (KV only in host memory), not a "
