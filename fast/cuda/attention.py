@@ -46,6 +46,7 @@ import math
 import numpy as np
 from numba import cuda, float32
 
+from ._lanes import lanes
 from ._xp import MAX_D, MAX_TILE, float_array, geometry, launch, split, xp
 
 __all__ = ["full_attention", "partial_attention", "merge_partials", "attention_partials", "merge_chunks"]
@@ -108,10 +109,12 @@ def _chunk_kernel(q, k, v, t_len, g, limits, scale, chunk, tile, m_part, l_part,
     cuda.syncthreads()
     m = NEG_INF
     l = float32(0.0)
+    kr0, krs, kc0, kcs = lanes(d, tid, nt)        # this thread's rows and columns of a key tile
     for b0 in range(j0, j1, tile):
         nb = min(tile, j1 - b0)
-        for e in range(tid, nb * d, nt):           # 1. stage the tile (coalesced), then score it
-            k_sh[e] = float32(k[h, b0 + e // d, e % d])
+        for jj in range(kr0, nb, krs):             # 1. stage the tile (coalesced), then score it
+            for x in range(kc0, d, kcs):
+                k_sh[jj * d + x] = float32(k[h, b0 + jj, x])
         cuda.syncthreads()
         for jj in range(tid, nb, nt):
             s = float32(0.0)
@@ -185,12 +188,16 @@ def _group_kernel(q, k, v, g, limits, scale, chunk, tile, m_part, l_part, acc_pa
         acc[u] = float32(0.0)
     cuda.syncthreads()
     v0 = tile * d                                  # values start after the tile's keys
+    kr0, krs, kc0, kcs = lanes(d, tid, nt)        # this thread's rows and columns of the K and V tiles
+    vr0, vrs, vc0, vcs = lanes(dv, tid, nt)
     for b0 in range(j0, j1, tile):
         nb = min(tile, j1 - b0)
-        for e in range(tid, nb * d, nt):           # 1. K and V tiles, each element read once
-            kv_sh[e] = float32(k[h, b0 + e // d, e % d])
-        for e in range(tid, nb * dv, nt):
-            kv_sh[v0 + e] = float32(v[h, b0 + e // dv, e % dv])
+        for jj in range(kr0, nb, krs):             # 1. K and V tiles, each element read once
+            for x in range(kc0, d, kcs):
+                kv_sh[jj * d + x] = float32(k[h, b0 + jj, x])
+        for jj in range(vr0, nb, vrs):
+            for x in range(vc0, dv, vcs):
+                kv_sh[v0 + jj * dv + x] = float32(v[h, b0 + jj, x])
         cuda.syncthreads()
         for p in range(tid, g * nb, nt):           # 2. G x nb scores across the block
             i = p // nb

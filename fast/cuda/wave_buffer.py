@@ -33,6 +33,7 @@ from retrokv.fast import wave_buffer as _cpu                      # the control 
 from retrokv.reference.wave_buffer import BufferState, HostTier, StepResult, capacity_blocks, extend_host_tier
 from retrokv.reference.wave_index import ExecBuffer, MetaIndex
 
+from ._lanes import lanes
 from ._xp import asnumpy, device_xp, float_array, launch, pinned_copy
 
 __all__ = ["HostTier", "DeviceTier", "BufferState", "StepResult", "empty_state", "extend_host_tier",
@@ -148,23 +149,52 @@ def plan_step(state, retrieval):
     return res
 
 
+@cuda.jit(device=True)
+def _cluster_rows(out, host, dev, h, row0, s0, n, block_of, from_device, r0, rs, c0, cs):
+    """Rows ``0 .. n`` of a cluster whose first host block is ``s0`` into ``out[h, row0:]``: from its device
+    blocks (``block_of``) on a hit, from the pinned host tier on a miss. The row's block and offset are
+    carried from row to row (no division per row: see ``_lanes``)."""
+    if r0 >= n:
+        return
+    bsz = host.shape[2]
+    width = out.shape[2]
+    blk = r0 // bsz                                # this thread's first row: block and offset in it
+    off = r0 - blk * bsz
+    for t in range(r0, n, rs):
+        if from_device:                            # hit: device memory
+            src = block_of[h, s0 + blk]
+            for x in range(c0, width, cs):
+                out[h, row0 + t, x] = dev[h, src, off, x]
+        else:                                      # miss: crosses PCIe from pinned host memory
+            for x in range(c0, width, cs):
+                out[h, row0 + t, x] = host[h, s0 + blk, off, x]
+        off += rs
+        while off >= bsz:
+            off -= bsz
+            blk += 1
+
+
 @cuda.jit
 def _fill_kernel(bk, bv, bids, steady_k, steady_v, steady_ids, hk, hv, hids, dk, dv_, dids,
                  block_of, start, sizes, retrieval, hit, dst):
     """Block ``(h, j)``: retrieved cluster ``j`` of head ``h`` (hits from device blocks, misses from the
-    mapped host tier), or the steady zone when ``j == r``; threads stride over flattened (row, column)."""
+    mapped host tier), or the steady zone when ``j == r``; threads over the columns of a row (``_lanes``)."""
     r = retrieval.shape[1]
     h = cuda.blockIdx.x // (r + 1)
     j = cuda.blockIdx.x % (r + 1)
     d, dv, bsz = bk.shape[2], bv.shape[2], hk.shape[2]
     tid = cuda.threadIdx.x
     nt = cuda.blockDim.x
+    kr0, krs, kc0, kcs = lanes(d, tid, nt)
+    vr0, vrs, vc0, vcs = lanes(dv, tid, nt)
     if j == r:
         n = steady_k.shape[1]
-        for e in range(tid, n * d, nt):
-            bk[h, e // d, e % d] = steady_k[h, e // d, e % d]
-        for e in range(tid, n * dv, nt):
-            bv[h, e // dv, e % dv] = steady_v[h, e // dv, e % dv]
+        for t in range(kr0, n, krs):
+            for x in range(kc0, d, kcs):
+                bk[h, t, x] = steady_k[h, t, x]
+        for t in range(vr0, n, vrs):
+            for x in range(vc0, dv, vcs):
+                bv[h, t, x] = steady_v[h, t, x]
         for t in range(tid, n, nt):
             bids[h, t] = steady_ids[t]
         return
@@ -173,20 +203,8 @@ def _fill_kernel(bk, bv, bids, steady_k, steady_v, steady_ids, hk, hv, hids, dk,
     s0 = start[h, i]
     row0 = dst[h, j]
     from_device = hit[h, j]
-    for e in range(tid, n * d, nt):
-        t = e // d
-        hb = s0 + t // bsz
-        if from_device:                            # hit: device memory
-            bk[h, row0 + t, e % d] = dk[h, block_of[h, hb], t % bsz, e % d]
-        else:                                      # miss: crosses PCIe from pinned host memory
-            bk[h, row0 + t, e % d] = hk[h, hb, t % bsz, e % d]
-    for e in range(tid, n * dv, nt):
-        t = e // dv
-        hb = s0 + t // bsz
-        if from_device:
-            bv[h, row0 + t, e % dv] = dv_[h, block_of[h, hb], t % bsz, e % dv]
-        else:
-            bv[h, row0 + t, e % dv] = hv[h, hb, t % bsz, e % dv]
+    _cluster_rows(bk, hk, dk, h, row0, s0, n, block_of, from_device, kr0, krs, kc0, kcs)
+    _cluster_rows(bv, hv, dv_, h, row0, s0, n, block_of, from_device, vr0, vrs, vc0, vcs)
     for t in range(tid, n, nt):
         hb = s0 + t // bsz
         bids[h, row0 + t] = dids[h, block_of[h, hb], t % bsz] if from_device else hids[h, hb, t % bsz]
@@ -224,16 +242,20 @@ def fill_execution_buffer(state, steady_k, steady_v, steady_ids, retrieval, hit,
 @cuda.jit
 def _scatter_kernel(dk, dv_, dids, src_k, src_v, src_ids, heads, src_row, n_valid, dev_block):
     """Block ``a``: copy ``n_valid[a]`` vectors starting at row ``src_row[a]`` of head ``heads[a]`` of the
-    source (rows of ``(Hkv, rows, d)``) into device block ``dev_block[a]``; threads over ``B x d``."""
+    source (rows of ``(Hkv, rows, d)``) into device block ``dev_block[a]``; threads over the columns of a row (``_lanes``)."""
     a = cuda.blockIdx.x
     h, row, n, blk = heads[a], src_row[a], n_valid[a], dev_block[a]
     d, dv = dk.shape[3], dv_.shape[3]
     tid = cuda.threadIdx.x
     nt = cuda.blockDim.x
-    for e in range(tid, n * d, nt):
-        dk[h, blk, e // d, e % d] = src_k[h, row + e // d, e % d]
-    for e in range(tid, n * dv, nt):
-        dv_[h, blk, e // dv, e % dv] = src_v[h, row + e // dv, e % dv]
+    kr0, krs, kc0, kcs = lanes(d, tid, nt)
+    vr0, vrs, vc0, vcs = lanes(dv, tid, nt)
+    for t in range(kr0, n, krs):
+        for x in range(kc0, d, kcs):
+            dk[h, blk, t, x] = src_k[h, row + t, x]
+    for t in range(vr0, n, vrs):
+        for x in range(vc0, dv, vcs):
+            dv_[h, blk, t, x] = src_v[h, row + t, x]
     for t in range(tid, n, nt):
         dids[h, blk, t] = src_ids[h, row + t]
 
@@ -241,16 +263,20 @@ def _scatter_kernel(dk, dv_, dids, src_k, src_v, src_ids, heads, src_row, n_vali
 @cuda.jit
 def _copy_blocks_kernel(dk, dv_, dids, hk, hv, hids, heads, host_block, dev_block):
     """Block ``a``: host block ``host_block[a]`` of head ``heads[a]`` (pinned memory, over PCIe) into
-    device block ``dev_block[a]``, whole (as the reference copies it); threads over ``B x d``."""
+    device block ``dev_block[a]``, whole (as the reference copies it); threads as in ``_lanes``."""
     a = cuda.blockIdx.x
     h, hb, blk = heads[a], host_block[a], dev_block[a]
     bsz, d, dv = dk.shape[2], dk.shape[3], dv_.shape[3]
     tid = cuda.threadIdx.x
     nt = cuda.blockDim.x
-    for e in range(tid, bsz * d, nt):
-        dk[h, blk, e // d, e % d] = hk[h, hb, e // d, e % d]
-    for e in range(tid, bsz * dv, nt):
-        dv_[h, blk, e // dv, e % dv] = hv[h, hb, e // dv, e % dv]
+    kr0, krs, kc0, kcs = lanes(d, tid, nt)
+    vr0, vrs, vc0, vcs = lanes(dv, tid, nt)
+    for t in range(kr0, bsz, krs):
+        for x in range(kc0, d, kcs):
+            dk[h, blk, t, x] = hk[h, hb, t, x]
+    for t in range(vr0, bsz, vrs):
+        for x in range(vc0, dv, vcs):
+            dv_[h, blk, t, x] = hv[h, hb, t, x]
     for t in range(tid, bsz, nt):
         dids[h, blk, t] = hids[h, hb, t]
 

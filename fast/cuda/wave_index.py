@@ -38,6 +38,7 @@ from numba import cuda, float32
 from retrokv.reference import wave_index as _ref
 from retrokv.reference.wave_index import ExecBuffer, MetaIndex, Zones, concat_meta  # types and appends: not hot
 
+from ._lanes import lanes
 from ._xp import MAX_TILE, argsort_stable, asnumpy, float_array, geometry, launch, xp
 from .attention import attention_partials, merge_chunks, merge_partials, partial_attention
 from .clustering import segmented_kmeans
@@ -141,12 +142,16 @@ def _gather_kernel(bk, bv, bids, steady_k, steady_v, steady_ids, mk, mv, mids, o
     d, dv = bk.shape[2], bv.shape[2]
     tid = cuda.threadIdx.x
     nt = cuda.blockDim.x
+    kr0, krs, kc0, kcs = lanes(d, tid, nt)        # consecutive threads, consecutive floats of a row
+    vr0, vrs, vc0, vcs = lanes(dv, tid, nt)
     if j == r:                                     # the steady zone goes first
         n = steady_k.shape[1]
-        for e in range(tid, n * d, nt):            # flattened (row, column): consecutive threads, consecutive floats
-            bk[h, e // d, e % d] = steady_k[h, e // d, e % d]
-        for e in range(tid, n * dv, nt):
-            bv[h, e // dv, e % dv] = steady_v[h, e // dv, e % dv]
+        for t in range(kr0, n, krs):
+            for x in range(kc0, d, kcs):
+                bk[h, t, x] = steady_k[h, t, x]
+        for t in range(vr0, n, vrs):
+            for x in range(vc0, dv, vcs):
+                bv[h, t, x] = steady_v[h, t, x]
         for t in range(tid, n, nt):
             bids[h, t] = steady_ids[t]
         return
@@ -154,10 +159,12 @@ def _gather_kernel(bk, bv, bids, steady_k, steady_v, steady_ids, mk, mv, mids, o
     a = offsets[h, i]                              # the cluster is rows a .. b of the sorted copy
     n = offsets[h, i + 1] - a
     dst = starts[h, j]
-    for e in range(tid, n * d, nt):
-        bk[h, dst + e // d, e % d] = mk[h, a + e // d, e % d]
-    for e in range(tid, n * dv, nt):
-        bv[h, dst + e // dv, e % dv] = mv[h, a + e // dv, e % dv]
+    for t in range(kr0, n, krs):
+        for x in range(kc0, d, kcs):
+            bk[h, dst + t, x] = mk[h, a + t, x]
+    for t in range(vr0, n, vrs):
+        for x in range(vc0, dv, vcs):
+            bv[h, dst + t, x] = mv[h, a + t, x]
     for t in range(tid, n, nt):
         bids[h, dst + t] = mids[h, a + t]
 
