@@ -5,7 +5,7 @@
 # them) and no network. Every stage has its own time limit, so a hang in one still brings back the others' logs.
 #
 #   bash benchmarks/gpu_check.sh            # from the repository root; OUT=<dir> also keeps the logs there
-#   TESTS_S=120 BENCH_S=200 bash benchmarks/gpu_check.sh
+#   TESTS_S=120 BENCH_S=200 NCU_S=0 bash benchmarks/gpu_check.sh     # stage limits in seconds; NCU_S=0: no profile
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -31,8 +31,9 @@ EOF
 
 # retrokv maps retrokv.fast -> fast/ and retrokv.reference -> reference/: install it (offline, no dependencies);
 # if pip cannot, links inside the source tree give the same package layout to any import from the root.
-if ! $PY -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$LOGS/install.log" 2>&1; then
-  echo "pip install -e . failed (see install.log); linking retrokv/fast and retrokv/reference instead"
+if ! $PY -m pip install -q --no-deps --no-build-isolation --no-index -e . >/tmp/retrokv_install.log 2>&1; then
+  tail -5 /tmp/retrokv_install.log
+  echo "pip install -e . failed; linking retrokv/fast and retrokv/reference instead"
   ln -sfn ../fast retrokv/fast && ln -sfn ../reference retrokv/reference
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
@@ -60,6 +61,24 @@ echo "[${SECONDS}s] smoke done"
 timeout $((BENCH_S + 60)) $PY benchmarks/gpu_decode.py --budget-s "$BENCH_S" 2>&1 | tee "$LOGS/gpu_decode.log"
 bench_rc=${PIPESTATUS[0]}
 
+
+# 2b. Nsight Compute on one decode step's attention kernels (128K tokens, batch 8): where their time goes
+# (memory throughput, occupancy, stalls); --clock-control none leaves the GPU's clocks as they are
+if command -v ncu >/dev/null && [ "${NCU_S:-90}" -gt 0 ]; then
+  timeout "${NCU_S:-90}" ncu --clock-control none --kernel-name regex:'group_kernel|chunk_kernel|merge_kernel' \
+    --launch-skip 2 --launch-count 3 --section SpeedOfLight --section Occupancy --section LaunchStats \
+    --section WarpStateStats $PY - >"$LOGS/ncu.txt" 2>&1 <<'EOF'
+import cupy as cp
+from retrokv.fast.cuda import attention as cu
+k = cp.random.standard_normal((64, 131072, 128), dtype=cp.float32).astype(cp.float16)
+v = cp.random.standard_normal((64, 131072, 128), dtype=cp.float32).astype(cp.float16)
+q = cp.random.standard_normal((256, 128), dtype=cp.float32)
+for _ in range(3):
+    cu.partial_attention(q, k, v)
+cp.cuda.Device().synchronize()
+EOF
+  echo "[${SECONDS}s] ncu done (exit $?; $LOGS/ncu.txt)"
+fi
 
 # 3. the cudasim ring on a real GPU (CuPy arrays); a per-test limit where pytest-timeout is installed
 PER_TEST=(); $PY -c "import pytest_timeout" 2>/dev/null && PER_TEST=(--timeout 100)
