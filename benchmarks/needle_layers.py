@@ -1,0 +1,108 @@
+"""Which layers lose the needle? The wave index on every layer but one, and on one layer only.
+
+    python benchmarks/needle_layers.py [--prompts 4 5 12 18] [--budget 0.08]
+
+For needle prompts of the needle frontier (``benchmarks/frontier_tasks.py``, 8192 tokens) that full
+attention answers and the wave index does not, SmolLM2 is prefilled once (dense, shared) and the answer
+is scored by teacher forcing (``retrokv.harness.frontier.forced_answer``, the frontier's scoring) with the
+wave index (``WaveConfig`` defaults, retrieval fraction ``--budget``) attached through ``retrokv.hf`` and
+some layers kept dense (``hf.attach(..., dense_layers=...)``):
+
+* every layer sparse (the frontier's point), layer 0 dense, layers 0-1 dense (Quest's practice);
+* **only layer l sparse** (all others dense), for each l: the layers that lose the needle by themselves;
+* **every layer but l sparse** (l dense), for each l: the layers whose exactness alone brings it back.
+
+Writes benchmarks/results/needle_layers.md.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+from machine import describe  # noqa: E402
+
+OUT = os.path.join(HERE, "results", "needle_layers.md")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--prompts", type=int, nargs="+", default=[4, 5, 12, 18])
+    ap.add_argument("--budget", type=float, default=0.08)
+    ap.add_argument("--out", default=OUT)
+    args = ap.parse_args()
+
+    from frontier_tasks import N, needle_prompts
+    from retrokv import hf
+    from retrokv.harness import eval as E
+    from retrokv.harness import frontier as F
+    from retrokv.harness.models import load_smollm2
+
+    t0 = time.time()
+    model, tok = load_smollm2()
+    c = model.config
+    shape = (c.num_attention_heads, c.num_key_value_heads, c.hidden_size // c.num_attention_heads,
+             c.hidden_size // c.num_attention_heads)
+    n_layers = c.num_hidden_layers
+    prompts = dict(needle_prompts(tok, max(args.prompts) + 1, N))
+    name, cfg = F.hf_config("wave")
+    cfg = dataclasses.replace(cfg, retrieval_budget=args.budget)
+    lines = [f"# Which layers lose the needle (SmolLM2-135M, {N} tokens, wave index r = {args.budget:g})", "",
+             f"Command: `python benchmarks/needle_layers.py --prompts {' '.join(map(str, args.prompts))} "
+             f"--budget {args.budget:g}`  ", f"Machine: {describe()}", "",
+             __doc__.split("\n\n", 2)[2].split("Writes")[0].strip(), "",
+             "`nll`: mean negative log-likelihood of the answer's 7 digits; `ok`: every digit is the argmax.", ""]
+    for i in args.prompts:
+        s = prompts[i]
+        logits0, saved, _ = E.shared_prefill(model, s.prompt_ids, "fast")
+
+        def score(dense):
+            h = hf.attach(model, name, cfg, "fast", dense_layers=dense)
+            try:
+                h.rebuild(saved)
+                ok, nll = F.forced_answer(model, tok, hf.index_cache(len(saved), N), logits0, s.answer)
+                bd, _ = F.run_density(h, *shape)
+            finally:
+                hf.detach(model)
+            return ok, nll, bd
+
+        full_ok, full_nll = F.forced_answer(model, tok, _full_cache(hf, model, saved, N), logits0, s.answer)
+        hf.detach(model)
+        base = {lab: score(d) for lab, d in (("every layer sparse", ()), ("layer 0 dense", (0,)),
+                                              ("layers 0-1 dense", (0, 1)))}
+        only = [score(tuple(x for x in range(n_layers) if x != layer)) for layer in range(n_layers)]
+        but = [score((layer,)) for layer in range(n_layers)]
+        lines += [f"## Prompt {i}: {s.task}, depth {s.depth:.3f}", "",
+                  "| layers | ok | nll | byte density |", "|---|---|---|---|",
+                  f"| full attention | {full_ok} | {full_nll:.3f} | 1.000 |"]
+        lines += [f"| {lab} | {ok} | {nll:.3f} | {bd:.3f} |" for lab, (ok, nll, bd) in base.items()]
+        worst = sorted(range(n_layers), key=lambda x: -only[x][1])[:5]
+        lines += ["", "Only layer l sparse: " + ", ".join(f"{x} ({only[x][1]:.3f}{'' if only[x][0] else ', wrong'})"
+                                                          for x in worst) + " (the five highest nll); wrong in "
+                  f"{sum(not o for o, _, _ in only)} of {n_layers} layers.",
+                  "", "Layer l dense, the rest sparse: right in " + str(sum(o for o, _, _ in but)) + f" of {n_layers}: "
+                  + ", ".join(f"{x} ({but[x][1]:.3f})" for x in sorted(range(n_layers), key=lambda x: but[x][1])[:5])
+                  + " (the five lowest nll).", ""]
+        print("\n".join(lines[-12:]), flush=True)
+        with open(args.out, "w") as fh:
+            fh.write("\n".join(lines + [f"Time so far {time.time() - t0:.0f} s."]) + "\n")
+    lines += [f"Total time {time.time() - t0:.0f} s."]
+    with open(args.out, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    print(f"wrote {args.out}")
+
+
+def _full_cache(hf, model, saved, n):
+    """Full attention attached over the shared prefill: the reference answer of the same scoring."""
+    h = hf.attach(model, "full", backend="fast")
+    h.rebuild(saved)
+    return hf.index_cache(len(saved), n)
+
+
+if __name__ == "__main__":
+    main()
