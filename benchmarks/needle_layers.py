@@ -13,6 +13,12 @@ some layers kept dense (``hf.attach(..., dense_layers=...)``):
 * **every layer but l sparse** (l dense), for each l: the layers whose exactness alone brings it back.
 
 Writes benchmarks/results/needle_layers.md.
+
+    python benchmarks/needle_layers.py --dense-layers 7 --prompts $(seq 0 19) --budgets 0.018 0.04
+
+scores every prompt with those layers dense and the wave index on the others, at each retrieval fraction,
+beside every layer sparse (the frontier's points): how much of the needle gap the named layers hold, and
+at what byte density. Writes benchmarks/results/needle_layers_dense.md.
 """
 from __future__ import annotations
 
@@ -34,8 +40,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--prompts", type=int, nargs="+", default=[4, 5, 12, 18])
     ap.add_argument("--budget", type=float, default=0.08)
-    ap.add_argument("--out", default=OUT)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--dense-layers", type=int, nargs="*", default=None,
+                    help="sweep mode: these layers dense, every prompt, each of --budgets")
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.018, 0.04])
     args = ap.parse_args()
+    if args.dense_layers is not None:
+        return dense_sweep(args)
+    args.out = args.out or OUT
 
     from frontier_tasks import N, needle_prompts
     from retrokv import hf
@@ -95,6 +107,59 @@ def main():
     with open(args.out, "w") as fh:
         fh.write("\n".join(lines) + "\n")
     print(f"wrote {args.out}")
+
+
+def dense_sweep(args):
+    """Every prompt at every budget, with ``args.dense_layers`` dense and with none: accuracy, NLL, density."""
+    import numpy as np
+
+    from frontier_tasks import N, needle_prompts
+    from retrokv import hf
+    from retrokv.harness import eval as E
+    from retrokv.harness import frontier as F
+    from retrokv.harness.models import load_smollm2
+
+    out = args.out or os.path.join(HERE, "results", "needle_layers_dense.md")
+    t0 = time.time()
+    model, tok = load_smollm2()
+    c = model.config
+    hd = c.hidden_size // c.num_attention_heads
+    shape = (c.num_attention_heads, c.num_key_value_heads, hd, hd)
+    prompts = dict(needle_prompts(tok, max(args.prompts) + 1, N))
+    name, base = F.hf_config("wave")
+    dense = tuple(args.dense_layers)
+    res = {}                                            # (budget, dense?) -> list of (ok, nll, byte density)
+    for i in args.prompts:
+        s = prompts[i]
+        logits0, saved, _ = E.shared_prefill(model, s.prompt_ids, "fast")
+        for r in args.budgets:
+            cfg = dataclasses.replace(base, retrieval_budget=r)
+            for d in ((), dense):
+                h = hf.attach(model, name, cfg, "fast", dense_layers=d)
+                try:
+                    h.rebuild(saved)
+                    ok, nll = F.forced_answer(model, tok, hf.index_cache(len(saved), N), logits0, s.answer)
+                    bd, _ = F.run_density(h, *shape)
+                finally:
+                    hf.detach(model)
+                res.setdefault((r, d), []).append((ok, nll, bd))
+                print(f"prompt {i} r={r:g} dense={list(d)}: {'OK' if ok else 'no'} nll={nll:.3f} bd={bd:.3f}", flush=True)
+        del saved
+    lines = [f"# The wave index with layers {list(dense)} dense (SmolLM2-135M, {N} tokens, needle prompts)", "",
+             f"Command: `python benchmarks/needle_layers.py --dense-layers {' '.join(map(str, dense))} --prompts "
+             f"{' '.join(map(str, args.prompts))} --budgets {' '.join(f'{r:g}' for r in args.budgets)}`  ",
+             f"Machine: {describe()}", "",
+             "The needle frontier's prompts and scoring (`benchmarks/frontier_tasks.py`: teacher-forced 7 digits); "
+             "the wave index with `WaveConfig` defaults at retrieval fraction r on every layer, and on every layer "
+             "but the dense ones. Byte density counts a dense layer as reading its whole KV.", "",
+             "| r | dense layers | prompts | accuracy | mean answer nll | byte density |", "|---|---|---|---|---|---|"]
+    for (r, d), xs in res.items():
+        lines.append(f"| {r:g} | {list(d) or 'none'} | {len(xs)} | {np.mean([x[0] for x in xs]):.2f} | "
+                     f"{np.mean([x[1] for x in xs]):.3f} | {np.mean([x[2] for x in xs]):.3f} |")
+    lines += ["", f"Total time {time.time() - t0:.0f} s."]
+    with open(out, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def _full_cache(hf, model, saved, n):

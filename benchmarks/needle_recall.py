@@ -19,7 +19,9 @@ Beside the needle heads, every head's answer-step output: its relative error aga
 the wave index and for the exact top-131 oracle with 4 + 64 static tokens, the frontier's smallest top-k
 point, which answers as often as top-418 and top-1300 (0.55).
 
-Recall is the fraction of needle tokens attended exactly, over the needle-reading heads. Each answer
+Recall is the fraction of needle tokens attended exactly, over the needle-reading heads. **Next digit**
+is sharper: whether the one needle token the step must write (digit t at answer step t, the token a
+copying head attends to) is attended exactly, by the wave index and by the exact top-131 oracle. Each answer
 token is appended to the wave index before its step, as in decoding, so the answer tokens are in the
 steady window of every method.
 
@@ -75,7 +77,7 @@ def head_rows(layer, wave_ix, L, span, steps, mass_min, g):
         qs = q[:, pos]                                          # (Hq, d)
         out_wave = np.asarray(wave_ix.attend(qs), np.float64)
         st = wave_ix.last_stats
-        errs.append(output_errors(layer, qs, pos, L, out_wave, g))
+        errs.append(output_errors(layer, qs, pos, L, out_wave, g, st.exact_ids, span))
         _, rank = ref_wave.rank_clusters(qs, np.asarray(meta.centroids), np.asarray(meta.sizes), 1 / np.sqrt(d))
         order = np.argsort(-rank, axis=1, kind="stable")
         for hq in range(q.shape[0]):
@@ -88,27 +90,32 @@ def head_rows(layer, wave_ix, L, span, steps, mass_min, g):
                 continue
             exact = np.asarray(st.exact_ids[h])
             n_exact = int((exact < L).sum())                    # prompt tokens attended exactly
+            nxt = span[min(pos - steps[0], len(span) - 1)]      # the needle token this step must write
             est = set(np.asarray(st.estimation_clusters[h]).tolist())
             in_exact = np.isin(span, exact)
             in_est = np.array([cluster_of[h][t] in est for t in span]) & ~in_exact
             top = np.argsort(-s[:L], kind="stable")[:n_exact]
+            top131 = np.argsort(-s[:L], kind="stable")[:TOPK]
             ranks = [int(np.nonzero(order[h] == cluster_of[h][t])[0][0]) for t in span if cluster_of[h][t] >= 0]
             rows.append(dict(mass=mass, wave=float(in_exact.mean()), est=float(in_est.mean()),
                              topk=float(np.isin(span, top).mean()), n_exact=n_exact,
+                             next_wave=float(nxt in exact), next_topk=float(nxt in top131),
                              rank=min(ranks) if ranks else -1, r=len(st.retrieval_clusters[h])))
     return rows, errs
 
 
-def output_errors(layer, qs, pos, L, out_wave, g, k_top=TOPK, static=(4, 64)):
-    """Relative error of this step's attention output, all query heads: ``(wave, exact top-k)``, the top-k
-    oracle as the needle frontier runs it (``k_top`` prompt tokens by score per head, plus 4 sinks and the
-    64 most recent prompt tokens; the answer tokens so far are attended by both, as in a decode step)."""
+def output_errors(layer, qs, pos, L, out_wave, g, exact_ids, span, k_top=TOPK, static=(4, 64)):
+    """Relative error of this step's attention output: ``(wave, exact top-k)`` averaged over the query
+    heads, the top-k oracle as the needle frontier runs it (``k_top`` prompt tokens by score per head, plus
+    4 sinks and the 64 most recent prompt tokens; the answer tokens so far are attended by both, as in a
+    decode step), then the worst head's ``(wave error, head, its needle mass, its top weight, the mass in
+    the wave's exact zone, its top-k error)``."""
     k, v = layer.k, layer.v
     d = qs.shape[-1]
     keep = np.zeros(pos + 1, bool)
     keep[:static[0]] = True
     keep[L - static[1]:] = True                               # the recent window and the answer tokens
-    ew, et = [], []
+    ew, et, worst = [], [], (-1.0,)
     for hq in range(qs.shape[0]):
         h = hq // g
         s = k[h, :pos + 1].astype(np.float64) @ qs[hq].astype(np.float64) / np.sqrt(d)
@@ -123,7 +130,10 @@ def output_errors(layer, qs, pos, L, out_wave, g, k_top=TOPK, static=(4, 64)):
         nrm = max(np.linalg.norm(full), 1e-30)
         ew.append(np.linalg.norm(out_wave[hq] - full) / nrm)
         et.append(np.linalg.norm(top - full) / nrm)
-    return float(np.mean(ew)), float(np.mean(et))
+        if ew[-1] > worst[0]:
+            p = w / w.sum()
+            worst = (ew[-1], hq, float(p[span].sum()), float(p.max()), float(p[np.asarray(exact_ids[h])].sum()), et[-1])
+    return float(np.mean(ew)), float(np.mean(et)), worst
 
 
 def main():
@@ -151,10 +161,16 @@ def main():
              f"Machine: {describe()}", "", __doc__.split("\n\n", 2)[2].split("Writes")[0].strip(), "",
              "| prompt | task | depth | r | needle-reading (layer, head, step) | wave exact recall | wave in estimation "
              "| top-k recall, same exact count | exact tokens | median rank of the needle cluster | clusters retrieved "
-             f"| answer-step error, wave (median over layers) | the same, exact top-{TOPK} |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"| answer-step error, wave (median over layers) | the same, exact top-{TOPK} "
+             f"| next digit exact, wave | next digit in top-{TOPK} |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     summary = {r: [] for r in args.budgets}
     errors = {r: [] for r in args.budgets}
+    worst_lines = ["", "The head with the largest wave error at an answer step, per prompt and budget (the needle's "
+                   "mass, the head's largest weight and the mass the wave's exact zone holds, all of full "
+                   "attention's weights):", "",
+                   f"| prompt | task | r | layer | query head | answer step | wave error | top-{TOPK} error | needle mass "
+                   "| top weight | mass in the exact zone |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for i in args.prompts:
         s = prompts[i]
         answer = tok(" " + s.answer, add_special_tokens=False)["input_ids"]
@@ -164,34 +180,42 @@ def main():
         caps = capture_qkv(model, list(s.prompt_ids) + answer[:-1])
         steps = range(L, L + len(digits))                      # the queries that predict the digits
         for r in args.budgets:
-            rows, err_layers = [], []
+            rows, err_layers, worst_heads = [], [], []
             for li in sorted(caps):
                 lay = caps[li]
                 ix = methods.build("wave", lay.k[:, :L], lay.v[:, :L], backend="fast",
                                    config=dataclasses.replace(WaveConfig(), retrieval_budget=r))
                 got, errs = head_rows(lay, ix, L, span, steps, args.mass, g)
                 rows += got
-                err_layers.append(np.mean(errs, axis=0))            # (wave, top-k) mean over the steps
+                err_layers.append(np.mean([e[:2] for e in errs], axis=0))   # (wave, top-k) mean over the steps
+                worst_heads += [(e[2], li, t) for t, e in enumerate(errs)]
             err_layers = np.array(err_layers)
             errors[r].append(err_layers)
+            (we, hq, nm, top1, exm, te), li, t = max(worst_heads, key=lambda x: x[0][0])
+            worst_lines.append(f"| {i} | {s.task} | {r:g} | {li} | {hq} | {t} | {we:.2f} | {te:.2f} | {nm:.2f} | {top1:.2f} "
+                               f"| {exm:.2f} |")
             summary[r] += rows
             if not rows:
                 lines.append(f"| {i} | {s.task} | {s.depth:.3f} | {r:g} | 0 | | | | | | | "
-                             f"{np.median(err_layers[:, 0]):.3f} | {np.median(err_layers[:, 1]):.3f} |")
+                             f"{np.median(err_layers[:, 0]):.3f} | {np.median(err_layers[:, 1]):.3f} | | |")
                 continue
             f = lambda key: np.mean([x[key] for x in rows])      # noqa: E731
             lines.append(f"| {i} | {s.task} | {s.depth:.3f} | {r:g} | {len(rows)} | {f('wave'):.2f} | {f('est'):.2f} "
                          f"| {f('topk'):.2f} | {f('n_exact'):.0f} | {np.median([x['rank'] for x in rows]):.0f} "
-                         f"| {f('r'):.0f} | {np.median(err_layers[:, 0]):.3f} | {np.median(err_layers[:, 1]):.3f} |")
+                         f"| {f('r'):.0f} | {np.median(err_layers[:, 0]):.3f} | {np.median(err_layers[:, 1]):.3f} "
+                         f"| {f('next_wave'):.2f} | {f('next_topk'):.2f} |")
             print(lines[-1], flush=True)
     lines += ["", "All prompts together:", "",
               "| r | needle-reading (layer, head, step) | wave exact recall | wave in estimation | top-k recall, same count "
-              "| share of them whose needle cluster ranks within 2x the retrieved count |", "|---|---|---|---|---|---|"]
+              f"| share of them whose needle cluster ranks within 2x the retrieved count | next digit exact, wave "
+              f"| next digit in top-{TOPK} |", "|---|---|---|---|---|---|---|---|"]
     for r, rows in summary.items():
         if rows:
             near = np.mean([0 <= x["rank"] < 2 * x["r"] for x in rows])
             lines.append(f"| {r:g} | {len(rows)} | {np.mean([x['wave'] for x in rows]):.2f} | "
-                         f"{np.mean([x['est'] for x in rows]):.2f} | {np.mean([x['topk'] for x in rows]):.2f} | {near:.2f} |")
+                         f"{np.mean([x['est'] for x in rows]):.2f} | {np.mean([x['topk'] for x in rows]):.2f} | {near:.2f} "
+                         f"| {np.mean([x['next_wave'] for x in rows]):.2f} | {np.mean([x['next_topk'] for x in rows]):.2f} |")
+    lines += worst_lines
     lines += ["", f"Answer-step attention error per layer (relative to full attention, mean over heads and the digit "
               f"steps, then over prompts), wave vs the exact top-{TOPK} oracle (4 + 64 static):", "",
               "| r | layers where wave's error is larger | median wave error | median top-k error |", "|---|---|---|---|"]
