@@ -62,7 +62,7 @@ def main():
              c.hidden_size // c.num_attention_heads)
     n_layers = c.num_hidden_layers
     prompts = dict(needle_prompts(tok, max(args.prompts) + 1, N))
-    name, cfg = F.hf_config("wave")
+    _, cfg = F.hf_config("wave")
     cfg = dataclasses.replace(cfg, retrieval_budget=args.budget)
     lines = [f"# Which layers lose the needle (SmolLM2-135M, {N} tokens, wave index r = {args.budget:g})", "",
              f"Command: `python benchmarks/needle_layers.py --prompts {' '.join(map(str, args.prompts))} "
@@ -74,14 +74,7 @@ def main():
         logits0, saved, _ = E.shared_prefill(model, s.prompt_ids, "fast")
 
         def score(dense):
-            h = hf.attach(model, name, cfg, "fast", dense_layers=dense)
-            try:
-                h.rebuild(saved)
-                ok, nll = F.forced_answer(model, tok, hf.index_cache(len(saved), N), logits0, s.answer)
-                bd, _ = F.run_density(h, *shape)
-            finally:
-                hf.detach(model)
-            return ok, nll, bd
+            return score_wave(model, tok, saved, logits0, s.answer, cfg, dense, shape)
 
         full_ok, full_nll = F.forced_answer(model, tok, _full_cache(hf, model, saved, N), logits0, s.answer)
         hf.detach(model)
@@ -114,7 +107,6 @@ def dense_sweep(args):
     import numpy as np
 
     from frontier_tasks import N, needle_prompts
-    from retrokv import hf
     from retrokv.harness import eval as E
     from retrokv.harness import frontier as F
     from retrokv.harness.models import load_smollm2
@@ -126,7 +118,7 @@ def dense_sweep(args):
     hd = c.hidden_size // c.num_attention_heads
     shape = (c.num_attention_heads, c.num_key_value_heads, hd, hd)
     prompts = dict(needle_prompts(tok, max(args.prompts) + 1, N))
-    name, base = F.hf_config("wave")
+    _, base = F.hf_config("wave")
     dense = tuple(args.dense_layers)
     res = {}                                            # (budget, dense?) -> list of (ok, nll, byte density)
     for i in args.prompts:
@@ -135,13 +127,7 @@ def dense_sweep(args):
         for r in args.budgets:
             cfg = dataclasses.replace(base, retrieval_budget=r)
             for d in ((), dense):
-                h = hf.attach(model, name, cfg, "fast", dense_layers=d)
-                try:
-                    h.rebuild(saved)
-                    ok, nll = F.forced_answer(model, tok, hf.index_cache(len(saved), N), logits0, s.answer)
-                    bd, _ = F.run_density(h, *shape)
-                finally:
-                    hf.detach(model)
+                ok, nll, bd = score_wave(model, tok, saved, logits0, s.answer, cfg, d, shape)
                 res.setdefault((r, d), []).append((ok, nll, bd))
                 print(f"prompt {i} r={r:g} dense={list(d)}: {'OK' if ok else 'no'} nll={nll:.3f} bd={bd:.3f}", flush=True)
         del saved
@@ -160,6 +146,23 @@ def dense_sweep(args):
     with open(out, "w") as fh:
         fh.write("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def score_wave(model, tok, saved, logits0, answer, cfg, dense, shape):
+    """``(correct, answer nll, byte density)``: the wave index (``cfg``) attached with ``dense`` layers kept
+    exact, built from the shared prefill ``saved``, the answer scored as the needle frontier scores it."""
+    from frontier_tasks import N
+    from retrokv import hf
+    from retrokv.harness import frontier as F
+
+    h = hf.attach(model, "wave", cfg, "fast", dense_layers=dense)
+    try:
+        h.rebuild(saved)
+        ok, nll = F.forced_answer(model, tok, hf.index_cache(len(saved), N), logits0, answer)
+        bd, _ = F.run_density(h, *shape)
+    finally:
+        hf.detach(model)
+    return ok, nll, bd
 
 
 def _full_cache(hf, model, saved, n):

@@ -77,9 +77,19 @@ def head_rows(layer, wave_ix, L, span, steps, mass_min, g):
         qs = q[:, pos]                                          # (Hq, d)
         out_wave = np.asarray(wave_ix.attend(qs), np.float64)
         st = wave_ix.last_stats
-        errs.append(output_errors(layer, qs, pos, L, out_wave, g, st.exact_ids, span))
-        _, rank = ref_wave.rank_clusters(qs, np.asarray(meta.centroids), np.asarray(meta.sizes), 1 / np.sqrt(d))
+        e = output_errors(layer, qs, pos, L, out_wave, g, st.exact_ids, span)
+        scores, rank = ref_wave.rank_clusters(qs, np.asarray(meta.centroids), np.asarray(meta.sizes), 1 / np.sqrt(d))
         order = np.argsort(-rank, axis=1, kind="stable")
+        # the worst head's best-weighted token: where its cluster ranks for the group and for this head alone
+        hq_w, top_tok = e[2][1], e[2][6]
+        cl = cluster_of[hq_w // g][top_tok] if top_tok < L else -1
+        if cl >= 0:
+            own = np.argsort(-scores[hq_w // g, hq_w % g], kind="stable")
+            e = e[:2] + (e[2][:6] + (int(np.nonzero(order[hq_w // g] == cl)[0][0]), int(np.nonzero(own == cl)[0][0]),
+                                     len(st.retrieval_clusters[hq_w // g])),)
+        else:
+            e = e[:2] + (e[2][:6] + (-1, -1, len(st.retrieval_clusters[hq_w // g])),)
+        errs.append(e)
         for hq in range(q.shape[0]):
             h = hq // g
             s = k[h, :pos + 1].astype(np.float64) @ qs[hq].astype(np.float64) / np.sqrt(d)
@@ -132,7 +142,8 @@ def output_errors(layer, qs, pos, L, out_wave, g, exact_ids, span, k_top=TOPK, s
         et.append(np.linalg.norm(top - full) / nrm)
         if ew[-1] > worst[0]:
             p = w / w.sum()
-            worst = (ew[-1], hq, float(p[span].sum()), float(p.max()), float(p[np.asarray(exact_ids[h])].sum()), et[-1])
+            worst = (ew[-1], hq, float(p[span].sum()), float(p.max()), float(p[np.asarray(exact_ids[h])].sum()), et[-1],
+                     int(np.argmax(p)))
     return float(np.mean(ew)), float(np.mean(et)), worst
 
 
@@ -168,9 +179,13 @@ def main():
     errors = {r: [] for r in args.budgets}
     worst_lines = ["", "The head with the largest wave error at an answer step, per prompt and budget (the needle's "
                    "mass, the head's largest weight and the mass the wave's exact zone holds, all of full "
-                   "attention's weights):", "",
+                   "attention's weights; the rank of the cluster holding the head's best-weighted token, 0 = first, "
+                   "in the wave ranking, which sums the softmax over centroids of the group's query heads, and by "
+                   "the head's own centroid scores):", "",
                    f"| prompt | task | r | layer | query head | answer step | wave error | top-{TOPK} error | needle mass "
-                   "| top weight | mass in the exact zone |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                   "| top weight | mass in the exact zone | its top token's cluster: group rank / clusters retrieved "
+                   "| the same cluster's rank by this head's centroid scores alone |",
+                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for i in args.prompts:
         s = prompts[i]
         answer = tok(" " + s.answer, add_special_tokens=False)["input_ids"]
@@ -191,9 +206,9 @@ def main():
                 worst_heads += [(e[2], li, t) for t, e in enumerate(errs)]
             err_layers = np.array(err_layers)
             errors[r].append(err_layers)
-            (we, hq, nm, top1, exm, te), li, t = max(worst_heads, key=lambda x: x[0][0])
+            (we, hq, nm, top1, exm, te, grp, own, n_ret), li, t = max(worst_heads, key=lambda x: x[0][0])
             worst_lines.append(f"| {i} | {s.task} | {r:g} | {li} | {hq} | {t} | {we:.2f} | {te:.2f} | {nm:.2f} | {top1:.2f} "
-                               f"| {exm:.2f} |")
+                               f"| {exm:.2f} | {grp} / {n_ret} | {own} |")
             summary[r] += rows
             if not rows:
                 lines.append(f"| {i} | {s.task} | {s.depth:.3f} | {r:g} | 0 | | | | | | | "

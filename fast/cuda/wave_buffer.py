@@ -35,6 +35,7 @@ from retrokv.reference.wave_index import ExecBuffer, MetaIndex
 
 from ._lanes import lanes
 from ._xp import asnumpy, device_xp, float_array, launch, pinned_copy
+from .wave_index import steady_rows
 
 __all__ = ["HostTier", "DeviceTier", "BufferState", "StepResult", "empty_state", "extend_host_tier",
            "extend_device_tier", "capacity_blocks", "sync_state", "plan_step", "fill_execution_buffer",
@@ -185,19 +186,11 @@ def _fill_kernel(bk, bv, bids, steady_k, steady_v, steady_ids, hk, hv, hids, dk,
     d, dv, bsz = bk.shape[2], bv.shape[2], hk.shape[2]
     tid = cuda.threadIdx.x
     nt = cuda.blockDim.x
+    if j == r:
+        steady_rows(bk, bv, bids, steady_k, steady_v, steady_ids, h, tid, nt)
+        return
     kr0, krs, kc0, kcs = lanes(d, tid, nt)
     vr0, vrs, vc0, vcs = lanes(dv, tid, nt)
-    if j == r:
-        n = steady_k.shape[1]
-        for t in range(kr0, n, krs):
-            for x in range(kc0, d, kcs):
-                bk[h, t, x] = steady_k[h, t, x]
-        for t in range(vr0, n, vrs):
-            for x in range(vc0, dv, vcs):
-                bv[h, t, x] = steady_v[h, t, x]
-        for t in range(tid, n, nt):
-            bids[h, t] = steady_ids[t]
-        return
     i = retrieval[h, j]
     n = sizes[h, i]
     s0 = start[h, i]

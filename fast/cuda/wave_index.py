@@ -133,6 +133,23 @@ def select_zones(rank, n_retrieve, n_estimate):
             m.ascontiguousarray(m.sort(order[:, n_retrieve:n_retrieve + n_estimate], axis=1)).astype(np.int64))
 
 
+@cuda.jit(device=True)
+def steady_rows(bk, bv, bids, steady_k, steady_v, steady_ids, h, tid, nt):
+    """Rows ``0 .. S`` of head ``h``'s execution buffer: the steady zone (sinks + recent window), which
+    leads every buffer; the block's threads over the columns of a row (``_lanes``)."""
+    n = steady_k.shape[1]
+    kr0, krs, kc0, kcs = lanes(bk.shape[2], tid, nt)
+    vr0, vrs, vc0, vcs = lanes(bv.shape[2], tid, nt)
+    for t in range(kr0, n, krs):
+        for x in range(kc0, bk.shape[2], kcs):
+            bk[h, t, x] = steady_k[h, t, x]
+    for t in range(vr0, n, vrs):
+        for x in range(vc0, bv.shape[2], vcs):
+            bv[h, t, x] = steady_v[h, t, x]
+    for t in range(tid, n, nt):
+        bids[h, t] = steady_ids[t]
+
+
 @cuda.jit
 def _gather_kernel(bk, bv, bids, steady_k, steady_v, steady_ids, mk, mv, mids, offsets, retrieval, starts):
     """Block ``(h, j)``: ``j < r`` copies retrieved cluster ``retrieval[h, j]``, ``j == r`` the steady zone."""
@@ -142,19 +159,11 @@ def _gather_kernel(bk, bv, bids, steady_k, steady_v, steady_ids, mk, mv, mids, o
     d, dv = bk.shape[2], bv.shape[2]
     tid = cuda.threadIdx.x
     nt = cuda.blockDim.x
+    if j == r:                                     # the steady zone goes first
+        steady_rows(bk, bv, bids, steady_k, steady_v, steady_ids, h, tid, nt)
+        return
     kr0, krs, kc0, kcs = lanes(d, tid, nt)        # consecutive threads, consecutive floats of a row
     vr0, vrs, vc0, vcs = lanes(dv, tid, nt)
-    if j == r:                                     # the steady zone goes first
-        n = steady_k.shape[1]
-        for t in range(kr0, n, krs):
-            for x in range(kc0, d, kcs):
-                bk[h, t, x] = steady_k[h, t, x]
-        for t in range(vr0, n, vrs):
-            for x in range(vc0, dv, vcs):
-                bv[h, t, x] = steady_v[h, t, x]
-        for t in range(tid, n, nt):
-            bids[h, t] = steady_ids[t]
-        return
     i = retrieval[h, j]
     a = offsets[h, i]                              # the cluster is rows a .. b of the sorted copy
     n = offsets[h, i + 1] - a
