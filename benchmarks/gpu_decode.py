@@ -22,7 +22,6 @@ Without CuPy and a GPU it measures nothing and says so in benchmarks/results/gpu
 from __future__ import annotations
 
 import argparse
-import inspect
 import math
 import os
 import sys
@@ -134,16 +133,10 @@ def copy_bandwidth(b):
 
 
 def wave_step(ops, q, meta, sk, sv, sids, r, e, scale, gather=None):
-    """One tripartite step through ``ops``: the reference driver when it takes ``ops=``, else its steps in order."""
+    """One tripartite step: the reference driver with the kernel module ``ops``: ``(out, lse)``."""
     from retrokv.reference import wave_index as ref
 
-    if "ops" in inspect.signature(ref.tripartite_attention).parameters:
-        return ref.tripartite_attention(q, meta, sk, sv, sids, r, e, scale, gather=gather, ops=ops)[:2]
-    scores, rank = ops.rank_clusters(q, meta.centroids, meta.sizes, scale)      # stand-in, same order
-    ret, est = ops.select_zones(rank, r, e)
-    buf = gather(ret) if gather is not None else ops.gather_execution_buffer(meta, sk, sv, sids, ret)
-    exact = ops.attend_execution_buffer(q, buf, scale)
-    return ops.merge_partials([exact, ops.estimate_partial(scores, meta.sizes, meta.value_sums, est)])
+    return ref.tripartite_attention(q, meta, sk, sv, sids, r, e, scale, gather=gather, ops=ops)[:2]
 
 
 def budgets(c):

@@ -51,7 +51,6 @@ def main():
     args.out = args.out or OUT
 
     from frontier_tasks import N, needle_prompts
-    from retrokv import hf
     from retrokv.harness import eval as E
     from retrokv.harness import frontier as F
     from retrokv.harness.models import load_smollm2
@@ -75,10 +74,9 @@ def main():
         logits0, saved, _ = E.shared_prefill(model, s.prompt_ids, "fast")
 
         def score(dense):
-            return score_wave(model, tok, saved, logits0, s.answer, cfg, dense, shape)
+            return score_method(model, tok, saved, logits0, s.answer, "wave", cfg, dense, shape)
 
-        full_ok, full_nll = F.forced_answer(model, tok, _full_cache(hf, model, saved, N), logits0, s.answer)
-        hf.detach(model)
+        full_ok, full_nll, _ = score_method(model, tok, saved, logits0, s.answer, "full", None, (), shape)
         base = {lab: score(d) for lab, d in (("every layer sparse", ()), ("layer 0 dense", (0,)),
                                               ("layers 0-1 dense", (0, 1)))}
         only = [score(tuple(x for x in range(n_layers) if x != layer)) for layer in range(n_layers)]
@@ -128,7 +126,7 @@ def dense_sweep(args):
         for r in args.budgets:
             cfg = dataclasses.replace(base, retrieval_budget=r)
             for d in ((), dense):
-                ok, nll, bd = score_wave(model, tok, saved, logits0, s.answer, cfg, d, shape)
+                ok, nll, bd = score_method(model, tok, saved, logits0, s.answer, "wave", cfg, d, shape)
                 res.setdefault((r, d), []).append((ok, nll, bd))
                 print(f"prompt {i} r={r:g} dense={list(d)}: {'OK' if ok else 'no'} nll={nll:.3f} bd={bd:.3f}", flush=True)
         del saved
@@ -164,14 +162,14 @@ def _sweep_table(args, dense, res, out, seconds):
     print("\n".join(lines[-6:]), flush=True)
 
 
-def score_wave(model, tok, saved, logits0, answer, cfg, dense, shape):
-    """``(correct, answer nll, byte density)``: the wave index (``cfg``) attached with ``dense`` layers kept
+def score_method(model, tok, saved, logits0, answer, method, cfg, dense, shape):
+    """``(correct, answer nll, byte density)``: ``method`` (config ``cfg``) attached with ``dense`` layers kept
     exact, built from the shared prefill ``saved``, the answer scored as the needle frontier scores it."""
     from frontier_tasks import N
     from retrokv import hf
     from retrokv.harness import frontier as F
 
-    h = hf.attach(model, "wave", cfg, "fast", dense_layers=dense)
+    h = hf.attach(model, method, cfg, "fast", dense_layers=dense)
     try:
         h.rebuild(saved)
         ok, nll = F.forced_answer(model, tok, hf.index_cache(len(saved), N), logits0, answer)
@@ -179,13 +177,6 @@ def score_wave(model, tok, saved, logits0, answer, cfg, dense, shape):
     finally:
         hf.detach(model)
     return ok, nll, bd
-
-
-def _full_cache(hf, model, saved, n):
-    """Full attention attached over the shared prefill: the reference answer of the same scoring."""
-    h = hf.attach(model, "full", backend="fast")
-    h.rebuild(saved)
-    return hf.index_cache(len(saved), n)
 
 
 if __name__ == "__main__":

@@ -77,25 +77,24 @@ def head_rows(layer, wave_ix, L, span, steps, mass_min, g):
         qs = q[:, pos]                                          # (Hq, d)
         out_wave = np.asarray(wave_ix.attend(qs), np.float64)
         st = wave_ix.last_stats
-        e = output_errors(layer, qs, pos, L, out_wave, g, st.exact_ids, span)
+        sc = np.stack([k[hq // g, :pos + 1].astype(np.float64) @ qs[hq].astype(np.float64)
+                       for hq in range(q.shape[0])]) / np.sqrt(d)           # full attention's scores (Hq, pos + 1)
+        w = np.exp(sc - sc.max(axis=1, keepdims=True))
+        w /= w.sum(axis=1, keepdims=True)
+        mean_wave, mean_top, worst = output_errors(layer, sc, w, pos, L, out_wave, g, st.exact_ids, span)
         scores, rank = ref_wave.rank_clusters(qs, np.asarray(meta.centroids), np.asarray(meta.sizes), 1 / np.sqrt(d))
         order = np.argsort(-rank, axis=1, kind="stable")
         # the worst head's best-weighted token: where its cluster ranks for the group and for this head alone
-        hq_w, top_tok = e[2][1], e[2][6]
-        cl = cluster_of[hq_w // g][top_tok] if top_tok < L else -1
-        if cl >= 0:
-            own = np.argsort(-scores[hq_w // g, hq_w % g], kind="stable")
-            e = e[:2] + (e[2][:6] + (int(np.nonzero(order[hq_w // g] == cl)[0][0]), int(np.nonzero(own == cl)[0][0]),
-                                     len(st.retrieval_clusters[hq_w // g])),)
-        else:
-            e = e[:2] + (e[2][:6] + (-1, -1, len(st.retrieval_clusters[hq_w // g])),)
-        errs.append(e)
+        hw = worst["head"] // g
+        cl = cluster_of[hw][worst["token"]] if worst["token"] < L else -1
+        own = np.argsort(-scores[hw, worst["head"] % g], kind="stable")
+        worst.update(group_rank=int(np.nonzero(order[hw] == cl)[0][0]) if cl >= 0 else -1,
+                     own_rank=int(np.nonzero(own == cl)[0][0]) if cl >= 0 else -1,
+                     retrieved=len(st.retrieval_clusters[hw]))
+        errs.append((mean_wave, mean_top, worst))
         for hq in range(q.shape[0]):
             h = hq // g
-            s = k[h, :pos + 1].astype(np.float64) @ qs[hq].astype(np.float64) / np.sqrt(d)
-            w = np.exp(s - s.max())
-            w /= w.sum()
-            mass = float(w[span].sum())
+            mass = float(w[hq, span].sum())
             if mass < mass_min:
                 continue
             exact = np.asarray(st.exact_ids[h])
@@ -104,46 +103,43 @@ def head_rows(layer, wave_ix, L, span, steps, mass_min, g):
             est = set(np.asarray(st.estimation_clusters[h]).tolist())
             in_exact = np.isin(span, exact)
             in_est = np.array([cluster_of[h][t] in est for t in span]) & ~in_exact
-            top = np.argsort(-s[:L], kind="stable")[:n_exact]
-            top131 = np.argsort(-s[:L], kind="stable")[:TOPK]
+            by_score = np.argsort(-sc[hq, :L], kind="stable")
             ranks = [int(np.nonzero(order[h] == cluster_of[h][t])[0][0]) for t in span if cluster_of[h][t] >= 0]
             rows.append(dict(mass=mass, wave=float(in_exact.mean()), est=float(in_est.mean()),
-                             topk=float(np.isin(span, top).mean()), n_exact=n_exact,
-                             next_wave=float(nxt in exact), next_topk=float(nxt in top131),
+                             topk=float(np.isin(span, by_score[:n_exact]).mean()), n_exact=n_exact,
+                             next_wave=float(nxt in exact), next_topk=float(nxt in by_score[:TOPK]),
                              rank=min(ranks) if ranks else -1, r=len(st.retrieval_clusters[h])))
     return rows, errs
 
 
-def output_errors(layer, qs, pos, L, out_wave, g, exact_ids, span, k_top=TOPK, static=(4, 64)):
-    """Relative error of this step's attention output: ``(wave, exact top-k)`` averaged over the query
-    heads, the top-k oracle as the needle frontier runs it (``k_top`` prompt tokens by score per head, plus
-    4 sinks and the 64 most recent prompt tokens; the answer tokens so far are attended by both, as in a
-    decode step), then the worst head's ``(wave error, head, its needle mass, its top weight, the mass in
-    the wave's exact zone, its top-k error)``."""
-    k, v = layer.k, layer.v
-    d = qs.shape[-1]
+def output_errors(layer, sc, w, pos, L, out_wave, g, exact_ids, span, k_top=TOPK, static=(4, 64)):
+    """Relative error of this step's attention output, from full attention's scores ``sc`` and weights ``w``
+    (Hq, pos + 1): the wave's and the exact top-k oracle's averaged over the query heads (the oracle as the
+    needle frontier runs it: ``k_top`` prompt tokens by score per head, plus 4 sinks and the 64 most recent
+    prompt tokens; the answer tokens so far are attended by both, as in a decode step), and the worst head:
+    ``{err, head, needle, top, exact_mass, topk_err, token}`` (its needle mass, its largest weight, the mass
+    in the wave's exact zone, its best-weighted token)."""
+    v = layer.v
     keep = np.zeros(pos + 1, bool)
     keep[:static[0]] = True
     keep[L - static[1]:] = True                               # the recent window and the answer tokens
-    ew, et, worst = [], [], (-1.0,)
-    for hq in range(qs.shape[0]):
+    cand = np.nonzero(~keep[:L])[0]
+    ew, et, worst = [], [], {"err": -1.0}
+    for hq in range(sc.shape[0]):
         h = hq // g
-        s = k[h, :pos + 1].astype(np.float64) @ qs[hq].astype(np.float64) / np.sqrt(d)
         vv = v[h, :pos + 1].astype(np.float64)
-        w = np.exp(s - s.max())
-        full = w @ vv / w.sum()
+        full = w[hq] @ vv
         sel = keep.copy()
-        cand = np.nonzero(~keep[:L])[0]
-        sel[cand[np.argsort(-s[cand], kind="stable")[:k_top]]] = True
-        wt = np.where(sel, w, 0.0)
+        sel[cand[np.argsort(-sc[hq, cand], kind="stable")[:k_top]]] = True
+        wt = np.where(sel, w[hq], 0.0)
         top = wt @ vv / wt.sum()
         nrm = max(np.linalg.norm(full), 1e-30)
         ew.append(np.linalg.norm(out_wave[hq] - full) / nrm)
         et.append(np.linalg.norm(top - full) / nrm)
-        if ew[-1] > worst[0]:
-            p = w / w.sum()
-            worst = (ew[-1], hq, float(p[span].sum()), float(p.max()), float(p[np.asarray(exact_ids[h])].sum()), et[-1],
-                     int(np.argmax(p)))
+        if ew[-1] > worst["err"]:
+            worst = dict(err=ew[-1], head=hq, needle=float(w[hq, span].sum()), top=float(w[hq].max()),
+                         exact_mass=float(w[hq, np.asarray(exact_ids[h])].sum()), topk_err=et[-1],
+                         token=int(np.argmax(w[hq])))
     return float(np.mean(ew)), float(np.mean(et)), worst
 
 
@@ -206,9 +202,10 @@ def main():
                 worst_heads += [(e[2], li, t) for t, e in enumerate(errs)]
             err_layers = np.array(err_layers)
             errors[r].append(err_layers)
-            (we, hq, nm, top1, exm, te, grp, own, n_ret), li, t = max(worst_heads, key=lambda x: x[0][0])
-            worst_lines.append(f"| {i} | {s.task} | {r:g} | {li} | {hq} | {t} | {we:.2f} | {te:.2f} | {nm:.2f} | {top1:.2f} "
-                               f"| {exm:.2f} | {grp} / {n_ret} | {own} |")
+            wh, li, t = max(worst_heads, key=lambda x: x[0]["err"])
+            worst_lines.append(f"| {i} | {s.task} | {r:g} | {li} | {wh['head']} | {t} | {wh['err']:.2f} | "
+                               f"{wh['topk_err']:.2f} | {wh['needle']:.2f} | {wh['top']:.2f} | {wh['exact_mass']:.2f} "
+                               f"| {wh['group_rank']} / {wh['retrieved']} | {wh['own_rank']} |")
             summary[r] += rows
             if not rows:
                 lines.append(f"| {i} | {s.task} | {s.depth:.3f} | {r:g} | 0 | | | | | | | "
