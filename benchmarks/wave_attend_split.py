@@ -60,11 +60,11 @@ def timing_ops(times):
             return r
         return g
 
-    def rank_clusters(q, centroids, sizes, scale):          # fast.wave_index.rank_clusters, split in two
+    def rank_clusters(q, centroids, sizes, scale, group_rank="softmax_sum"):   # fast.wave_index's, split in two
         hkv, c, d = centroids.shape
         qb = np.ascontiguousarray(q.reshape(hkv, -1, d), dtype=np.float32)
         scores = timed("centroid scoring", fw._centroid_scores)(qb, centroids, sizes, np.float32(scale))
-        return scores, timed("ranking (softmax, GQA sum)", fw._gqa_rank)(scores)
+        return scores, timed("ranking (softmax, GQA sum)", fw._gqa_rank)(scores, group_rank == "max_logit")
 
     ops = types.SimpleNamespace(
         rank_clusters=rank_clusters,

@@ -5,7 +5,8 @@ little memory as possible, once:
 
 * centroid scoring: a matmul-like kernel over the contiguous ``(Hkv, C, d)`` centroid array, the
   G query heads of a group sharing each centroid load; empty clusters get ``-inf``;
-* ranking: softmax per query head summed over the group, then partitions (linear time) instead of a
+* ranking: softmax per query head summed over the group (or the group's best score, ``group_rank="max_logit"``),
+  then partitions (linear time) instead of a
   full sort; only the retrieved clusters are sorted, to keep their rank order (the estimation zone is a
   set, kept in id order);
 * retrieval: the clusters are contiguous ranges of the cluster-sorted KV copy, so the exact
@@ -39,7 +40,7 @@ import numba as nb
 import numpy as np
 
 from retrokv.reference import wave_index as _ref
-from retrokv.reference.wave_index import (ExecBuffer, MetaIndex, Workspace, Zones,  # not hot
+from retrokv.reference.wave_index import (GROUP_RANKS, ExecBuffer, MetaIndex, Workspace, Zones,  # not hot
                                           empty_meta, estimation_as_pseudo_tokens)
 
 from . import _dispatch
@@ -52,7 +53,7 @@ from ._wave_build import build_meta_index, concat_meta
 from ._zone_select import _select, _select_head
 from .attention import _merge_pair, merge_partials
 
-__all__ = ["MetaIndex", "ExecBuffer", "Zones", "Workspace", "empty_meta", "build_meta_index", "concat_meta",
+__all__ = ["GROUP_RANKS", "MetaIndex", "ExecBuffer", "Zones", "Workspace", "empty_meta", "build_meta_index", "concat_meta",
            "rank_clusters", "select_zones", "gather_execution_buffer", "attend_execution_buffer",
            "attend_retrieved", "estimate_partial", "estimation_as_pseudo_tokens", "tripartite_attention"]
 
@@ -126,23 +127,48 @@ def _rank_head(scores, h, p, rank):
             rank[h, i] += p[r, i]
 
 
+@nb.njit(cache=True, fastmath=_FLAGS)
+def _max_logit_head(scores, h, rank):
+    """``rank[h, i]``: the largest score of cluster ``i`` over head ``h``'s G query heads
+    (``group_rank="max_logit"``; a NaN score makes its cluster's rank NaN, as the reference's ``max``)."""
+    g, c = scores.shape[1], scores.shape[2]
+    for i in range(c):
+        b = scores[h, 0, i]
+        for r in range(1, g):
+            x = scores[h, r, i]
+            if x > b or x != x:                     # a NaN wins: it must reach the rank
+                b = x
+        rank[h, i] = b
+
+
+@nb.njit(cache=True, fastmath=_FLAGS)
+def _group_rank_head(scores, h, max_logit, rank):
+    """Head ``h``'s ranking: :func:`_max_logit_head` when ``max_logit``, else :func:`_rank_head`."""
+    g, c = scores.shape[1], scores.shape[2]
+    if max_logit:
+        _max_logit_head(scores, h, rank)
+    else:
+        _rank_head(scores, h, np.empty((g, c), dtype=np.float32), rank)
+
+
 @nb.njit(parallel=True, cache=True, fastmath=_FLAGS)
-def _gqa_rank(scores):
+def _gqa_rank(scores, max_logit):
     hkv, g, c = scores.shape
     rank = np.zeros((hkv, c), dtype=np.float32)
     for h in nb.prange(hkv):
-        _rank_head(scores, h, np.empty((g, c), dtype=np.float32), rank)
+        _group_rank_head(scores, h, max_logit, rank)
     return rank
 
 
-def rank_clusters(q, centroids, sizes, scale):
+def rank_clusters(q, centroids, sizes, scale, group_rank="softmax_sum"):
     """Same contract as :func:`retrokv.reference.wave_index.rank_clusters`; Numba kernels (CUDA for CuPy input)."""
+    _ref.check_group_rank(group_rank)
     if any_cupy(q, centroids):
-        return cuda("wave_index").rank_clusters(q, centroids, sizes, scale)
+        return cuda("wave_index").rank_clusters(q, centroids, sizes, scale, group_rank)
     hkv, c, d = centroids.shape
     qb = np.ascontiguousarray(q.reshape(hkv, -1, d), dtype=np.float32)   # (Hkv, G, d)
     scores = _centroid_scores(qb, centroids, sizes, np.float32(scale))    # (Hkv, G, C)
-    return scores, _gqa_rank(scores)
+    return scores, _gqa_rank(scores, group_rank == "max_logit")
 
 
 def select_zones(rank, n_retrieve, n_estimate):
@@ -248,7 +274,7 @@ def estimate_partial(scores, sizes, value_sums, estimation):
 
 @nb.njit(parallel=True, cache=True, fastmath=_FLAGS)
 def _decode_step(qb, cent, sizes, value_sums, steady_k, steady_v, steady_ids, mk, mv, mids, offsets, n_retrieve,
-                 top, scale):
+                 top, scale, max_logit):
     """Steps 1-3 of the reference driver in one kernel, per KV head: rank, select, exact zone in place,
     estimate (the caller merges the two partials with :func:`~retrokv.fast.attention._merge_pair`, the
     composed path's merge arithmetic). ``ok`` is False (nothing else computed) when a rank is NaN: the caller then takes the
@@ -263,7 +289,7 @@ def _decode_step(qb, cent, sizes, value_sums, steady_k, steady_v, steady_ids, mk
     nr = min(n_retrieve, top)
     for h in nb.prange(hkv):                         # 1. rank the clusters, and split them into zones
         _score_centroids(qb, cent, sizes, scale, h, 0, c, scores)
-        _rank_head(scores, h, np.empty((g, c), dtype=np.float32), rank)
+        _group_rank_head(scores, h, max_logit, rank)
         for i in range(c):
             nan[h] = nan[h] or rank[h, i] != rank[h, i]
         if top > 0 and not nan[h]:
@@ -283,14 +309,14 @@ def _decode_step(qb, cent, sizes, value_sums, steady_k, steady_v, steady_ids, mk
     return True, out_x, lse_x, out_e, lse_e, best, ids, lengths
 
 
-def _fused_step(q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_estimate, scale):
+def _fused_step(q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_estimate, scale, group_rank):
     """:func:`_decode_step` with the driver's contract, or ``None`` when it declines (a NaN rank)."""
     hkv, c, d = meta.centroids.shape
     top = min(c, n_retrieve + n_estimate)
     qb = np.ascontiguousarray(np.asarray(q, dtype=np.float32).reshape(hkv, -1, d))
     ok, out_x, lse_x, out_e, lse_e, best, ids, lengths = _decode_step(
         qb, meta.centroids, meta.sizes, meta.value_sums, steady_k, steady_v, np.asarray(steady_ids, dtype=np.int64),
-        meta.keys, meta.values, meta.ids, meta.offsets, n_retrieve, top, np.float32(scale))
+        meta.keys, meta.values, meta.ids, meta.offsets, n_retrieve, top, np.float32(scale), group_rank == "max_logit")
     if not ok:
         return None
     nr, hq = min(n_retrieve, top), q.shape[0]
@@ -300,7 +326,7 @@ def _fused_step(q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_estimate,
 
 
 def tripartite_attention(q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_estimate, scale=None,
-                         gather=None, workspace=None, ops=None):
+                         gather=None, workspace=None, ops=None, group_rank="softmax_sum"):
     """The reference driver :func:`retrokv.reference.wave_index.tripartite_attention` with this module's kernels
     (the CUDA kernels of :mod:`retrokv.fast.cuda.wave_index` for CuPy input).
 
@@ -309,6 +335,7 @@ def tripartite_attention(q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_
     built from the same per-head kernels, parallel over the KV heads): a small step computes for well
     under a millisecond, so the dozen NumPy calls and kernel launches between the steps are worth
     saving, and a large one reads each KV head's centroids and clusters once, in one pass."""
+    _ref.check_group_rank(group_rank)
     if ops is None and any_cupy(q, steady_k, steady_v):
         ops = cuda("wave_index")
     elif ops is None:
@@ -318,10 +345,11 @@ def tripartite_attention(q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_
         work = hq * d * (meta.centroids.shape[1] + steady_k.shape[1])        # centroid scores + steady zone
         with threads_for(work):
             if gather is None and _fused(work, meta.centroids.shape[0]):
-                res = _fused_step(q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_estimate, scale)
+                res = _fused_step(q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_estimate, scale, group_rank)
                 if res is not None:
                     return res
             return _ref.tripartite_attention(q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_estimate,
-                                             scale, gather, workspace, ops=sys.modules[__name__])
+                                             scale, gather, workspace, ops=sys.modules[__name__],
+                                             group_rank=group_rank)
     return _ref.tripartite_attention(q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_estimate, scale,
-                                     gather, workspace, ops=ops)
+                                     gather, workspace, ops=ops, group_rank=group_rank)

@@ -17,6 +17,8 @@ one decode query ``q``:
 
 Clusters outside both zones are dropped. Clusters are ranked by the softmax of the centroid scores,
 summed over the query heads of a GQA group (one ranking, hence one set of zones, per KV head).
+``group_rank="max_logit"`` is an opt-in variant that is not in the paper: each cluster ranks by the
+best centroid score any head of its group gives it (see :func:`rank_clusters`).
 The exact part (steady + retrieval) and the estimate are combined by the log-sum-exp merge
 (RetroInfer's weighted flash-decoding; RetrievalAttention App. B).
 
@@ -34,7 +36,7 @@ import numpy as np
 from .attention import merge_partials, partial_attention
 from .clustering import _array_module, segmented_kmeans
 
-__all__ = ["MetaIndex", "ExecBuffer", "Zones", "Workspace", "empty_meta", "build_meta_index", "concat_meta",
+__all__ = ["GROUP_RANKS", "MetaIndex", "ExecBuffer", "Zones", "Workspace", "empty_meta", "build_meta_index", "concat_meta",
            "rank_clusters", "select_zones", "gather_execution_buffer", "attend_execution_buffer",
            "attend_retrieved", "estimate_partial", "estimation_as_pseudo_tokens", "tripartite_attention"]
 
@@ -137,20 +139,41 @@ def concat_meta(a, b):
         cat([a.keys, b.keys], axis=1), cat([a.values, b.values], axis=1), cat([a.ids, b.ids], axis=1))
 
 
-def rank_clusters(q, centroids, sizes, scale):
+GROUP_RANKS = ("softmax_sum", "max_logit")   # how a GQA group's query heads combine into one ranking
+
+
+def check_group_rank(group_rank):
+    """``group_rank`` if it names a ranking of :data:`GROUP_RANKS`, else a ``ValueError`` that lists them."""
+    if not isinstance(group_rank, str) or group_rank not in GROUP_RANKS:
+        raise ValueError(f"group_rank must be one of {GROUP_RANKS}, got {group_rank!r}")
+    return group_rank
+
+
+def rank_clusters(q, centroids, sizes, scale, group_rank="softmax_sum"):
     """Centroid scores ``(Hkv, G, C)`` and the GQA ranking ``(Hkv, C)`` of RetroInfer §4.2.
 
-    ``scores[h, g, i] = q_{hG+g} . C_i * scale`` (``-inf`` for empty clusters); ``rank[h, i]`` is
-    the softmax over clusters of each query head's scores, summed over the G heads of the group.
+    ``scores[h, g, i] = q_{hG+g} . C_i * scale`` (``-inf`` for empty clusters). The ranking, per
+    ``group_rank``:
+
+    * ``"softmax_sum"`` (RetroInfer's): ``rank[h, i] = sum_g softmax_i(scores[h, g])``, the softmax over
+      clusters of each query head's scores, summed over the G heads of the group;
+    * ``"max_logit"`` (not in the paper; opt-in): ``rank[h, i] = max_g scores[h, g, i]``, the best score
+      any head of the group gives the cluster (``-inf`` for an empty one). Under ``"softmax_sum"`` a head
+      that puts its weight on one key is outvoted by the group's diffuse heads, whose softmaxes spread
+      over many clusters (benchmarks/results/needle_recall.md measures it for SmolLM2's needle-reading
+      heads); here the head with the largest logits orders the clusters it scores highest first.
     """
     hkv, c, d = centroids.shape
+    check_group_rank(group_rank)
     qb = q.reshape(hkv, -1, d)                                          # (Hkv, G, d)
     scores = (qb @ centroids.transpose(0, 2, 1)) * np.float32(scale)   # (Hkv, G, C)
     scores = np.where(sizes[:, None, :] > 0, scores, -np.inf).astype(np.float32)
     if c == 0:
         return scores, np.zeros((hkv, 0), np.float32)
+    if group_rank == "max_logit":
+        return scores, scores.max(axis=1)                              # (Hkv, C), -inf: empty cluster
     m = scores.max(axis=2, keepdims=True)
-    m = np.where(np.isfinite(m), m, 0.0)
+    m = np.where(m == -np.inf, 0.0, m)       # every cluster empty: no shift; a NaN row stays NaN, empty clusters too
     p = np.exp(scores - m)                                             # (Hkv, G, C)
     z = p.sum(axis=2, keepdims=True)
     rank = (p / np.where(z > 0, z, 1.0)).sum(axis=1).astype(np.float32)   # (Hkv, C)
@@ -274,7 +297,7 @@ def attend_retrieved(q, meta, steady_k, steady_v, steady_ids, retrieval, scale, 
 
 
 def tripartite_attention(q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_estimate, scale=None,
-                         gather=None, workspace=None, ops=None):
+                         gather=None, workspace=None, ops=None, group_rank="softmax_sum"):
     """One decode step of RetroInfer's tripartite attention: returns ``(out (Hq, dv), lse (Hq,), Zones)``.
 
     ``q (Hq, d)``; ``steady_k/v (Hkv, S, d)`` and ``steady_ids (S,)`` hold the sinks and the recent
@@ -283,13 +306,13 @@ def tripartite_attention(q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_
     ``workspace``: the index's :class:`Workspace`. The driver is written once for every backend:
     ``ops`` supplies the kernels (``rank_clusters``, ``select_zones``, ``attend_retrieved``,
     ``attend_execution_buffer`` (with ``gather``), ``estimate_partial``, ``merge_partials``; default: this
-    module's).
+    module's). ``group_rank``: how the GQA group ranks the clusters (:func:`rank_clusters`).
     """
     ops = _THIS if ops is None else ops
     d = steady_k.shape[2]
     scale = 1.0 / np.sqrt(d) if scale is None else scale
-    # 1. rank clusters by the GQA-summed softmax of centroid scores; split into zones
-    scores, rank = ops.rank_clusters(q, meta.centroids, meta.sizes, scale)   # (Hkv, G, C), (Hkv, C)
+    # 1. rank clusters by the GQA-summed softmax of centroid scores (or the group's best score); split into zones
+    scores, rank = ops.rank_clusters(q, meta.centroids, meta.sizes, scale, group_rank)   # (Hkv, G, C), (Hkv, C)
     retrieval, estimation = ops.select_zones(rank, n_retrieve, n_estimate)
     # 2. exact attention over [steady | retrieved] (each head its own length); a custom gather fills
     #    the execution buffer from elsewhere (the wave buffer's cache)

@@ -21,6 +21,7 @@ from . import _validate as V
 from ._xp import resolve_device, to_device, to_host, xp
 from .backend import impl, resolve
 from .index import IndexStats, check_prefill_queries, resolve_config
+from .reference.wave_index import GROUP_RANKS
 
 __all__ = ["WaveConfig", "WaveIndex", "WaveStats"]
 
@@ -48,6 +49,12 @@ class WaveConfig:
     the retrieval zone: at least ``ceil(min_retrieval_tokens / tokens_per_cluster)`` clusters are
     retrieved whatever the fraction gives (``0``, the default, is the paper's pure fraction; see
     docs/wave_index.md, "Short contexts", for what the measured frontier says about it).
+
+    ``group_rank`` is how the query heads of a GQA group combine into the one ranking of their KV head:
+    ``"softmax_sum"`` (the default, RetroInfer's: each head's softmax over the centroid scores, summed)
+    or ``"max_logit"`` (not in the paper: each cluster's best centroid score over the group's heads, so
+    that one sharp head is not outvoted by diffuse ones; see
+    :func:`retrokv.reference.wave_index.rank_clusters` and docs/frontier.md for what it measures).
     """
 
     n_sink: int = 4                      # attention-sink tokens, always exact
@@ -65,6 +72,7 @@ class WaveConfig:
     estimation_clusters: int | None = None   # a fixed count of estimated clusters (overrides the fraction)
     min_index_tokens: int = 1024         # dense (no clusters) until the middle exceeds this many tokens
     min_retrieval_tokens: int = 0        # floor on the retrieval zone, in tokens (0: the fraction alone)
+    group_rank: str = "softmax_sum"      # GQA ranking: "softmax_sum" (RetroInfer) or "max_logit" (opt-in)
 
     def __post_init__(self):
         ints = {"n_sink": 0, "n_local": 0, "tokens_per_cluster": 1, "segment_tokens": 1, "kmeans_iters": 1,
@@ -89,6 +97,8 @@ class WaveConfig:
                                                             "None or an int >= 0 (a number of clusters)"))
         object.__setattr__(self, "estimation", V.check_bool(self.estimation, "WaveConfig.estimation"))
         object.__setattr__(self, "scale", V.check_scale(self.scale))
+        if not isinstance(self.group_rank, str) or self.group_rank not in GROUP_RANKS:
+            raise ValueError(f"WaveConfig.group_rank must be one of {GROUP_RANKS}, got {self.group_rank!r}")
 
     def n_retrieve(self, n_clusters):
         """Clusters in the retrieval zone when the index holds ``n_clusters``: ``retrieval_clusters``
@@ -250,7 +260,7 @@ class WaveIndex:
             gather = functools.partial(buffer.gather, workspace=self._workspace)
         out, lse, zones = self._mod.tripartite_attention(q, self._meta, self._sk, self._sv, self._sids,
                                                    self.n_retrieve, self.n_estimate, self.config.scale, gather,
-                                                   self._workspace)
+                                                   self._workspace, group_rank=self.config.group_rank)
         # statistics are host values (the zones are Hkv x (r + e) ids: a small copy on the GPU path)
         zones = type(zones)(to_host(zones.retrieval), to_host(zones.estimation), to_host(zones.exact_ids))
         self.last_stats = self._stats(zones, q.shape[0])

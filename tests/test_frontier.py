@@ -90,6 +90,12 @@ def test_at_sets_the_knob_on_a_copy():
     assert a is not built and a.config.retrieval_budget == 0.3 and built.config.retrieval_budget == 0.018
     a.append(k[:, -1], v[:, -1])
     assert built.n_tokens == 400 and a.n_tokens == 401
+    # the wave variants share one build: each copy takes its own decode fields, whichever variant built it
+    b = F._at("wave_maxlogit", built, 0.08)
+    assert (b.config.group_rank, b.config.estimation, b.config.retrieval_budget) == ("max_logit", True, 0.08)
+    for m, want in (("wave", ("softmax_sum", True)), ("wave_noest", ("softmax_sum", False))):
+        c = F._at(m, b, 0.08)
+        assert (c.config.group_rank, c.config.estimation) == want
 
 
 def test_interp_error_is_nan_outside_the_sweep():
@@ -192,19 +198,20 @@ def _db():
     for corpus in ("pydoc", "licenses"):
         for layer in (1, 5):
             for m, xs in (("topk", (0.02, 0.05, 0.2)), ("wave", (0.03, 0.1)), ("streaming", (0.01, 0.1)),
-                          ("graph", (0.02, 0.1))):
+                          ("graph", (0.02, 0.1)), ("wave_maxlogit", (0.03, 0.1))):
                 if m == "graph" and layer == 1:
                     continue
                 for x in xs:
                     pts.append({"method": m, "knob": f"x={x}", "value": x, "layer": layer, "corpus": corpus,
-                                "n_tokens": 4096, "error": 0.01 / x * (2 if m == "wave" else 1),
+                                "n_tokens": 4096, "error": 0.01 / x * {"wave": 2, "wave_maxlogit": 0.5}.get(m, 1),
                                 "byte_density": x + (0.5 if m == "topk" else 0.02), "token_density": x})
     return {"points": pts, "runs": [{"start": "s", "end": "e", "load": 5.0, "load_end": 6.0, "fingerprints": {}}]}
 
 
 def test_report_says_missed_when_wave_is_worse_and_plots(tmp_path):
     md = F.report(_db(), "cmd", (1, 5), (5,))
-    assert "wave below oracle at 0 of 2 points (MISSED)" in md
+    assert "**wave, pydoc, 4096 tokens**: below oracle at 0 of 2 points (MISSED)" in md
+    assert "**wave_maxlogit, licenses, 4096 tokens**: below oracle at 2 of 2 points (MET)" in md
     assert "Graph measured on layers [5]" in md and "`cmd`" in md and "kvpress" in md
     path = F.plot(_db(), str(tmp_path / "f.png"), (1, 5))
     assert (tmp_path / "f.png").stat().st_size > 10_000 and path.endswith("f.png")

@@ -25,13 +25,14 @@ def cases(draw):
     r = draw(st.sampled_from([0.1, 0.5, 1.0, 1, 3]))      # floats: fractions; ints: fixed cluster counts
     e = draw(st.sampled_from([0.0, 0.3, 1.0, 2]))
     est = draw(st.booleans())
+    group_rank = draw(st.sampled_from(ref_wi.GROUP_RANKS))
     rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
     k = (rng.standard_normal((hkv, n + extra, d)) + 1.0).astype(np.float32)
     v = rng.standard_normal((hkv, n + extra, d)).astype(np.float32)
     q = (rng.standard_normal((hkv * g, d)) * 1.5).astype(np.float32)
     budgets = {**({"retrieval_clusters": r} if isinstance(r, int) else {"retrieval_budget": r}),
                **({"estimation_clusters": e} if isinstance(e, int) else {"estimation_budget": e})}
-    cfg = WaveConfig(**SMALL, **budgets, estimation=est)
+    cfg = WaveConfig(**SMALL, **budgets, estimation=est, group_rank=group_rank)
     return k, v, q, n, cfg
 
 
@@ -66,7 +67,7 @@ def test_estimate_is_a_lower_bound_per_cluster(case):
 @given(case=cases())
 def test_full_budget_is_full_attention(backend, case):
     k, v, q, n, cfg = case
-    cfg = WaveConfig(**SMALL, retrieval_budget=1.0)
+    cfg = WaveConfig(**SMALL, retrieval_budget=1.0, group_rank=cfg.group_rank)
     idxs = []
 
     def build(keys, values):
@@ -154,6 +155,8 @@ def test_validation(rng):
         WaveConfig(n_local=-1)
     with pytest.raises(TypeError, match="estimation_budget"):
         WaveConfig(estimation_budget=True)
+    with pytest.raises(ValueError, match=r"group_rank must be one of \('softmax_sum', 'max_logit'\), got 'mean'"):
+        WaveConfig(group_rank="mean")
     with pytest.raises(TypeError, match="config"):
         WaveIndex.build(k, k, config={"n_sink": 4})
     with pytest.raises(ValueError, match="keys"):
@@ -425,8 +428,8 @@ def test_fused_small_step_equals_the_composed_kernels(case, kind):
     assert np.array_equal(fo, co, equal_nan=True) and np.array_equal(fl, cl, equal_nan=True)   # the same bits
     scale, meta = 1.0 / np.sqrt(q.shape[1]), idx._meta
     fused_ran = fast_wi._fused_step(q, meta, idx._sk, idx._sv, idx._sids, idx.n_retrieve, idx.n_estimate,
-                                    scale) is not None
-    nan_rank = bool(np.isnan(fast_wi.rank_clusters(q, meta.centroids, meta.sizes, scale)[1]).any())
+                                    scale, cfg.group_rank) is not None
+    nan_rank = bool(np.isnan(fast_wi.rank_clusters(q, meta.centroids, meta.sizes, scale, cfg.group_rank)[1]).any())
     assert fused_ran != nan_rank                               # the fused kernel ran, or declined on a NaN rank
 
 
@@ -496,10 +499,50 @@ def test_fast_rank_clusters_equals_reference(case, kind):
     elif kind == "nan_all":
         q[0] = np.nan
     scale = 1.0 / np.sqrt(q.shape[1])
-    fs, fr = fast_wi.rank_clusters(q, meta.centroids, meta.sizes, scale)
-    rs, rr = ref_wi.rank_clusters(q, meta.centroids, meta.sizes, scale)
+    fs, fr = fast_wi.rank_clusters(q, meta.centroids, meta.sizes, scale, cfg.group_rank)
+    rs, rr = ref_wi.rank_clusters(q, meta.centroids, meta.sizes, scale, cfg.group_rank)
     assert np.array_equal(np.isnan(fr), np.isnan(rr))
     assert np.allclose(fs, rs, rtol=1e-5, atol=1e-5, equal_nan=True)
-    assert np.allclose(fr, rr, rtol=1e-5, atol=1e-6, equal_nan=True)
+    assert np.allclose(fr, rr, rtol=1e-5, atol=1e-6 if cfg.group_rank == "softmax_sum" else 1e-5, equal_nan=True)
     if kind != "finite" and meta.centroids.shape[1]:
-        assert np.isnan(fr[0]).all()
+        # a NaN query row: its group's softmaxes are NaN for every cluster; its max is NaN for every cluster
+        # with keys (an empty cluster stays -inf: masked before the max)
+        nan_where = np.ones_like(fr[0], bool) if cfg.group_rank == "softmax_sum" else meta.sizes[0] > 0
+        assert np.array_equal(np.isnan(fr[0]), nan_where)
+    if cfg.group_rank == "max_logit":                          # the definition: each cluster's best score
+        assert np.array_equal(rr, rs.max(axis=1), equal_nan=True)
+
+
+def test_max_logit_ranking_keeps_a_sharp_heads_cluster_that_the_softmax_sum_outvotes():
+    """The case ``group_rank="max_logit"`` exists for (docs/frontier.md, "Why the wave index misses needles"):
+    query head 0 scores cluster 0 highest (4.0) but spreads its softmax over 30 near clusters (3.5), so the
+    cluster holds only 5% of that head's mass; heads 1 and 2 are lukewarm (2.0) on ten other clusters, 6% of
+    each one's mass. RetroInfer's sum retrieves one of the ten; the best-score ranking retrieves cluster 0."""
+    c = 60
+    scores = np.zeros((3, c), np.float32)
+    scores[0, 0], scores[0, 1:31] = 4.0, 3.5
+    scores[1:, 40:50] = 2.0
+    centroids = np.eye(c, dtype=np.float32)[None]          # one-hot centroids: q . C_i is scores[:, i]
+    sizes = np.full((1, c), 16)
+    _, soft = ref_wi.rank_clusters(scores, centroids, sizes, 1.0, "softmax_sum")
+    _, best = ref_wi.rank_clusters(scores, centroids, sizes, 1.0, "max_logit")
+    assert ref_wi.select_zones(soft, 1, 0)[0][0, 0] in range(40, 50)
+    assert ref_wi.select_zones(best, 1, 0)[0][0, 0] == 0
+    assert np.argsort(-soft[0], kind="stable").tolist().index(0) == 10     # behind all ten lukewarm clusters
+    sizes[0, 0] = 0                                          # an empty cluster never ranks, under either ranking
+    for gr in ref_wi.GROUP_RANKS:
+        assert ref_wi.select_zones(ref_wi.rank_clusters(scores, centroids, sizes, 1.0, gr)[1], c - 1, 0)[0][0, -1] != 0
+
+
+def test_one_query_head_per_group_ranks_the_same_under_both_rankings(rng):
+    """With G = 1 the softmax is monotone in the score, so both rankings give the same zones."""
+    k = (rng.standard_normal((2, 900, 16)) + 0.5).astype(np.float32)
+    v = rng.standard_normal((2, 900, 16)).astype(np.float32)
+    q = rng.standard_normal((2, 16)).astype(np.float32) * 2
+    zones = []
+    for gr in ref_wi.GROUP_RANKS:
+        idx = WaveIndex.build(k, v, config=WaveConfig(**SMALL, retrieval_budget=0.05, group_rank=gr), backend="fast")
+        idx.attend(q)
+        zones.append((idx.last_stats.retrieval_clusters, idx.last_stats.estimation_clusters))
+    assert zones[0][0].shape[1] > 1
+    assert all(np.array_equal(a, b) for a, b in zip(*zones))

@@ -112,14 +112,21 @@ def _rank_kernel(scores, sizes, rank):
             rank[h, i] += float32(math.exp(scores[h, r, i] - mx)) / z
 
 
-def rank_clusters(q, centroids, sizes, scale):
-    """Same contract as :func:`retrokv.reference.wave_index.rank_clusters`: ``(scores (Hkv, G, C), rank (Hkv, C))``."""
+def rank_clusters(q, centroids, sizes, scale, group_rank="softmax_sum"):
+    """Same contract as :func:`retrokv.reference.wave_index.rank_clusters`: ``(scores (Hkv, G, C), rank (Hkv, C))``.
+
+    ``group_rank="max_logit"`` masks and reduces over the group through ``xp`` (two element-wise passes over
+    ``(Hkv, G, C)``; the reduction is within a thread's cluster, no block reduction to write)."""
+    _ref.check_group_rank(group_rank)
     m = xp(q, centroids)
     hkv, c, d = centroids.shape
     qb = float_array(m, q).reshape(hkv, -1, d)                          # (Hkv, G, d)
     scores = m.ascontiguousarray(m.matmul(qb, centroids.transpose(0, 2, 1)) * np.float32(scale))  # (Hkv, G, C)
     rank = m.zeros((hkv, c), np.float32)
-    if c:
+    if c and group_rank == "max_logit":
+        scores = m.ascontiguousarray(m.where(sizes[:, None, :] > 0, scores, np.float32(-np.inf)).astype(np.float32))
+        rank = m.ascontiguousarray(scores.max(axis=1))                  # (Hkv, C)
+    elif c:
         launch(_rank_kernel, hkv, scores, m.ascontiguousarray(sizes), rank)
     return scores, rank
 
@@ -285,7 +292,8 @@ def attend_retrieved(q, meta, steady_k, steady_v, steady_ids, retrieval, scale, 
 
 
 def tripartite_attention(q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_estimate, scale=None,
-                         gather=None, workspace=None, ops=None):
+                         gather=None, workspace=None, ops=None, group_rank="softmax_sum"):
     """The reference driver :func:`retrokv.reference.wave_index.tripartite_attention` with these CUDA kernels."""
     return _ref.tripartite_attention(q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_estimate, scale,
-                                     gather, workspace, ops=sys.modules[__name__] if ops is None else ops)
+                                     gather, workspace, ops=sys.modules[__name__] if ops is None else ops,
+                                     group_rank=group_rank)

@@ -15,7 +15,7 @@ OPS = ("rank_clusters", "select_zones", "gather_execution_buffer", "estimate_par
        "merge_partials")
 
 
-def tripartite(ops, q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_estimate, scale):
+def tripartite(ops, q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_estimate, scale, group_rank="softmax_sum"):
     """The reference driver with the CUDA kernels as ``ops``; also returns the zones and the buffer."""
     bufs = []
 
@@ -24,7 +24,7 @@ def tripartite(ops, q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_estim
         return bufs[-1]
 
     out, lse, zones = ref.tripartite_attention(q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_estimate,
-                                               scale, gather=gather, ops=ops)
+                                               scale, gather=gather, ops=ops, group_rank=group_rank)
     return out, lse, zones.retrieval, zones.estimation, bufs[-1]
 
 
@@ -44,7 +44,7 @@ def cases(draw):
     c, seg = plan_clusters(n, tpc, 40)
     r = draw(st.integers(0, c))                                  # 0: empty retrieval zone
     e = draw(st.integers(0, c - r))                              # 0: empty estimation zone
-    return k, v, q, s, c, seg, r, e
+    return k, v, q, s, c, seg, r, e, draw(st.sampled_from(ref.GROUP_RANKS))
 
 
 def build(arrays, k, v, s, c, seg):
@@ -67,13 +67,13 @@ def test_module_is_a_driver_ops():
 @settings(max_examples=20, deadline=None)
 @given(cases())
 def test_each_kernel_matches_reference(arrays, case):
-    k, v, q, s, c, seg, r, e = case
+    k, v, q, s, c, seg, r, e, gr = case
     meta_c, meta_r = build(arrays, k, v, s, c, seg)
     if arrays.exact:
         assert all(np.array_equal(x, y) for x, y in zip(meta_c, meta_r))
     scale = 1 / np.sqrt(k.shape[2])
-    sc, rc = cu.rank_clusters(arrays.dev(q), meta_c.centroids, meta_c.sizes, scale)
-    sr, rr = ref.rank_clusters(q, meta_r.centroids, meta_r.sizes, scale)
+    sc, rc = cu.rank_clusters(arrays.dev(q), meta_c.centroids, meta_c.sizes, scale, gr)
+    sr, rr = ref.rank_clusters(q, meta_r.centroids, meta_r.sizes, scale, gr)
     np.testing.assert_array_equal(arrays.host(sc), sr) if arrays.exact else \
         np.testing.assert_allclose(arrays.host(sc), sr, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(arrays.host(rc), rr, atol=1e-6, rtol=1e-5)
@@ -97,12 +97,13 @@ def test_each_kernel_matches_reference(arrays, case):
 @settings(max_examples=15, deadline=None)
 @given(cases())
 def test_composed_step_equals_reference_driver(arrays, case):
-    k, v, q, s, c, seg, r, e = case
+    k, v, q, s, c, seg, r, e, gr = case
     meta_c, meta_r = build(arrays, k, v, s, c, seg)
     scale = 1 / np.sqrt(k.shape[2])
     out, lse, ret, est, buf = tripartite(cu, arrays.dev(q), meta_c, arrays.dev(k[:, :s]), arrays.dev(v[:, :s]),
-                                         arrays.dev(np.arange(s)), r, e, scale)
-    want, want_lse, zones = ref.tripartite_attention(q, meta_r, k[:, :s], v[:, :s], np.arange(s), r, e, scale)
+                                         arrays.dev(np.arange(s)), r, e, scale, gr)
+    want, want_lse, zones = ref.tripartite_attention(q, meta_r, k[:, :s], v[:, :s], np.arange(s), r, e, scale,
+                                                     group_rank=gr)
     assert np.array_equal(arrays.host(ret), zones.retrieval) and np.array_equal(arrays.host(est), zones.estimation)
     np.testing.assert_allclose(arrays.host(out), want, atol=2e-5, rtol=1e-4)
     np.testing.assert_allclose(arrays.host(lse), want_lse, atol=2e-5, rtol=1e-5)
