@@ -11,6 +11,8 @@ layers and steps: retrokv.harness.frontier.run_density), the error frontier's de
     python benchmarks/frontier_tasks.py needle --methods graph --prompts 4    # the graph's slow build, fewer prompts
     python benchmarks/frontier_tasks.py report        # -> benchmarks/results/frontier_{needle,ppl}.md, docs/img
     FRONTIER_TASKS_DIR=/tmp/x python benchmarks/frontier_tasks.py ppl --methods graph   # concurrently, own file
+    FRONTIER_TASKS_DIR=benchmarks/results/heldout python benchmarks/frontier_tasks.py needle --first 20 --prompts 40
+        # prompts 20-39: new seeds of the same 20 (task, corpus, depth) pairs, measured into their own files
     python benchmarks/frontier_tasks.py merge /tmp/x/frontier_ppl.json                   # then add it
 
 Every (prompt, method, knob) and (corpus, method, knob) result is cached in
@@ -191,7 +193,7 @@ def needle(args):
     db, run, model, tok, (hq, hkv, d, dv) = _start("needle")
     methods = args.methods.split(",")
     groups = _groups(methods, NEEDLE_POINTS)
-    for i, s in needle_prompts(tok, args.prompts, args.n):
+    for i, s in needle_prompts(tok, args.prompts, args.n)[args.first:]:
         key = lambda m, lab: f"{args.n}|{i}|{m}|{lab}"   # noqa: E731
         _check_prompt(db, args.n, i, s.prompt_ids)
         if all(key(m, lab) in db["needle"] for _, pts in groups for m, lab, _ in pts):
@@ -532,7 +534,9 @@ if __name__ == "__main__":
                                              "(FRONTIER_TASKS_DIR, e.g. run concurrently) to add to the results")
     ap.add_argument("--backend", default="fast")
     ap.add_argument("--n", type=int, default=N)
-    ap.add_argument("--prompts", type=int, default=20)
+    ap.add_argument("--prompts", type=int, default=20, help="needle: prompts 0 .. PROMPTS - 1")
+    ap.add_argument("--first", type=int, default=0, help="needle: start at this prompt (held-out sets: "
+                                                         "--first 20 --prompts 40 measures prompts 20-39)")
     ap.add_argument("--corpora", default="pydoc,licenses")
     ap.add_argument("--methods", default=None)
     ap.add_argument("--ppl-tokens", type=int, default=PPL_TOKENS)

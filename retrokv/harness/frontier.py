@@ -560,7 +560,7 @@ def lowest_matching(rows, ok, below=0.10):
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-FAST_METHODS = ("streaming", "topk", "quest", "ivf", "wave", "wave_noest")
+FAST_METHODS = ("streaming", "topk", "quest", "ivf", "wave", "wave_noest", "wave_maxlogit")
 
 
 def run_cli(args):
