@@ -269,17 +269,22 @@ def _sort(rows):
     return sorted(rows, key=lambda r: (r.get("corpus", ""), ORDER.index(r["method"]), r["byte_density"]))
 
 
+def _env():
+    """The environment of this run's output folders, as a command prefix (empty for the default folders)."""
+    return "".join(f"{k}={os.environ[k]} " for k in ("FRONTIER_TASKS_DIR", "FRONTIER_TASKS_IMG") if os.environ.get(k))
+
+
 def _commands(db):
-    """The exact command lines of the stored runs, in order, deduplicated."""
+    """The exact command lines of the stored runs, in order, deduplicated, then the report's."""
     cmds = []
     for r in db.get("runs", []):
         src = r.get("merged_from")
-        env = f"FRONTIER_TASKS_DIR={os.path.dirname(src)} " if src else ""
+        env = f"FRONTIER_TASKS_DIR={os.path.dirname(src)} " if src else _env()
         c = f"`{env}python benchmarks/frontier_tasks.py " + " ".join(r.get("argv", [])) + "`"
         for x in [c] + ([f"`python benchmarks/frontier_tasks.py merge {src}`"] if src else []):
             if x not in cmds:
                 cmds.append(x)
-    return "; ".join(cmds)
+    return "; ".join(cmds) + f", then `{_env()}python benchmarks/frontier_tasks.py report`"
 
 
 def _runs(db):
@@ -301,7 +306,7 @@ def needle_report(db, machine):
     tasks = sorted({r["task"] for r in res})
     n_prompts = len({r["prompt"] for r in res if r["method"] == "full"})
     lines = ["# Needle-accuracy frontier: accuracy against byte density (SmolLM2-135M, 8192 tokens)", "",
-             f"Command: {_commands(db)}, then `python benchmarks/frontier_tasks.py report`  ",
+             f"Command: {_commands(db)}  ",
              f"Machine: {machine}  ",
              f"Runs: {spans}; {load} (2 cores shared with other jobs: timings are not reported).  ", "",
              f"**Prompts.** {n_prompts} prompts of {N} tokens measured with full attention (target: 20; a run "
@@ -369,7 +374,7 @@ def ppl_report(db, machine):
     spans, load = _runs(db)
     t = max(r["tokens"] for r in rows)
     lines = [f"# Perplexity frontier: perplexity increase against byte density (SmolLM2-135M, {N} + {t} tokens)", "",
-             f"Command: {_commands(db)}, then `python benchmarks/frontier_tasks.py report`  ",
+             f"Command: {_commands(db)}  ",
              f"Machine: {machine}  ",
              f"Runs: {spans}; {load} (2 cores shared with other jobs: timings are not reported).  ", "",
              f"Corpora measured: {', '.join(sorted({r['corpus'] for r in rows}))} (of `pydoc`, `licenses`: a run "
