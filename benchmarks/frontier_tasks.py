@@ -473,9 +473,9 @@ def plot_needle(rows, path):
     axes[0].axvline(0.10, color="gray", lw=0.8, ls="--")
     # below the plots: inside either axis the legend hid a point (StreamingLLM's 30% window, lower right)
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=4, frameon=False)
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=3, frameon=False)
     fig.suptitle(f"Needle frontier, SmolLM2-135M, {N} tokens, natural-text haystacks (pydoc + licenses)")
-    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    fig.tight_layout(rect=(0, 0.16, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -489,7 +489,7 @@ def plot_ppl(rows, path):
     from retrokv.harness.frontier import COLORS, LABELS
 
     corpora = sorted({r["corpus"] for r in rows})
-    fig, axes = plt.subplots(1, len(corpora), figsize=(5.5 * len(corpora), 4.2), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(corpora), figsize=(5.5 * len(corpora), 5.4), squeeze=False, sharey=True)
     for ax, c in zip(axes[0], corpora):
         for m in ORDER:
             sel = sorted((r for r in rows if r["method"] == m and r["corpus"] == c), key=lambda r: r["byte_density"])
@@ -505,8 +505,10 @@ def plot_ppl(rows, path):
         ax.set_xlabel("byte density (bytes read / whole KV, metadata included)")
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel("perplexity increase over full (%)")
-    axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
+    # below the plots: inside an axis the legend hid the wave's r = 0.3 point (pydoc, upper right)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=3, frameon=False)
+    fig.tight_layout(rect=(0, 0.2, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

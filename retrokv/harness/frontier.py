@@ -232,7 +232,7 @@ LABELS = {"streaming": "StreamingLLM (window)", "topk": "exact top-k oracle (k)"
           "graph": "graph (k)",
           "graph_paper": "graph, paper's 128 + 512 static (k)"}
 COLORS = {"streaming": "tab:gray", "topk": "black", "quest": "tab:green", "ivf": "tab:purple", "wave": "tab:blue",
-          "wave_noest": "tab:cyan", "wave_maxlogit": "tab:red", "graph": "tab:orange", "graph_paper": "tab:brown"}
+          "wave_noest": "tab:cyan", "wave_maxlogit": "tab:olive", "graph": "tab:orange", "graph_paper": "tab:brown"}
 
 
 def _groups(points):
