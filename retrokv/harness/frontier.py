@@ -345,10 +345,12 @@ def report(db, command, layers, graph_layers, machine=None, samples=None):
     lines += ["## Not done here", "",
               "* Needle-accuracy and perplexity frontiers (issue 16, y axes 2 and 3): measured separately by "
               "`benchmarks/frontier_tasks.py`, in `frontier_needle.md` and `frontier_ppl.md`.",
-              "* kvpress comparison: not done. kvpress 0.5.x requires transformers < 5.3 and this project runs "
-              "transformers 5.x; it would need its own virtualenv (issue 16), which this run did not build.",
+              "* kvpress's eviction presses: not on this axis (they evict before the question, so there is no "
+              "per-step decode error to measure against the same query); their needle accuracy is in "
+              "`frontier_kvpress.md` (`make bench-kvpress`, its own virtualenv: kvpress 0.5.x needs transformers < 5.3).",
               "* The graph index's paper static window (128 + 512 tokens, 8-16% of a 4K-8K context by itself) is not "
-              "swept: every retrieval method here gets the wave index's 4 + 64.", ""]
+              "swept here: every retrieval method gets the wave index's 4 + 64 (the task frontiers measure it as "
+              "`graph_paper`).", ""]
     return "\n".join(lines)
 
 
