@@ -49,3 +49,11 @@ def best_of(fn, repeats):
         fn()
         times.append(time.perf_counter() - t)
     return min(times)
+
+
+def write_report(path, lines, show=8):
+    """Write the markdown ``lines`` to ``path``, print the last ``show`` of them and where they went."""
+    with open(path, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    print("\n".join(lines[-show:]))
+    print(f"wrote {path}")

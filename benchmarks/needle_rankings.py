@@ -18,6 +18,14 @@ group's G = 3 query heads' centroid scores ``s[g, i]`` into one ranking of the K
 * ``own head`` (not a group ranking: a bound): the order by that head's own scores alone, what a
   per-query-head index (no GQA sharing) would use.
 
+Then the cluster's **score** itself (the centroid dilutes one sharp key among the cluster's 16), each as the
+group's max over its heads (as ``max_logit``), with ``r_i`` the cluster's radius (the largest distance of one of
+its keys from the centroid: one float per cluster, not stored by the wave index):
+
+* ``ball 0.5`` / ``ball 1``: ``max_g (q_g . C_i + lam |q_g| r_i) / sqrt(d)`` with lam = 0.5 / 1 (lam = 1 is an
+  upper bound on the cluster's best key score, by Cauchy-Schwarz);
+* ``best key`` (an oracle, not an index: it scores every key): ``max_g max_{j in i} q_g . k_j / sqrt(d)``.
+
 A cluster ranked below r is retrieved by a wave index that retrieves r clusters per KV head (r = 9 and 40
 are the frontier's r = 0.018 and 0.08 at 8K: 9 and 40 of ~505 clusters).
 
@@ -35,10 +43,10 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
-from machine import describe  # noqa: E402
+from machine import describe, write_report  # noqa: E402
 
 OUT = os.path.join(HERE, "results", "needle_rankings.md")
-RANKINGS = ("softmax_sum", "softmax_max", "max_logit", "round_robin", "own head")
+RANKINGS = ("softmax_sum", "softmax_max", "max_logit", "round_robin", "own head", "ball 0.5", "ball 1", "best key")
 COUNTS = (9, 20, 40, 80)
 
 
@@ -58,6 +66,19 @@ def group_orders(scores):
         rr[h] = list(seen)
     return {"softmax_sum": order(p.sum(axis=1)), "softmax_max": order(p.max(axis=1)),
             "max_logit": order(scores.max(axis=1)), "round_robin": rr}, own
+
+
+def best_key_order(qb, keys, offsets, sizes, d):
+    """``(Hkv, C)`` clusters by their best key score over the group's heads (an oracle: every key is scored)."""
+    hkv, c = sizes.shape
+    out = np.empty((hkv, c), np.int64)
+    for h in range(hkv):
+        s = (keys[h, :offsets[h, -1]] @ qb[h].T).max(axis=1) / np.sqrt(d)   # each sorted row's best score
+        best = np.full(c, -np.inf)
+        full = sizes[h] > 0
+        best[full] = np.maximum.reduceat(s, offsets[h, :-1][full])
+        out[h] = np.argsort(-best, kind="stable")
+    return out
 
 
 def main():
@@ -91,10 +112,15 @@ def main():
             lay = caps[li]
             meta = methods.build("wave", lay.k[:, :L], lay.v[:, :L], backend="fast", config=WaveConfig()).meta
             cent, sizes, offsets, ids = (np.asarray(x) for x in (meta.centroids, meta.sizes, meta.offsets, meta.ids))
+            keys = np.asarray(meta.keys)
             cluster_of = np.full((cent.shape[0], L), -1)
+            radius = np.zeros(cent.shape[:2])
             for h in range(cent.shape[0]):
                 for c in range(cent.shape[1]):
-                    cluster_of[h, ids[h, offsets[h, c]:offsets[h, c + 1]]] = c
+                    a, b = offsets[h, c], offsets[h, c + 1]
+                    cluster_of[h, ids[h, a:b]] = c
+                    if b > a:
+                        radius[h, c] = np.linalg.norm(keys[h, a:b] - cent[h, c], axis=1).max()
             d = lay.q.shape[-1]
             for pos in range(L, L + len(answer) - 1):                   # the steps that predict the digits
                 qs = lay.q[:, pos].astype(np.float64)
@@ -104,6 +130,11 @@ def main():
                 cs = np.einsum("hgd,hcd->hgc", qs.reshape(cent.shape[0], g, d), cent) / np.sqrt(d)
                 cs = np.where(sizes[:, None, :] > 0, cs, -np.inf)
                 orders, own = group_orders(cs)
+                qn = np.linalg.norm(qs, axis=1).reshape(cent.shape[0], g, 1) / np.sqrt(d)     # (Hkv, G, 1)
+                for lam in (0.5, 1):
+                    orders[f"ball {lam:g}"] = np.argsort(-(cs + lam * qn * radius[:, None, :]).max(axis=1),
+                                                         axis=1, kind="stable")
+                orders["best key"] = best_key_order(qs.reshape(cent.shape[0], g, d), keys, offsets, sizes, d)
                 for gr in ref_wave.GROUP_RANKS:                         # the library's own rankings (float32)
                     rank = ref_wave.rank_clusters(lay.q[:, pos], cent, sizes, 1 / np.sqrt(d), gr)[1]
                     orders[gr] = np.argsort(-rank, axis=1, kind="stable")
@@ -136,10 +167,7 @@ def main():
                   + "; within 40: " + ", ".join(f"{x} {np.mean(ranks[x][sharp] < 40):.2f}" for x in RANKINGS) + ".",
                   ""]
     lines += [f"Total time {time.time() - t0:.0f} s."]
-    with open(args.out, "w") as fh:
-        fh.write("\n".join(lines) + "\n")
-    print("\n".join(lines[-12:]))
-    print(f"wrote {args.out}")
+    write_report(args.out, lines, 12)
 
 
 if __name__ == "__main__":

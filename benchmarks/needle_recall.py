@@ -39,7 +39,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
-from machine import describe  # noqa: E402
+from machine import describe, write_report  # noqa: E402
 
 OUT = os.path.join(HERE, "results", "needle_recall.md")
 TOPK = 131              # the needle frontier's smallest top-k point (0.55 accuracy, as at k = 418 and 1300)
@@ -236,10 +236,7 @@ def main():
         lines.append(f"| {r:g} | {int((e[:, 0] > e[:, 1]).sum())} of {len(e)} | {np.median(e[:, 0]):.3f} | "
                      f"{np.median(e[:, 1]):.3f} |")
     lines += ["", f"Total time {time.time() - t0:.0f} s."]
-    with open(args.out, "w") as fh:
-        fh.write("\n".join(lines) + "\n")
-    print("\n".join(lines[-8:]))
-    print(f"wrote {args.out}")
+    write_report(args.out, lines, 8)
 
 
 if __name__ == "__main__":
