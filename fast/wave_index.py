@@ -41,7 +41,7 @@ import numpy as np
 
 from retrokv.reference import wave_index as _ref
 from retrokv.reference.wave_index import (GROUP_RANKS, ExecBuffer, MetaIndex, Workspace, Zones,  # not hot
-                                          empty_meta, estimation_as_pseudo_tokens)
+                                          cluster_radii, empty_meta, estimation_as_pseudo_tokens)
 
 from . import _dispatch
 from ._dispatch import any_cupy, cuda, require_numpy, threads_for
@@ -53,7 +53,7 @@ from ._wave_build import build_meta_index, concat_meta
 from ._zone_select import _select, _select_head
 from .attention import _merge_pair, merge_partials
 
-__all__ = ["GROUP_RANKS", "MetaIndex", "ExecBuffer", "Zones", "Workspace", "empty_meta", "build_meta_index", "concat_meta",
+__all__ = ["GROUP_RANKS", "cluster_radii", "MetaIndex", "ExecBuffer", "Zones", "Workspace", "empty_meta", "build_meta_index", "concat_meta",
            "rank_clusters", "select_zones", "gather_execution_buffer", "attend_execution_buffer",
            "attend_retrieved", "estimate_partial", "estimation_as_pseudo_tokens", "tripartite_attention"]
 
@@ -160,15 +160,20 @@ def _gqa_rank(scores, max_logit):
     return rank
 
 
-def rank_clusters(q, centroids, sizes, scale, group_rank="softmax_sum"):
-    """Same contract as :func:`retrokv.reference.wave_index.rank_clusters`; Numba kernels (CUDA for CuPy input)."""
+def rank_clusters(q, centroids, sizes, scale, group_rank="softmax_sum", radii=None, radius_weight=0.0):
+    """Same contract as :func:`retrokv.reference.wave_index.rank_clusters`; Numba kernels (CUDA for CuPy input).
+    The ball bound (``radius_weight``) is one NumPy expression over the scores: it is ranked, not returned."""
     _ref.check_group_rank(group_rank)
     if any_cupy(q, centroids):
-        return cuda("wave_index").rank_clusters(q, centroids, sizes, scale, group_rank)
+        return cuda("wave_index").rank_clusters(q, centroids, sizes, scale, group_rank, radii, radius_weight)
     hkv, c, d = centroids.shape
     qb = np.ascontiguousarray(q.reshape(hkv, -1, d), dtype=np.float32)   # (Hkv, G, d)
     scores = _centroid_scores(qb, centroids, sizes, np.float32(scale))    # (Hkv, G, C)
-    return scores, _gqa_rank(scores, group_rank == "max_logit")
+    by = scores
+    if radius_weight:
+        qn = np.linalg.norm(qb, axis=2, keepdims=True).astype(np.float32)
+        by = np.ascontiguousarray(scores + np.float32(radius_weight * scale) * qn * radii[:, None, :], np.float32)
+    return scores, _gqa_rank(by, group_rank == "max_logit")
 
 
 def select_zones(rank, n_retrieve, n_estimate):
@@ -326,7 +331,8 @@ def _fused_step(q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_estimate,
 
 
 def tripartite_attention(q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_estimate, scale=None,
-                         gather=None, workspace=None, ops=None, group_rank="softmax_sum"):
+                         gather=None, workspace=None, ops=None, group_rank="softmax_sum", radii=None,
+                         radius_weight=0.0):
     """The reference driver :func:`retrokv.reference.wave_index.tripartite_attention` with this module's kernels
     (the CUDA kernels of :mod:`retrokv.fast.cuda.wave_index` for CuPy input).
 
@@ -334,7 +340,8 @@ def tripartite_attention(q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_
     threads, without a custom ``gather`` runs the driver's four steps as ONE kernel (:func:`_decode_step`,
     built from the same per-head kernels, parallel over the KV heads): a small step computes for well
     under a millisecond, so the dozen NumPy calls and kernel launches between the steps are worth
-    saving, and a large one reads each KV head's centroids and clusters once, in one pass."""
+    saving, and a large one reads each KV head's centroids and clusters once, in one pass. The fused kernel
+    ranks by centroid scores only: a ball-bound ranking (``radius_weight``) takes the composed path."""
     _ref.check_group_rank(group_rank)
     if ops is None and any_cupy(q, steady_k, steady_v):
         ops = cuda("wave_index")
@@ -344,12 +351,13 @@ def tripartite_attention(q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_
         scale = 1.0 / np.sqrt(d) if scale is None else scale
         work = hq * d * (meta.centroids.shape[1] + steady_k.shape[1])        # centroid scores + steady zone
         with threads_for(work):
-            if gather is None and _fused(work, meta.centroids.shape[0]):
+            if gather is None and not radius_weight and _fused(work, meta.centroids.shape[0]):
                 res = _fused_step(q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_estimate, scale, group_rank)
                 if res is not None:
                     return res
             return _ref.tripartite_attention(q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_estimate,
                                              scale, gather, workspace, ops=sys.modules[__name__],
-                                             group_rank=group_rank)
+                                             group_rank=group_rank, radii=radii, radius_weight=radius_weight)
     return _ref.tripartite_attention(q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_estimate, scale,
-                                     gather, workspace, ops=ops, group_rank=group_rank)
+                                     gather, workspace, ops=ops, group_rank=group_rank, radii=radii,
+                                     radius_weight=radius_weight)

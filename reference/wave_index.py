@@ -36,7 +36,7 @@ import numpy as np
 from .attention import merge_partials, partial_attention
 from .clustering import _array_module, segmented_kmeans
 
-__all__ = ["GROUP_RANKS", "MetaIndex", "ExecBuffer", "Zones", "Workspace", "empty_meta", "build_meta_index", "concat_meta",
+__all__ = ["GROUP_RANKS", "cluster_radii", "MetaIndex", "ExecBuffer", "Zones", "Workspace", "empty_meta", "build_meta_index", "concat_meta",
            "rank_clusters", "select_zones", "gather_execution_buffer", "attend_execution_buffer",
            "attend_retrieved", "estimate_partial", "estimation_as_pseudo_tokens", "tripartite_attention"]
 
@@ -149,7 +149,22 @@ def check_group_rank(group_rank):
     return group_rank
 
 
-def rank_clusters(q, centroids, sizes, scale, group_rank="softmax_sum"):
+def cluster_radii(meta):
+    """``(Hkv, C)`` float32: each cluster's radius, the largest distance of one of its keys from its centroid
+    (0 for an empty cluster). Read by the ranking's ball bound (:func:`rank_clusters`, ``radius_weight``);
+    computed from the cluster-sorted keys, so it changes only when the index does."""
+    hkv, c, _ = meta.centroids.shape
+    out = np.zeros((hkv, c), np.float32)
+    for h in range(hkv):
+        sizes = np.asarray(meta.sizes[h])
+        rows = int(meta.offsets[h, -1])
+        cid = np.repeat(np.arange(c), sizes)                             # each sorted row's cluster
+        dist = np.linalg.norm(meta.keys[h, :rows] - meta.centroids[h][cid], axis=1)
+        np.maximum.at(out[h], cid, dist.astype(np.float32))
+    return out
+
+
+def rank_clusters(q, centroids, sizes, scale, group_rank="softmax_sum", radii=None, radius_weight=0.0):
     """Centroid scores ``(Hkv, G, C)`` and the GQA ranking ``(Hkv, C)`` of RetroInfer §4.2.
 
     ``scores[h, g, i] = q_{hG+g} . C_i * scale`` (``-inf`` for empty clusters). The ranking, per
@@ -162,6 +177,12 @@ def rank_clusters(q, centroids, sizes, scale, group_rank="softmax_sum"):
       that puts its weight on one key is outvoted by the group's diffuse heads, whose softmaxes spread
       over many clusters (benchmarks/results/needle_recall.md measures it for SmolLM2's needle-reading
       heads); here the head with the largest logits orders the clusters it scores highest first.
+
+    ``radius_weight`` ``w > 0`` (not in the paper; opt-in) ranks by a **ball bound** instead of the centroid
+    score: ``scores[h, g, i] + w |q_{hG+g}| radii[h, i] * scale`` (``radii`` from :func:`cluster_radii`;
+    ``w = 1`` bounds the cluster's best key score from above, by Cauchy-Schwarz). A centroid dilutes one sharp
+    key among its cluster's; the radius gives a spread cluster that may hold one the benefit of the doubt.
+    Only the ranking changes: the returned ``scores`` stay the centroid scores that Eq. 2 estimates with.
     """
     hkv, c, d = centroids.shape
     check_group_rank(group_rank)
@@ -170,11 +191,15 @@ def rank_clusters(q, centroids, sizes, scale, group_rank="softmax_sum"):
     scores = np.where(sizes[:, None, :] > 0, scores, -np.inf).astype(np.float32)
     if c == 0:
         return scores, np.zeros((hkv, 0), np.float32)
+    by = scores
+    if radius_weight:                                                  # the ball bound ranks; Eq. 2 keeps scores
+        qn = np.linalg.norm(qb, axis=2, keepdims=True).astype(np.float32)       # (Hkv, G, 1)
+        by = (scores + np.float32(radius_weight * scale) * qn * radii[:, None, :]).astype(np.float32)
     if group_rank == "max_logit":
-        return scores, scores.max(axis=1)                              # (Hkv, C), -inf: empty cluster
-    m = scores.max(axis=2, keepdims=True)
+        return scores, by.max(axis=1)                                  # (Hkv, C), -inf: empty cluster
+    m = by.max(axis=2, keepdims=True)
     m = np.where(m == -np.inf, 0.0, m)       # every cluster empty: no shift; a NaN row stays NaN, empty clusters too
-    p = np.exp(scores - m)                                             # (Hkv, G, C)
+    p = np.exp(by - m)                                                 # (Hkv, G, C)
     z = p.sum(axis=2, keepdims=True)
     rank = (p / np.where(z > 0, z, 1.0)).sum(axis=1).astype(np.float32)   # (Hkv, C)
     return scores, rank
@@ -297,7 +322,8 @@ def attend_retrieved(q, meta, steady_k, steady_v, steady_ids, retrieval, scale, 
 
 
 def tripartite_attention(q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_estimate, scale=None,
-                         gather=None, workspace=None, ops=None, group_rank="softmax_sum"):
+                         gather=None, workspace=None, ops=None, group_rank="softmax_sum", radii=None,
+                         radius_weight=0.0):
     """One decode step of RetroInfer's tripartite attention: returns ``(out (Hq, dv), lse (Hq,), Zones)``.
 
     ``q (Hq, d)``; ``steady_k/v (Hkv, S, d)`` and ``steady_ids (S,)`` hold the sinks and the recent
@@ -306,13 +332,14 @@ def tripartite_attention(q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_
     ``workspace``: the index's :class:`Workspace`. The driver is written once for every backend:
     ``ops`` supplies the kernels (``rank_clusters``, ``select_zones``, ``attend_retrieved``,
     ``attend_execution_buffer`` (with ``gather``), ``estimate_partial``, ``merge_partials``; default: this
-    module's). ``group_rank``: how the GQA group ranks the clusters (:func:`rank_clusters`).
+    module's). ``group_rank``, ``radii`` and ``radius_weight``: how the clusters are ranked (:func:`rank_clusters`).
     """
     ops = _THIS if ops is None else ops
     d = steady_k.shape[2]
     scale = 1.0 / np.sqrt(d) if scale is None else scale
     # 1. rank clusters by the GQA-summed softmax of centroid scores (or the group's best score); split into zones
-    scores, rank = ops.rank_clusters(q, meta.centroids, meta.sizes, scale, group_rank)   # (Hkv, G, C), (Hkv, C)
+    scores, rank = ops.rank_clusters(q, meta.centroids, meta.sizes, scale, group_rank, radii,
+                                     radius_weight)                    # (Hkv, G, C), (Hkv, C)
     retrieval, estimation = ops.select_zones(rank, n_retrieve, n_estimate)
     # 2. exact attention over [steady | retrieved] (each head its own length); a custom gather fills
     #    the execution buffer from elsewhere (the wave buffer's cache)

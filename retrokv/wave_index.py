@@ -55,6 +55,10 @@ class WaveConfig:
     or ``"max_logit"`` (not in the paper: each cluster's best centroid score over the group's heads, so
     that one sharp head is not outvoted by diffuse ones; see
     :func:`retrokv.reference.wave_index.rank_clusters` and docs/frontier.md for what it measures).
+    ``radius_weight`` ``w > 0`` (not in the paper; CPU backends) ranks each cluster by a ball bound, its
+    centroid score plus ``w |q|`` times its radius (:func:`retrokv.reference.wave_index.cluster_radii`),
+    instead of the centroid score alone; ``0.0``, the default, is the paper's ranking. The estimate (Eq. 2)
+    is unchanged.
     """
 
     n_sink: int = 4                      # attention-sink tokens, always exact
@@ -73,6 +77,7 @@ class WaveConfig:
     min_index_tokens: int = 1024         # dense (no clusters) until the middle exceeds this many tokens
     min_retrieval_tokens: int = 0        # floor on the retrieval zone, in tokens (0: the fraction alone)
     group_rank: str = "softmax_sum"      # GQA ranking: "softmax_sum" (RetroInfer) or "max_logit" (opt-in)
+    radius_weight: float = 0.0           # > 0: rank by centroid score + w |q| radius (opt-in, not in the paper)
 
     def __post_init__(self):
         ints = {"n_sink": 0, "n_local": 0, "tokens_per_cluster": 1, "segment_tokens": 1, "kmeans_iters": 1,
@@ -99,6 +104,10 @@ class WaveConfig:
         object.__setattr__(self, "scale", V.check_scale(self.scale))
         if not isinstance(self.group_rank, str) or self.group_rank not in GROUP_RANKS:
             raise ValueError(f"WaveConfig.group_rank must be one of {GROUP_RANKS}, got {self.group_rank!r}")
+        w = V.check_real(self.radius_weight, "WaveConfig.radius_weight", "a float >= 0")
+        if not (w >= 0.0 and math.isfinite(w)):
+            raise ValueError(f"WaveConfig.radius_weight must be a finite float >= 0, got {self.radius_weight!r}")
+        object.__setattr__(self, "radius_weight", float(w))
 
     def n_retrieve(self, n_clusters):
         """Clusters in the retrieval zone when the index holds ``n_clusters``: ``retrieval_clusters``
@@ -159,6 +168,7 @@ class WaveIndex:
         self._sk, self._sv, self._sids = steady_k, steady_v, steady_ids   # (Hkv, S, d), (Hkv, S, dv), (S,)
         self._n, self._n_sink = n_tokens, n_sink
         self._sizes_of = self._sizes = self._indexed = None     # host copy of meta.sizes, for the statistics
+        self._radii_of = self._radii = None                     # cluster radii of that meta (radius_weight > 0)
         # the reused execution buffer, this index's own (CPU paths; on the GPU CuPy's memory pool does this)
         ws = getattr(self._mod, "Workspace", None)
         self._workspace = ws() if ws is not None else None
@@ -182,6 +192,9 @@ class WaveIndex:
         check_finite = V.check_bool(check_finite, "check_finite")
         backend = resolve(backend)
         device = resolve_device(device, keys, values)
+        if config.radius_weight and device == "cuda":
+            raise ValueError("WaveConfig.radius_weight > 0 runs on the CPU backends only (the cluster radii are "
+                             "computed with NumPy); use radius_weight=0.0 on device='cuda'")
         mod = impl(backend, "wave_index", device)
         keys, values = V.check_kv(keys, values, finite=check_finite)
         keys, values = to_device(keys, device, "keys"), to_device(values, device, "values")
@@ -258,9 +271,15 @@ class WaveIndex:
             if getattr(buffer, "index", None) is not self:
                 raise ValueError("buffer must be a WaveBuffer built over this index")
             gather = functools.partial(buffer.gather, workspace=self._workspace)
+        radii = None
+        if self.config.radius_weight:            # recomputed only when an update changed the index
+            if self._radii_of is not self._meta:
+                self._radii_of, self._radii = self._meta, self._mod.cluster_radii(self._meta)
+            radii = self._radii
         out, lse, zones = self._mod.tripartite_attention(q, self._meta, self._sk, self._sv, self._sids,
                                                    self.n_retrieve, self.n_estimate, self.config.scale, gather,
-                                                   self._workspace, group_rank=self.config.group_rank)
+                                                   self._workspace, group_rank=self.config.group_rank, radii=radii,
+                                                   radius_weight=self.config.radius_weight)
         # statistics are host values (the zones are Hkv x (r + e) ids: a small copy on the GPU path)
         zones = type(zones)(to_host(zones.retrieval), to_host(zones.estimation), to_host(zones.exact_ids))
         self.last_stats = self._stats(zones, q.shape[0])

@@ -26,13 +26,14 @@ def cases(draw):
     e = draw(st.sampled_from([0.0, 0.3, 1.0, 2]))
     est = draw(st.booleans())
     group_rank = draw(st.sampled_from(ref_wi.GROUP_RANKS))
+    radius_weight = draw(st.sampled_from([0.0, 0.0, 0.5, 1.0]))      # the ball bound (opt-in) a third of the time
     rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
     k = (rng.standard_normal((hkv, n + extra, d)) + 1.0).astype(np.float32)
     v = rng.standard_normal((hkv, n + extra, d)).astype(np.float32)
     q = (rng.standard_normal((hkv * g, d)) * 1.5).astype(np.float32)
     budgets = {**({"retrieval_clusters": r} if isinstance(r, int) else {"retrieval_budget": r}),
                **({"estimation_clusters": e} if isinstance(e, int) else {"estimation_budget": e})}
-    cfg = WaveConfig(**SMALL, **budgets, estimation=est, group_rank=group_rank)
+    cfg = WaveConfig(**SMALL, **budgets, estimation=est, group_rank=group_rank, radius_weight=radius_weight)
     return k, v, q, n, cfg
 
 
@@ -67,7 +68,7 @@ def test_estimate_is_a_lower_bound_per_cluster(case):
 @given(case=cases())
 def test_full_budget_is_full_attention(backend, case):
     k, v, q, n, cfg = case
-    cfg = WaveConfig(**SMALL, retrieval_budget=1.0, group_rank=cfg.group_rank)
+    cfg = WaveConfig(**SMALL, retrieval_budget=1.0, group_rank=cfg.group_rank, radius_weight=cfg.radius_weight)
     idxs = []
 
     def build(keys, values):
@@ -157,6 +158,11 @@ def test_validation(rng):
         WaveConfig(estimation_budget=True)
     with pytest.raises(ValueError, match=r"group_rank must be one of \('softmax_sum', 'max_logit'\), got 'mean'"):
         WaveConfig(group_rank="mean")
+    for bad in (-0.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="radius_weight must be a finite float >= 0"):
+            WaveConfig(radius_weight=bad)
+    with pytest.raises(TypeError, match="radius_weight"):
+        WaveConfig(radius_weight="0.5")
     with pytest.raises(TypeError, match="config"):
         WaveIndex.build(k, k, config={"n_sink": 4})
     with pytest.raises(ValueError, match="keys"):
@@ -499,18 +505,22 @@ def test_fast_rank_clusters_equals_reference(case, kind):
     elif kind == "nan_all":
         q[0] = np.nan
     scale = 1.0 / np.sqrt(q.shape[1])
-    fs, fr = fast_wi.rank_clusters(q, meta.centroids, meta.sizes, scale, cfg.group_rank)
-    rs, rr = ref_wi.rank_clusters(q, meta.centroids, meta.sizes, scale, cfg.group_rank)
+    radii = ref_wi.cluster_radii(meta)
+    fs, fr = fast_wi.rank_clusters(q, meta.centroids, meta.sizes, scale, cfg.group_rank, radii, cfg.radius_weight)
+    rs, rr = ref_wi.rank_clusters(q, meta.centroids, meta.sizes, scale, cfg.group_rank, radii, cfg.radius_weight)
     assert np.array_equal(np.isnan(fr), np.isnan(rr))
     assert np.allclose(fs, rs, rtol=1e-5, atol=1e-5, equal_nan=True)
     assert np.allclose(fr, rr, rtol=1e-5, atol=1e-6 if cfg.group_rank == "softmax_sum" else 1e-5, equal_nan=True)
     if kind != "finite" and meta.centroids.shape[1]:
         # a NaN query row: its group's softmaxes are NaN for every cluster; its max is NaN for every cluster
-        # with keys (an empty cluster stays -inf: masked before the max)
-        nan_where = np.ones_like(fr[0], bool) if cfg.group_rank == "softmax_sum" else meta.sizes[0] > 0
+        # with keys (an empty cluster stays -inf: masked before the max), unless the ball bound adds NaN |q| to it
+        every = cfg.group_rank == "softmax_sum" or cfg.radius_weight
+        nan_where = np.ones_like(fr[0], bool) if every else meta.sizes[0] > 0
         assert np.array_equal(np.isnan(fr[0]), nan_where)
-    if cfg.group_rank == "max_logit":                          # the definition: each cluster's best score
+    if cfg.group_rank == "max_logit" and not cfg.radius_weight:   # the definition: each cluster's best score
         assert np.array_equal(rr, rs.max(axis=1), equal_nan=True)
+    if cfg.radius_weight:                                      # the returned scores stay the centroid scores
+        assert np.array_equal(rs, ref_wi.rank_clusters(q, meta.centroids, meta.sizes, scale)[0], equal_nan=True)
 
 
 def test_max_logit_ranking_keeps_a_sharp_heads_cluster_that_the_softmax_sum_outvotes():
@@ -546,3 +556,46 @@ def test_one_query_head_per_group_ranks_the_same_under_both_rankings(rng):
         zones.append((idx.last_stats.retrieval_clusters, idx.last_stats.estimation_clusters))
     assert zones[0][0].shape[1] > 1
     assert all(np.array_equal(a, b) for a, b in zip(*zones))
+
+
+@given(cases())
+def test_cluster_radii_and_the_ball_bound(case):
+    """Each radius is its cluster's largest key-to-centroid distance (0 when empty), and with weight 1 the ball
+    bound is an upper bound on every key score of the cluster, for every query head (Cauchy-Schwarz)."""
+    k, v, q, n, cfg = case
+    meta = WaveIndex.build(k[:, :n], v[:, :n], config=cfg, backend="reference").meta
+    radii = ref_wi.cluster_radii(meta)
+    hkv, c, _ = meta.centroids.shape
+    g, scale = q.shape[0] // hkv, 0.25
+    scores, _ = ref_wi.rank_clusters(q, meta.centroids, meta.sizes, scale)
+    qn = np.linalg.norm(q, axis=1).reshape(hkv, g)
+    for h in range(hkv):
+        for i in range(c):
+            rows = meta.keys[h, meta.offsets[h, i]:meta.offsets[h, i + 1]]
+            want = np.linalg.norm(rows - meta.centroids[h, i], axis=1).max() if len(rows) else 0.0
+            assert radii[h, i] == pytest.approx(want, rel=1e-5, abs=1e-6)
+            if len(rows):
+                best = (rows @ q[h * g:(h + 1) * g].T).max(axis=0) * scale           # (G,) best key score per head
+                assert np.all(scores[h, :, i] + qn[h] * radii[h, i] * scale >= best - 1e-4)
+
+
+def test_ball_bound_ranks_a_spread_cluster_with_one_sharp_key_first(rng):
+    """Two clusters with the same centroid score for q: a tight one, and a spread one holding the key q points
+    at. The centroid ties them (the lower id wins); the ball bound retrieves the spread one."""
+    d = 4
+    tight = np.zeros((8, d), np.float32)
+    tight[:, 1] = 1.0                                                   # centroid (0, 1, 0, 0), radius 0
+    spread = np.zeros((8, d), np.float32)
+    spread[:, 1] = 1.0
+    spread[0, 0], spread[1:, 0] = 7.0, -1.0                             # centroid (0, 1, 0, 0), one key far out
+    keys = np.concatenate([tight, spread])[None]
+    meta = ref_wi.MetaIndex(np.array([[[0, 1, 0, 0], [0, 1, 0, 0]]], np.float32), np.zeros((1, 2, d), np.float32),
+                            np.array([[8, 8]]), np.array([[0, 8, 16]]), keys, np.zeros_like(keys),
+                            np.arange(16)[None])
+    q = np.array([[1.0, 1.0, 0, 0]], np.float32)
+    radii = ref_wi.cluster_radii(meta)
+    assert radii[0, 0] == 0 and radii[0, 1] == pytest.approx(np.linalg.norm(spread[0] - [0, 1, 0, 0]))
+    for gr in ref_wi.GROUP_RANKS:
+        plain = ref_wi.rank_clusters(q, meta.centroids, meta.sizes, 1.0, gr)[1]
+        ball = ref_wi.rank_clusters(q, meta.centroids, meta.sizes, 1.0, gr, radii, 0.5)[1]
+        assert ref_wi.select_zones(plain, 1, 0)[0][0, 0] == 0 and ref_wi.select_zones(ball, 1, 0)[0][0, 0] == 1

@@ -112,7 +112,7 @@ def _rank_kernel(scores, sizes, rank):
             rank[h, i] += float32(math.exp(scores[h, r, i] - mx)) / z
 
 
-def rank_clusters(q, centroids, sizes, scale, group_rank="softmax_sum"):
+def rank_clusters(q, centroids, sizes, scale, group_rank="softmax_sum", radii=None, radius_weight=0.0):
     """Same contract as :func:`retrokv.reference.wave_index.rank_clusters`: ``(scores (Hkv, G, C), rank (Hkv, C))``.
 
     ``group_rank="max_logit"`` masks and reduces over the group through ``xp`` (two element-wise passes over
@@ -123,9 +123,18 @@ def rank_clusters(q, centroids, sizes, scale, group_rank="softmax_sum"):
     qb = float_array(m, q).reshape(hkv, -1, d)                          # (Hkv, G, d)
     scores = m.ascontiguousarray(m.matmul(qb, centroids.transpose(0, 2, 1)) * np.float32(scale))  # (Hkv, G, C)
     rank = m.zeros((hkv, c), np.float32)
-    if c and group_rank == "max_logit":
+    if c and (group_rank == "max_logit" or radius_weight):
+        # mask first, so the returned scores are the ones Eq. 2 reads; the ball bound (ranked only) on a copy
         scores = m.ascontiguousarray(m.where(sizes[:, None, :] > 0, scores, np.float32(-np.inf)).astype(np.float32))
-        rank = m.ascontiguousarray(scores.max(axis=1))                  # (Hkv, C)
+        by = scores
+        if radius_weight:
+            qn = m.linalg.norm(qb, axis=2, keepdims=True).astype(np.float32)
+            by = m.ascontiguousarray(scores + np.float32(radius_weight * scale) * qn * radii[:, None, :],
+                                     dtype=np.float32)
+        if group_rank == "max_logit":
+            rank = m.ascontiguousarray(by.max(axis=1))                  # (Hkv, C)
+        else:
+            launch(_rank_kernel, hkv, by, m.ascontiguousarray(sizes), rank)
     elif c:
         launch(_rank_kernel, hkv, scores, m.ascontiguousarray(sizes), rank)
     return scores, rank
@@ -292,8 +301,9 @@ def attend_retrieved(q, meta, steady_k, steady_v, steady_ids, retrieval, scale, 
 
 
 def tripartite_attention(q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_estimate, scale=None,
-                         gather=None, workspace=None, ops=None, group_rank="softmax_sum"):
+                         gather=None, workspace=None, ops=None, group_rank="softmax_sum", radii=None,
+                         radius_weight=0.0):
     """The reference driver :func:`retrokv.reference.wave_index.tripartite_attention` with these CUDA kernels."""
     return _ref.tripartite_attention(q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_estimate, scale,
                                      gather, workspace, ops=sys.modules[__name__] if ops is None else ops,
-                                     group_rank=group_rank)
+                                     group_rank=group_rank, radii=radii, radius_weight=radius_weight)

@@ -107,6 +107,8 @@ def test_wave_index_runs_the_cuda_kernels(arrays, monkeypatch):
     assert type(out).__module__.split(".")[0] == arrays.m.__name__       # stays on the device
     close(out, WaveIndex.build(k, v, backend="reference", **cfg).attend(q))
     assert "device='cuda'" in repr(dev)
+    with pytest.raises(ValueError, match="radius_weight > 0 runs on the CPU backends only"):
+        WaveIndex.build(k, v, backend="fast", device="cuda", radius_weight=0.5, **cfg)
 
 
 def test_dense_index_matches_reference(arrays, monkeypatch):
