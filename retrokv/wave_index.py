@@ -145,7 +145,8 @@ class WaveStats(IndexStats):
     Common fields, for the wave index: ``tokens_attended`` counts steady + retrieved tokens per query
     head; ``keys_scored`` is 0 (no key is scored to choose: clusters are ranked by their centroids);
     ``meta_scored`` is ``Hq * C`` centroid scores; ``bytes_read`` counts what a GQA group shares once:
-    the exact K and V, every centroid, the estimated clusters' value sums and the sizes.
+    the exact K and V, every centroid (and its radius, with ``radius_weight > 0``), the estimated clusters' value
+    sums and the sizes.
     """
 
     steady_tokens: int                # sinks + recent window (+ tokens waiting for an index update)
@@ -303,7 +304,8 @@ class WaveIndex:
         attended = g * exact_sum
         return WaveStats(
             n_tokens=self._n, tokens_attended=attended, keys_scored=0, meta_scored=hq * c,
-            bytes_read=4 * (exact_sum * (d + dv) + hkv * c * d + hkv * e * dv) + 8 * hkv * c,
+            bytes_read=4 * (exact_sum * (d + dv) + hkv * c * (d + (self.config.radius_weight > 0)) + hkv * e * dv)
+            + 8 * hkv * c,
             density=attended / max(hq * self._n, 1),
             zones={"steady": hq * steady, "retrieval": g * r_sum, "estimation": g * e_sum,
                    "dropped": int(g * dropped.sum())},

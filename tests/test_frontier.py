@@ -52,6 +52,14 @@ def test_wave_byte_density_counts_metadata():
     meta = ix.n_clusters * d / (n * (d + v.shape[2]))
     assert bd >= st.density + meta - 1e-9
     assert bd < 1.0
+    # the accounting: exact K and V, every centroid, the estimated value sums, 8-byte sizes; the ball-bound
+    # ranking reads one 4-byte radius per cluster more
+    ball = methods.build("wave", k, v, config=WaveConfig(min_index_tokens=0, radius_weight=0.5))
+    ball.attend(q[:, -1])
+    g, dv, c = q.shape[0] // hkv, v.shape[2], ix.n_clusters
+    for s, radius in ((st, 0), (ball.last_stats, 1)):
+        exact, e = s.tokens_attended // g, s.estimation_clusters.shape[1]
+        assert s.bytes_read == 4 * (exact * (d + dv) + hkv * c * (d + radius) + hkv * e * dv) + 8 * hkv * c
 
 
 def test_byte_density_checks_its_arguments():
