@@ -53,8 +53,8 @@ from ._wave_build import build_meta_index, concat_meta
 from ._zone_select import _select, _select_head
 from .attention import _merge_pair, merge_partials
 
-__all__ = ["GROUP_RANKS", "cluster_radii", "MetaIndex", "ExecBuffer", "Zones", "Workspace", "empty_meta", "build_meta_index", "concat_meta",
-           "rank_clusters", "select_zones", "gather_execution_buffer", "attend_execution_buffer",
+__all__ = ["GROUP_RANKS", "cluster_radii", "MetaIndex", "ExecBuffer", "Zones", "Workspace", "empty_meta",
+           "build_meta_index", "concat_meta", "rank_clusters", "select_zones", "gather_execution_buffer", "attend_execution_buffer",
            "attend_retrieved", "estimate_partial", "estimation_as_pseudo_tokens", "tripartite_attention"]
 
 _CHUNK = 256                                      # centroids per work item
@@ -164,6 +164,7 @@ def rank_clusters(q, centroids, sizes, scale, group_rank="softmax_sum", radii=No
     """Same contract as :func:`retrokv.reference.wave_index.rank_clusters`; Numba kernels (CUDA for CuPy input).
     The ball bound (``radius_weight``) is one NumPy expression over the scores: it is ranked, not returned."""
     _ref.check_group_rank(group_rank)
+    _ref.check_radii(radii, radius_weight, centroids.shape[:2])
     if any_cupy(q, centroids):
         return cuda("wave_index").rank_clusters(q, centroids, sizes, scale, group_rank, radii, radius_weight)
     hkv, c, d = centroids.shape

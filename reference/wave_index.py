@@ -36,8 +36,8 @@ import numpy as np
 from .attention import merge_partials, partial_attention
 from .clustering import _array_module, segmented_kmeans
 
-__all__ = ["GROUP_RANKS", "cluster_radii", "MetaIndex", "ExecBuffer", "Zones", "Workspace", "empty_meta", "build_meta_index", "concat_meta",
-           "rank_clusters", "select_zones", "gather_execution_buffer", "attend_execution_buffer",
+__all__ = ["GROUP_RANKS", "cluster_radii", "MetaIndex", "ExecBuffer", "Zones", "Workspace", "empty_meta",
+           "build_meta_index", "concat_meta", "rank_clusters", "select_zones", "gather_execution_buffer", "attend_execution_buffer",
            "attend_retrieved", "estimate_partial", "estimation_as_pseudo_tokens", "tripartite_attention"]
 
 
@@ -149,6 +149,13 @@ def check_group_rank(group_rank):
     return group_rank
 
 
+def check_radii(radii, radius_weight, shape):
+    """A ``ValueError`` unless ``radius_weight`` is 0 or ``radii`` has the clusters' ``shape`` ``(Hkv, C)``."""
+    if radius_weight and (radii is None or tuple(radii.shape) != tuple(shape)):
+        raise ValueError(f"radius_weight={radius_weight} needs the clusters' radii of shape {tuple(shape)} "
+                         f"(cluster_radii(meta)), got {None if radii is None else tuple(radii.shape)}")
+
+
 def cluster_radii(meta):
     """``(Hkv, C)`` float32: each cluster's radius, the largest distance of one of its keys from its centroid
     (0 for an empty cluster). Read by the ranking's ball bound (:func:`rank_clusters`, ``radius_weight``);
@@ -186,6 +193,7 @@ def rank_clusters(q, centroids, sizes, scale, group_rank="softmax_sum", radii=No
     """
     hkv, c, d = centroids.shape
     check_group_rank(group_rank)
+    check_radii(radii, radius_weight, (hkv, c))
     qb = q.reshape(hkv, -1, d)                                          # (Hkv, G, d)
     scores = (qb @ centroids.transpose(0, 2, 1)) * np.float32(scale)   # (Hkv, G, C)
     scores = np.where(sizes[:, None, :] > 0, scores, -np.inf).astype(np.float32)

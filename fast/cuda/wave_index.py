@@ -118,6 +118,7 @@ def rank_clusters(q, centroids, sizes, scale, group_rank="softmax_sum", radii=No
     ``group_rank="max_logit"`` masks and reduces over the group through ``xp`` (two element-wise passes over
     ``(Hkv, G, C)``; the reduction is within a thread's cluster, no block reduction to write)."""
     _ref.check_group_rank(group_rank)
+    _ref.check_radii(radii, radius_weight, centroids.shape[:2])
     m = xp(q, centroids)
     hkv, c, d = centroids.shape
     qb = float_array(m, q).reshape(hkv, -1, d)                          # (Hkv, G, d)
