@@ -147,6 +147,7 @@ def main():
                         ranks[r].append(int(np.nonzero(o[h] == c)[0][0]))
                     ranks["own head"].append(int(np.nonzero(own[h, hq % g] == c)[0][0]))
                     where.append((i, li, hq, pos - L))
+        del caps                                                        # one prompt's capture in memory at a time
         print(f"prompt {i}: {len(where)} head-steps so far, {time.time() - t0:.0f}s", flush=True)
 
     ranks = {r: np.array(x) for r, x in ranks.items()}
