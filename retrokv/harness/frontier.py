@@ -366,7 +366,7 @@ def plot(db, path, layers=None, graph_layers=None):
     groups = sorted(_groups(db["points"]).items())
     corpora = sorted({c for (c, _), _ in groups})
     lengths = sorted({n for (_, n), _ in groups})
-    fig, axes = plt.subplots(len(lengths), len(corpora), figsize=(5.5 * len(corpora), 4.2 * len(lengths)),
+    fig, axes = plt.subplots(len(lengths), len(corpora), figsize=(5.5 * len(corpora), 4.2 * len(lengths) + 1.4),
                              squeeze=False, sharey=True)
     for (corpus, n), pts in groups:
         ax = axes[lengths.index(n)][corpora.index(corpus)]
@@ -389,8 +389,10 @@ def plot(db, path, layers=None, graph_layers=None):
         ax.grid(True, which="both", alpha=0.3)
     for row in axes:
         row[0].set_ylabel("median relative attention error")
-    axes[0][-1].legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
+    # below the panels: inside one, the legend hid the oracle's dashed curve and the largest budgets
+    handles, labels = axes[0][-1].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=3, frameon=False)
+    fig.tight_layout(rect=(0, 1.4 / (4.2 * len(lengths) + 1.4), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
