@@ -106,10 +106,12 @@ def _check_prompt(db, n, i, ids):
 
 def _groups(methods, table):
     """Methods sharing one build (the wave variants, with wave) as one group of (variant, label, value) points."""
+    from retrokv.harness.frontier import WAVE_VARIANTS
+
     out = []
     for m in methods:
         pts = [(m, lab, v) for lab, v in table[m]]
-        if m in ("wave_noest", "wave_maxlogit", "wave_ball") and "wave" in methods:
+        if m in WAVE_VARIANTS and m != "wave" and "wave" in methods:
             next(g for g in out if g[0] == "wave")[1].extend(pts)
         else:
             out.append((m, pts))

@@ -52,20 +52,18 @@ COUNTS = (9, 20, 40, 80)
 
 def group_orders(scores):
     """``({ranking: (Hkv, C) cluster ids, best first}, own (Hkv, G, C))`` for the centroid scores ``(Hkv, G, C)``
-    (``-inf``: empty); ``own`` orders each query head's clusters by its own scores."""
+    (``-inf``: empty): the rankings the library does not have (``softmax_max``, ``round_robin``; the caller
+    takes ``softmax_sum`` and ``max_logit`` from ``rank_clusters``); ``own`` orders each query head's clusters by
+    its own scores."""
     hkv, g, c = scores.shape
     p = np.exp(scores - scores.max(axis=2, keepdims=True))
     p /= p.sum(axis=2, keepdims=True)
-
-    def order(x):
-        return np.argsort(-x, axis=1, kind="stable")
     own = np.argsort(-scores, axis=2, kind="stable")                     # (Hkv, G, C)
     rr = np.empty((hkv, c), np.int64)
     for h in range(hkv):
         seen = dict.fromkeys(int(x) for x in own[h].T.ravel())            # heads in turn, first occurrence kept
         rr[h] = list(seen)
-    return {"softmax_sum": order(p.sum(axis=1)), "softmax_max": order(p.max(axis=1)),
-            "max_logit": order(scores.max(axis=1)), "round_robin": rr}, own
+    return {"softmax_max": np.argsort(-p.max(axis=1), axis=1, kind="stable"), "round_robin": rr}, own
 
 
 def best_key_order(qb, keys, offsets, sizes, d):

@@ -170,10 +170,7 @@ def rank_clusters(q, centroids, sizes, scale, group_rank="softmax_sum", radii=No
     hkv, c, d = centroids.shape
     qb = np.ascontiguousarray(q.reshape(hkv, -1, d), dtype=np.float32)   # (Hkv, G, d)
     scores = _centroid_scores(qb, centroids, sizes, np.float32(scale))    # (Hkv, G, C)
-    by = scores
-    if radius_weight:
-        qn = np.linalg.norm(qb, axis=2, keepdims=True).astype(np.float32)
-        by = np.ascontiguousarray(scores + np.float32(radius_weight * scale) * qn * radii[:, None, :], np.float32)
+    by = _ref.ball_bound(scores, qb, radii, radius_weight, scale) if radius_weight else scores
     return scores, _gqa_rank(by, group_rank == "max_logit")
 
 

@@ -142,11 +142,19 @@ def concat_meta(a, b):
 GROUP_RANKS = ("softmax_sum", "max_logit")   # how a GQA group's query heads combine into one ranking
 
 
-def check_group_rank(group_rank):
+def check_group_rank(group_rank, name="group_rank"):
     """``group_rank`` if it names a ranking of :data:`GROUP_RANKS`, else a ``ValueError`` that lists them."""
     if not isinstance(group_rank, str) or group_rank not in GROUP_RANKS:
-        raise ValueError(f"group_rank must be one of {GROUP_RANKS}, got {group_rank!r}")
+        raise ValueError(f"{name} must be one of {GROUP_RANKS}, got {group_rank!r}")
     return group_rank
+
+
+def ball_bound(scores, qb, radii, radius_weight, scale):
+    """The ball-bound ranking scores ``scores + radius_weight |q| radii * scale`` (``(Hkv, G, C)`` float32) for
+    the centroid scores ``scores (Hkv, G, C)`` of the queries ``qb (Hkv, G, d)``; NumPy or CuPy, as the input."""
+    xp = _array_module(scores)
+    qn = xp.linalg.norm(qb, axis=2, keepdims=True).astype(np.float32)          # (Hkv, G, 1)
+    return xp.ascontiguousarray(scores + np.float32(radius_weight * scale) * qn * radii[:, None, :], dtype=np.float32)
 
 
 def check_radii(radii, radius_weight, shape):
@@ -199,10 +207,7 @@ def rank_clusters(q, centroids, sizes, scale, group_rank="softmax_sum", radii=No
     scores = np.where(sizes[:, None, :] > 0, scores, -np.inf).astype(np.float32)
     if c == 0:
         return scores, np.zeros((hkv, 0), np.float32)
-    by = scores
-    if radius_weight:                                                  # the ball bound ranks; Eq. 2 keeps scores
-        qn = np.linalg.norm(qb, axis=2, keepdims=True).astype(np.float32)       # (Hkv, G, 1)
-        by = (scores + np.float32(radius_weight * scale) * qn * radii[:, None, :]).astype(np.float32)
+    by = ball_bound(scores, qb, radii, radius_weight, scale) if radius_weight else scores   # Eq. 2 keeps scores
     if group_rank == "max_logit":
         return scores, by.max(axis=1)                                  # (Hkv, C), -inf: empty cluster
     m = by.max(axis=2, keepdims=True)

@@ -21,7 +21,7 @@ from . import _validate as V
 from ._xp import resolve_device, to_device, to_host, xp
 from .backend import impl, resolve
 from .index import IndexStats, check_prefill_queries, resolve_config
-from .reference.wave_index import GROUP_RANKS
+from .reference.wave_index import check_group_rank
 
 __all__ = ["WaveConfig", "WaveIndex", "WaveStats"]
 
@@ -102,8 +102,7 @@ class WaveConfig:
                                                             "None or an int >= 0 (a number of clusters)"))
         object.__setattr__(self, "estimation", V.check_bool(self.estimation, "WaveConfig.estimation"))
         object.__setattr__(self, "scale", V.check_scale(self.scale))
-        if not isinstance(self.group_rank, str) or self.group_rank not in GROUP_RANKS:
-            raise ValueError(f"WaveConfig.group_rank must be one of {GROUP_RANKS}, got {self.group_rank!r}")
+        check_group_rank(self.group_rank, "WaveConfig.group_rank")
         w = V.check_real(self.radius_weight, "WaveConfig.radius_weight", "a float >= 0")
         if not (w >= 0.0 and math.isfinite(w)):
             raise ValueError(f"WaveConfig.radius_weight must be a finite float >= 0, got {self.radius_weight!r}")

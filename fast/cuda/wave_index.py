@@ -124,20 +124,17 @@ def rank_clusters(q, centroids, sizes, scale, group_rank="softmax_sum", radii=No
     qb = float_array(m, q).reshape(hkv, -1, d)                          # (Hkv, G, d)
     scores = m.ascontiguousarray(m.matmul(qb, centroids.transpose(0, 2, 1)) * np.float32(scale))  # (Hkv, G, C)
     rank = m.zeros((hkv, c), np.float32)
-    if c and (group_rank == "max_logit" or radius_weight):
-        # mask first, so the returned scores are the ones Eq. 2 reads; the ball bound (ranked only) on a copy
+    if not c:
+        return scores, rank
+    by = scores
+    if group_rank == "max_logit" or radius_weight:
+        # mask here, so the returned scores are the ones Eq. 2 reads; the ball bound (ranked only) is a copy
         scores = m.ascontiguousarray(m.where(sizes[:, None, :] > 0, scores, np.float32(-np.inf)).astype(np.float32))
-        by = scores
-        if radius_weight:
-            qn = m.linalg.norm(qb, axis=2, keepdims=True).astype(np.float32)
-            by = m.ascontiguousarray(scores + np.float32(radius_weight * scale) * qn * radii[:, None, :],
-                                     dtype=np.float32)
-        if group_rank == "max_logit":
-            rank = m.ascontiguousarray(by.max(axis=1))                  # (Hkv, C)
-        else:
-            launch(_rank_kernel, hkv, by, m.ascontiguousarray(sizes), rank)
-    elif c:
-        launch(_rank_kernel, hkv, scores, m.ascontiguousarray(sizes), rank)
+        by = _ref.ball_bound(scores, qb, radii, radius_weight, scale) if radius_weight else scores
+    if group_rank == "max_logit":
+        rank = m.ascontiguousarray(by.max(axis=1))                      # (Hkv, C)
+    else:
+        launch(_rank_kernel, hkv, by, m.ascontiguousarray(sizes), rank)
     return scores, rank
 
 
