@@ -48,6 +48,7 @@ NEEDLE_POINTS = {
     "wave_noest": [("r=0.018", 0.018)],
     "wave_maxlogit": [("r=0.018", 0.018), ("r=0.04", 0.04), ("r=0.08", 0.08)],
     "wave_ball": [("r=0.018", 0.018), ("r=0.04", 0.04), ("r=0.08", 0.08)],
+    "wave_mix": [("r=0.018", 0.018), ("r=0.03", 0.03), ("r=0.04", 0.04), ("r=0.08", 0.08)],
     "streaming": [("window=777", 777), ("window=2454", 2454)],
     # the oracle over its own k: the token budget the task needs with perfect retrieval (a ceiling for the indexes)
     "topk": [("k=131", 131), ("k=418", 418), ("k=1300", 1300)],
@@ -62,6 +63,7 @@ PPL_POINTS = {
     "wave_noest": [("r=0.018", 0.018)],
     "wave_maxlogit": [("r=0.018", 0.018), ("r=0.08", 0.08)],
     "wave_ball": [("r=0.018", 0.018), ("r=0.04", 0.04), ("r=0.08", 0.08)],
+    "wave_mix": [("r=0.018", 0.018), ("r=0.03", 0.03), ("r=0.04", 0.04), ("r=0.08", 0.08)],
     "streaming": [("window=777", 777), ("window=2454", 2454)],
     "topk": [("k=131", 131), ("k=748", 748)],
     "quest": [("budget=624", 624)],
@@ -266,7 +268,7 @@ def ppl(args):
     save_json(db, "ppl")
 
 
-ORDER = ("full", "wave", "wave_noest", "wave_maxlogit", "wave_ball", "graph", "graph_paper", "ivf", "quest", "streaming", "topk")
+ORDER = ("full", "wave", "wave_noest", "wave_maxlogit", "wave_ball", "wave_mix", "graph", "graph_paper", "ivf", "quest", "streaming", "topk")
 
 
 def _sort(rows):
@@ -428,7 +430,7 @@ def target(nrows, prows):
              "method, the lowest byte density below 0.10 meeting each half (perplexity: on every corpus "
              "measured, " + ", ".join(corpora) + "), and both at one knob:", ""]
     tab = []
-    for m in ("wave", "wave_noest", "wave_maxlogit", "wave_ball", "graph", "graph_paper", "quest", "ivf", "streaming", "topk"):
+    for m in ORDER[1:]:
         if not any(r["method"] == m for r in nrows + prows):
             continue
         n1, n0, p1 = need.get(m), need_any.get(m), ppl_ok.get(m)

@@ -60,7 +60,7 @@ def timing_ops(times):
             return r
         return g
 
-    def rank_clusters(q, centroids, sizes, scale, group_rank="softmax_sum", radii=None, radius_weight=0.0):
+    def rank_clusters(q, centroids, sizes, scale, group_rank="softmax_sum", radii=None, radius_weight=0.0, n_plain=0):
         assert not radius_weight, "the split times the centroid-score ranking"   # fast.wave_index's, in two
         hkv, c, d = centroids.shape
         qb = np.ascontiguousarray(q.reshape(hkv, -1, d), dtype=np.float32)

@@ -160,18 +160,24 @@ def _gqa_rank(scores, max_logit):
     return rank
 
 
-def rank_clusters(q, centroids, sizes, scale, group_rank="softmax_sum", radii=None, radius_weight=0.0):
+def rank_clusters(q, centroids, sizes, scale, group_rank="softmax_sum", radii=None, radius_weight=0.0, n_plain=0):
     """Same contract as :func:`retrokv.reference.wave_index.rank_clusters`; Numba kernels (CUDA for CuPy input).
-    The ball bound (``radius_weight``) is one NumPy expression over the scores: it is ranked, not returned."""
+    The ball bound (``radius_weight``) is one NumPy expression over the scores: it is ranked, not returned;
+    a mixed ranking (``n_plain``) takes the plain ranking's best with :func:`select_zones`."""
     _ref.check_group_rank(group_rank)
     _ref.check_radii(radii, radius_weight, centroids.shape[:2])
+    n_plain = _ref.check_n_plain(n_plain, radius_weight)
     if any_cupy(q, centroids):
-        return cuda("wave_index").rank_clusters(q, centroids, sizes, scale, group_rank, radii, radius_weight)
+        return cuda("wave_index").rank_clusters(q, centroids, sizes, scale, group_rank, radii, radius_weight,
+                                                n_plain)
     hkv, c, d = centroids.shape
     qb = np.ascontiguousarray(q.reshape(hkv, -1, d), dtype=np.float32)   # (Hkv, G, d)
     scores = _centroid_scores(qb, centroids, sizes, np.float32(scale))    # (Hkv, G, C)
     by = _ref.ball_bound(scores, qb, radii, radius_weight, scale) if radius_weight else scores
-    return scores, _gqa_rank(by, group_rank == "max_logit")
+    rank = _gqa_rank(by, group_rank == "max_logit")
+    if n_plain and c:
+        rank = _ref.lead_with(rank, select_zones(_gqa_rank(scores, group_rank == "max_logit"), n_plain, 0)[0])
+    return scores, rank
 
 
 def select_zones(rank, n_retrieve, n_estimate):
@@ -330,7 +336,7 @@ def _fused_step(q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_estimate,
 
 def tripartite_attention(q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_estimate, scale=None,
                          gather=None, workspace=None, ops=None, group_rank="softmax_sum", radii=None,
-                         radius_weight=0.0):
+                         radius_weight=0.0, n_plain=0):
     """The reference driver :func:`retrokv.reference.wave_index.tripartite_attention` with this module's kernels
     (the CUDA kernels of :mod:`retrokv.fast.cuda.wave_index` for CuPy input).
 
@@ -355,7 +361,8 @@ def tripartite_attention(q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_
                     return res
             return _ref.tripartite_attention(q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_estimate,
                                              scale, gather, workspace, ops=sys.modules[__name__],
-                                             group_rank=group_rank, radii=radii, radius_weight=radius_weight)
+                                             group_rank=group_rank, radii=radii, radius_weight=radius_weight,
+                                             n_plain=n_plain)
     return _ref.tripartite_attention(q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_estimate, scale,
                                      gather, workspace, ops=ops, group_rank=group_rank, radii=radii,
-                                     radius_weight=radius_weight)
+                                     radius_weight=radius_weight, n_plain=n_plain)

@@ -179,7 +179,7 @@ def cluster_radii(meta):
     return out
 
 
-def rank_clusters(q, centroids, sizes, scale, group_rank="softmax_sum", radii=None, radius_weight=0.0):
+def rank_clusters(q, centroids, sizes, scale, group_rank="softmax_sum", radii=None, radius_weight=0.0, n_plain=0):
     """Centroid scores ``(Hkv, G, C)`` and the GQA ranking ``(Hkv, C)`` of RetroInfer §4.2.
 
     ``scores[h, g, i] = q_{hG+g} . C_i * scale`` (``-inf`` for empty clusters). The ranking, per
@@ -198,24 +198,57 @@ def rank_clusters(q, centroids, sizes, scale, group_rank="softmax_sum", radii=No
     ``w = 1`` bounds the cluster's best key score from above, by Cauchy-Schwarz). A centroid dilutes one sharp
     key among its cluster's; the radius gives a spread cluster that may hold one the benefit of the doubt.
     Only the ranking changes: the returned ``scores`` stay the centroid scores that Eq. 2 estimates with.
+
+    ``n_plain > 0`` with a ball bound **mixes** the two rankings (not in the paper; opt-in): the first
+    ``n_plain`` clusters of the plain ranking (centroid scores, the same ``group_rank``) rank first (``+inf``,
+    :func:`lead_with`), and every other cluster follows in ball-bound order. A retrieval zone of ``R >
+    n_plain`` clusters then holds the plain ranking's best ``n_plain``, where most of the attention mass is,
+    and the ball bound's best ``R - n_plain`` of the rest, where a sharp key may hide.
     """
     hkv, c, d = centroids.shape
     check_group_rank(group_rank)
     check_radii(radii, radius_weight, (hkv, c))
+    n_plain = check_n_plain(n_plain, radius_weight)
     qb = q.reshape(hkv, -1, d)                                          # (Hkv, G, d)
     scores = (qb @ centroids.transpose(0, 2, 1)) * np.float32(scale)   # (Hkv, G, C)
     scores = np.where(sizes[:, None, :] > 0, scores, -np.inf).astype(np.float32)
     if c == 0:
         return scores, np.zeros((hkv, 0), np.float32)
     by = ball_bound(scores, qb, radii, radius_weight, scale) if radius_weight else scores   # Eq. 2 keeps scores
+    rank = group_ranking(by, group_rank)
+    if n_plain:                                # the plain ranking's best n_plain lead the ball-bound order
+        rank = lead_with(rank, select_zones(group_ranking(scores, group_rank), n_plain, 0)[0])
+    return scores, rank
+
+
+def group_ranking(by, group_rank):
+    """``(Hkv, C)``: the scores ``by (Hkv, G, C)`` (``-inf`` for an empty cluster) of a GQA group's query heads
+    combined into one ranking of its KV head, per ``group_rank`` (:func:`rank_clusters`)."""
     if group_rank == "max_logit":
-        return scores, by.max(axis=1)                                  # (Hkv, C), -inf: empty cluster
+        return by.max(axis=1)                                          # (Hkv, C), -inf: empty cluster
     m = by.max(axis=2, keepdims=True)
     m = np.where(m == -np.inf, 0.0, m)       # every cluster empty: no shift; a NaN row stays NaN, empty clusters too
     p = np.exp(by - m)                                                 # (Hkv, G, C)
     z = p.sum(axis=2, keepdims=True)
-    rank = (p / np.where(z > 0, z, 1.0)).sum(axis=1).astype(np.float32)   # (Hkv, C)
-    return scores, rank
+    return (p / np.where(z > 0, z, 1.0)).sum(axis=1).astype(np.float32)   # (Hkv, C)
+
+
+def check_n_plain(n_plain, radius_weight):
+    """``n_plain`` as an int if it is an int >= 0, and 0 unless a ball bound (``radius_weight > 0``) is there
+    to mix with; else a ``ValueError``."""
+    if isinstance(n_plain, (bool, np.bool_)) or not isinstance(n_plain, (int, np.integer)) or n_plain < 0:
+        raise ValueError(f"n_plain must be an int >= 0 (clusters of the plain ranking), got {n_plain!r}")
+    if n_plain and not radius_weight:
+        raise ValueError(f"n_plain={n_plain} mixes the plain ranking with the ball bound: it needs radius_weight > 0")
+    return int(n_plain)
+
+
+def lead_with(rank, first):
+    """A copy of ``rank (Hkv, C)`` in which the clusters ``first (Hkv, n)`` rank first (``+inf``; ties keep the
+    id order, as :func:`select_zones` breaks them). NumPy or CuPy, as the input."""
+    out = rank.copy()
+    out[_array_module(rank).arange(rank.shape[0])[:, None], first] = np.inf
+    return out
 
 
 def select_zones(rank, n_retrieve, n_estimate):
@@ -336,7 +369,7 @@ def attend_retrieved(q, meta, steady_k, steady_v, steady_ids, retrieval, scale, 
 
 def tripartite_attention(q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_estimate, scale=None,
                          gather=None, workspace=None, ops=None, group_rank="softmax_sum", radii=None,
-                         radius_weight=0.0):
+                         radius_weight=0.0, n_plain=0):
     """One decode step of RetroInfer's tripartite attention: returns ``(out (Hq, dv), lse (Hq,), Zones)``.
 
     ``q (Hq, d)``; ``steady_k/v (Hkv, S, d)`` and ``steady_ids (S,)`` hold the sinks and the recent
@@ -345,14 +378,15 @@ def tripartite_attention(q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_
     ``workspace``: the index's :class:`Workspace`. The driver is written once for every backend:
     ``ops`` supplies the kernels (``rank_clusters``, ``select_zones``, ``attend_retrieved``,
     ``attend_execution_buffer`` (with ``gather``), ``estimate_partial``, ``merge_partials``; default: this
-    module's). ``group_rank``, ``radii`` and ``radius_weight``: how the clusters are ranked (:func:`rank_clusters`).
+    module's). ``group_rank``, ``radii``, ``radius_weight`` and ``n_plain``: how the clusters are ranked
+    (:func:`rank_clusters`).
     """
     ops = _THIS if ops is None else ops
     d = steady_k.shape[2]
     scale = 1.0 / np.sqrt(d) if scale is None else scale
     # 1. rank clusters by the GQA-summed softmax of centroid scores (or the group's best score); split into zones
     scores, rank = ops.rank_clusters(q, meta.centroids, meta.sizes, scale, group_rank, radii,
-                                     radius_weight)                    # (Hkv, G, C), (Hkv, C)
+                                     radius_weight, n_plain)           # (Hkv, G, C), (Hkv, C)
     retrieval, estimation = ops.select_zones(rank, n_retrieve, n_estimate)
     # 2. exact attention over [steady | retrieved] (each head its own length); a custom gather fills
     #    the execution buffer from elsewhere (the wave buffer's cache)

@@ -58,7 +58,11 @@ class WaveConfig:
     ``radius_weight`` ``w > 0`` (not in the paper; CPU backends) ranks each cluster by a ball bound, its
     centroid score plus ``w |q|`` times its radius (:func:`retrokv.reference.wave_index.cluster_radii`),
     instead of the centroid score alone; ``0.0``, the default, is the paper's ranking. The estimate (Eq. 2)
-    is unchanged.
+    is unchanged. ``ball_share`` (with ``radius_weight > 0``; not in the paper) is the share of the
+    retrieval zone the ball bound chooses: the first ``floor((1 - ball_share) R)`` of its ``R`` clusters
+    are the plain ranking's best (centroid scores, as ``group_rank`` combines them), the rest and the
+    estimation zone follow the ball-bound order (:func:`retrokv.reference.wave_index.rank_clusters`,
+    ``n_plain``). ``1.0``, the default, lets the ball bound choose them all.
     """
 
     n_sink: int = 4                      # attention-sink tokens, always exact
@@ -78,6 +82,7 @@ class WaveConfig:
     min_retrieval_tokens: int = 0        # floor on the retrieval zone, in tokens (0: the fraction alone)
     group_rank: str = "softmax_sum"      # GQA ranking: "softmax_sum" (RetroInfer) or "max_logit" (opt-in)
     radius_weight: float = 0.0           # > 0: rank by centroid score + w |q| radius (opt-in, not in the paper)
+    ball_share: float = 1.0              # share of the retrieval zone chosen by that ball bound (the rest: plain)
 
     def __post_init__(self):
         ints = {"n_sink": 0, "n_local": 0, "tokens_per_cluster": 1, "segment_tokens": 1, "kmeans_iters": 1,
@@ -107,6 +112,13 @@ class WaveConfig:
         if not (w >= 0.0 and math.isfinite(w)):
             raise ValueError(f"WaveConfig.radius_weight must be a finite float >= 0, got {self.radius_weight!r}")
         object.__setattr__(self, "radius_weight", float(w))
+        b = V.check_real(self.ball_share, "WaveConfig.ball_share", "a float in [0, 1]")
+        if not 0.0 <= b <= 1.0:
+            raise ValueError(f"WaveConfig.ball_share must be a float in [0, 1], got {self.ball_share!r}")
+        if b != 1.0 and not w:
+            raise ValueError(f"WaveConfig.ball_share={self.ball_share!r} shares the retrieval zone with the ball "
+                             f"bound, which needs radius_weight > 0 (got radius_weight={self.radius_weight!r})")
+        object.__setattr__(self, "ball_share", float(b))
 
     def n_retrieve(self, n_clusters):
         """Clusters in the retrieval zone when the index holds ``n_clusters``: ``retrieval_clusters``
@@ -114,6 +126,13 @@ class WaveConfig:
         than ``ceil(min_retrieval_tokens / tokens_per_cluster)`` (capped at ``n_clusters``)."""
         floor = -(-self.min_retrieval_tokens // self.tokens_per_cluster)
         return int(min(n_clusters, max(_count(self.retrieval_budget, self.retrieval_clusters, n_clusters), floor)))
+
+    def n_plain(self, n_clusters):
+        """Retrieved clusters chosen by the plain ranking, not the ball bound: ``floor((1 - ball_share) R)``
+        of the ``R = n_retrieve(n_clusters)``; 0 without a ball bound."""
+        if not self.radius_weight:
+            return 0
+        return int(math.floor((1.0 - self.ball_share) * self.n_retrieve(n_clusters) + 1e-9))
 
     def indexes(self, n_middle):
         """Whether ``n_middle`` tokens between the sinks and the local window are clustered: more than
@@ -279,7 +298,8 @@ class WaveIndex:
         out, lse, zones = self._mod.tripartite_attention(q, self._meta, self._sk, self._sv, self._sids,
                                                    self.n_retrieve, self.n_estimate, self.config.scale, gather,
                                                    self._workspace, group_rank=self.config.group_rank, radii=radii,
-                                                   radius_weight=self.config.radius_weight)
+                                                   radius_weight=self.config.radius_weight,
+                                                   n_plain=self.config.n_plain(self.n_clusters))
         # statistics are host values (the zones are Hkv x (r + e) ids: a small copy on the GPU path)
         zones = type(zones)(to_host(zones.retrieval), to_host(zones.estimation), to_host(zones.exact_ids))
         self.last_stats = self._stats(zones, q.shape[0])

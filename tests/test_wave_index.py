@@ -27,13 +27,15 @@ def cases(draw):
     est = draw(st.booleans())
     group_rank = draw(st.sampled_from(ref_wi.GROUP_RANKS))
     radius_weight = draw(st.sampled_from([0.0, 0.0, 0.5, 1.0]))      # the ball bound (opt-in) a third of the time
+    ball_share = draw(st.sampled_from([1.0, 0.5, 0.0])) if radius_weight else 1.0   # mixed with the plain ranking
     rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
     k = (rng.standard_normal((hkv, n + extra, d)) + 1.0).astype(np.float32)
     v = rng.standard_normal((hkv, n + extra, d)).astype(np.float32)
     q = (rng.standard_normal((hkv * g, d)) * 1.5).astype(np.float32)
     budgets = {**({"retrieval_clusters": r} if isinstance(r, int) else {"retrieval_budget": r}),
                **({"estimation_clusters": e} if isinstance(e, int) else {"estimation_budget": e})}
-    cfg = WaveConfig(**SMALL, **budgets, estimation=est, group_rank=group_rank, radius_weight=radius_weight)
+    cfg = WaveConfig(**SMALL, **budgets, estimation=est, group_rank=group_rank, radius_weight=radius_weight,
+                     ball_share=ball_share)
     return k, v, q, n, cfg
 
 
@@ -68,7 +70,8 @@ def test_estimate_is_a_lower_bound_per_cluster(case):
 @given(case=cases())
 def test_full_budget_is_full_attention(backend, case):
     k, v, q, n, cfg = case
-    cfg = WaveConfig(**SMALL, retrieval_budget=1.0, group_rank=cfg.group_rank, radius_weight=cfg.radius_weight)
+    cfg = WaveConfig(**SMALL, retrieval_budget=1.0, group_rank=cfg.group_rank, radius_weight=cfg.radius_weight,
+                     ball_share=cfg.ball_share)
     idxs = []
 
     def build(keys, values):
@@ -163,6 +166,16 @@ def test_validation(rng):
             WaveConfig(radius_weight=bad)
     with pytest.raises(TypeError, match="radius_weight"):
         WaveConfig(radius_weight="0.5")
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="ball_share must be a float in"):
+            WaveConfig(radius_weight=0.5, ball_share=bad)
+    with pytest.raises(ValueError, match="ball_share=0.5 shares the retrieval zone .* needs radius_weight > 0"):
+        WaveConfig(ball_share=0.5)
+    c = np.zeros((1, 3, 2), np.float32)
+    with pytest.raises(ValueError, match="n_plain=1 mixes .* needs radius_weight > 0"):
+        ref_wi.rank_clusters(np.ones((1, 2), np.float32), c, np.ones((1, 3), np.int64), 1.0, n_plain=1)
+    with pytest.raises(ValueError, match="n_plain must be an int >= 0"):
+        ref_wi.rank_clusters(np.ones((1, 2), np.float32), c, np.ones((1, 3), np.int64), 1.0, n_plain=-1)
     with pytest.raises(TypeError, match="config"):
         WaveIndex.build(k, k, config={"n_sink": 4})
     with pytest.raises(ValueError, match="keys"):
@@ -506,8 +519,11 @@ def test_fast_rank_clusters_equals_reference(case, kind):
         q[0] = np.nan
     scale = 1.0 / np.sqrt(q.shape[1])
     radii = ref_wi.cluster_radii(meta)
-    fs, fr = fast_wi.rank_clusters(q, meta.centroids, meta.sizes, scale, cfg.group_rank, radii, cfg.radius_weight)
-    rs, rr = ref_wi.rank_clusters(q, meta.centroids, meta.sizes, scale, cfg.group_rank, radii, cfg.radius_weight)
+    n_plain = cfg.n_plain(meta.centroids.shape[1])
+    fs, fr = fast_wi.rank_clusters(q, meta.centroids, meta.sizes, scale, cfg.group_rank, radii, cfg.radius_weight,
+                                   n_plain)
+    rs, rr = ref_wi.rank_clusters(q, meta.centroids, meta.sizes, scale, cfg.group_rank, radii, cfg.radius_weight,
+                                  n_plain)
     assert np.array_equal(np.isnan(fr), np.isnan(rr))
     assert np.allclose(fs, rs, rtol=1e-5, atol=1e-5, equal_nan=True)
     assert np.allclose(fr, rr, rtol=1e-5, atol=1e-6 if cfg.group_rank == "softmax_sum" else 1e-5, equal_nan=True)
@@ -516,11 +532,18 @@ def test_fast_rank_clusters_equals_reference(case, kind):
         # with keys (an empty cluster stays -inf: masked before the max), unless the ball bound adds NaN |q| to it
         every = cfg.group_rank == "softmax_sum" or cfg.radius_weight
         nan_where = np.ones_like(fr[0], bool) if every else meta.sizes[0] > 0
-        assert np.array_equal(np.isnan(fr[0]), nan_where)
+        assert np.array_equal(np.isnan(fr[0]) | np.isposinf(fr[0]), nan_where)   # +inf: the plain share leads
     if cfg.group_rank == "max_logit" and not cfg.radius_weight:   # the definition: each cluster's best score
         assert np.array_equal(rr, rs.max(axis=1), equal_nan=True)
     if cfg.radius_weight:                                      # the returned scores stay the centroid scores
         assert np.array_equal(rs, ref_wi.rank_clusters(q, meta.centroids, meta.sizes, scale)[0], equal_nan=True)
+    if n_plain:           # the plain ranking's best n_plain lead (+inf); every other cluster keeps its ball rank
+        plain = ref_wi.rank_clusters(q, meta.centroids, meta.sizes, scale, cfg.group_rank)[1]
+        lead = ref_wi.select_zones(plain, n_plain, 0)[0]
+        ball = ref_wi.rank_clusters(q, meta.centroids, meta.sizes, scale, cfg.group_rank, radii, cfg.radius_weight)[1]
+        first = np.zeros_like(rr, bool)
+        np.put_along_axis(first, lead, True, axis=1)
+        assert np.all(rr[first] == np.inf) and np.array_equal(rr[~first], ball[~first], equal_nan=True)
 
 
 def test_max_logit_ranking_keeps_a_sharp_heads_cluster_that_the_softmax_sum_outvotes():
@@ -599,3 +622,42 @@ def test_ball_bound_ranks_a_spread_cluster_with_one_sharp_key_first(rng):
         plain = ref_wi.rank_clusters(q, meta.centroids, meta.sizes, 1.0, gr)[1]
         ball = ref_wi.rank_clusters(q, meta.centroids, meta.sizes, 1.0, gr, radii, 0.5)[1]
         assert ref_wi.select_zones(plain, 1, 0)[0][0, 0] == 0 and ref_wi.select_zones(ball, 1, 0)[0][0, 0] == 1
+
+
+@pytest.mark.parametrize("backend", ["reference", "fast"])
+@pytest.mark.parametrize("group_rank", ref_wi.GROUP_RANKS)
+def test_mixed_ranking_retrieves_the_plain_best_then_the_ball_best(rng, backend, group_rank):
+    """``ball_share``: of R retrieved clusters, the plain ranking's best ``floor((1 - share) R)``, then the ball
+    bound's best of the rest; the estimation zone continues in ball-bound order. Share 1 is the ball bound's
+    zones, share 0 retrieves the plain ranking's best R."""
+    hkv, g, d, n = 2, 3, 16, 900
+    k = (rng.standard_normal((hkv, n, d)) * rng.uniform(0.3, 2.0, (hkv, n, 1)) + 0.5).astype(np.float32)
+    v = rng.standard_normal((hkv, n, d)).astype(np.float32)
+    q = (rng.standard_normal((hkv * g, d)) * 2).astype(np.float32)
+    r, e = 9, 12
+
+    def zones(**kw):
+        cfg = WaveConfig(**SMALL, retrieval_clusters=r, estimation_clusters=e, group_rank=group_rank, **kw)
+        idx = WaveIndex.build(k, v, config=cfg, backend=backend)
+        idx.attend(q)
+        return idx, idx.last_stats.retrieval_clusters, idx.last_stats.estimation_clusters
+
+    idx, ret, est = zones(radius_weight=0.5, ball_share=0.5)
+    meta, scale = idx.meta, 1.0 / np.sqrt(d)
+    radii = ref_wi.cluster_radii(meta)
+    plain = ref_wi.rank_clusters(q, meta.centroids, meta.sizes, scale, group_rank)[1]
+    ball = ref_wi.rank_clusters(q, meta.centroids, meta.sizes, scale, group_rank, radii, 0.5)[1]
+    n_plain = idx.config.n_plain(idx.n_clusters)
+    assert n_plain == 4                                         # floor(0.5 * 9)
+    for h in range(hkv):
+        lead = np.argsort(-plain[h], kind="stable")[:n_plain]
+        rest = [i for i in np.argsort(-ball[h], kind="stable") if i not in set(lead)]
+        assert set(ret[h]) == set(lead) | set(rest[:r - n_plain])
+        assert set(est[h]) == set(rest[r - n_plain:r - n_plain + e])
+    pure = zones(radius_weight=0.5)
+    assert all(np.array_equal(np.sort(a, axis=1), np.sort(b, axis=1)) for a, b in zip(pure[1:], zones(
+        radius_weight=0.5, ball_share=1.0)[1:]))
+    _, ret0, _ = zones(radius_weight=0.5, ball_share=0.0)
+    for h in range(hkv):
+        assert set(ret0[h]) == set(np.argsort(-plain[h], kind="stable")[:r])
+    assert not all(set(a) == set(b) for a, b in zip(ret, pure[1]))    # the mix changed some head's zone

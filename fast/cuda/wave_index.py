@@ -112,13 +112,14 @@ def _rank_kernel(scores, sizes, rank):
             rank[h, i] += float32(math.exp(scores[h, r, i] - mx)) / z
 
 
-def rank_clusters(q, centroids, sizes, scale, group_rank="softmax_sum", radii=None, radius_weight=0.0):
+def rank_clusters(q, centroids, sizes, scale, group_rank="softmax_sum", radii=None, radius_weight=0.0, n_plain=0):
     """Same contract as :func:`retrokv.reference.wave_index.rank_clusters`: ``(scores (Hkv, G, C), rank (Hkv, C))``.
 
     ``group_rank="max_logit"`` masks and reduces over the group through ``xp`` (two element-wise passes over
     ``(Hkv, G, C)``; the reduction is within a thread's cluster, no block reduction to write)."""
     _ref.check_group_rank(group_rank)
     _ref.check_radii(radii, radius_weight, centroids.shape[:2])
+    n_plain = _ref.check_n_plain(n_plain, radius_weight)
     m = xp(q, centroids)
     hkv, c, d = centroids.shape
     qb = float_array(m, q).reshape(hkv, -1, d)                          # (Hkv, G, d)
@@ -131,11 +132,19 @@ def rank_clusters(q, centroids, sizes, scale, group_rank="softmax_sum", radii=No
         # mask here, so the returned scores are the ones Eq. 2 reads; the ball bound (ranked only) is a copy
         scores = m.ascontiguousarray(m.where(sizes[:, None, :] > 0, scores, np.float32(-np.inf)).astype(np.float32))
         by = _ref.ball_bound(scores, qb, radii, radius_weight, scale) if radius_weight else scores
-    if group_rank == "max_logit":
-        rank = m.ascontiguousarray(by.max(axis=1))                      # (Hkv, C)
-    else:
-        launch(_rank_kernel, hkv, by, m.ascontiguousarray(sizes), rank)
+    rank = _group_ranking(m, by, sizes, group_rank)
+    if n_plain:                                # the plain ranking's best n_plain lead the ball-bound order
+        rank = _ref.lead_with(rank, select_zones(_group_ranking(m, scores, sizes, group_rank), n_plain, 0)[0])
     return scores, rank
+
+
+def _group_ranking(m, by, sizes, group_rank):
+    """:func:`retrokv.reference.wave_index.group_ranking` on the device (``by`` is masked in place)."""
+    if group_rank == "max_logit":
+        return m.ascontiguousarray(by.max(axis=1))                      # (Hkv, C)
+    rank = m.zeros(by.shape[::2], np.float32)
+    launch(_rank_kernel, by.shape[0], by, m.ascontiguousarray(sizes), rank)
+    return rank
 
 
 def select_zones(rank, n_retrieve, n_estimate):
@@ -300,8 +309,9 @@ def attend_retrieved(q, meta, steady_k, steady_v, steady_ids, retrieval, scale, 
 
 def tripartite_attention(q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_estimate, scale=None,
                          gather=None, workspace=None, ops=None, group_rank="softmax_sum", radii=None,
-                         radius_weight=0.0):
+                         radius_weight=0.0, n_plain=0):
     """The reference driver :func:`retrokv.reference.wave_index.tripartite_attention` with these CUDA kernels."""
     return _ref.tripartite_attention(q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_estimate, scale,
                                      gather, workspace, ops=sys.modules[__name__] if ops is None else ops,
-                                     group_rank=group_rank, radii=radii, radius_weight=radius_weight)
+                                     group_rank=group_rank, radii=radii, radius_weight=radius_weight,
+                                     n_plain=n_plain)

@@ -35,12 +35,15 @@ __all__ = ["byte_density", "head_unit", "sweep", "layer_points", "aggregate", "e
            "report", "plot", "METHODS", "needle_prompt", "hf_config", "attached_points", "run_density",
            "teacher_forced", "forced_answer", "needle_rows", "ppl_rows", "lowest_matching"]
 
-METHODS = ("streaming", "topk", "quest", "ivf", "wave", "wave_noest", "wave_maxlogit", "wave_ball", "graph")
+METHODS = ("streaming", "topk", "quest", "ivf", "wave", "wave_noest", "wave_maxlogit", "wave_ball", "wave_mix",
+           "graph")
 # the wave index's variants: one build (the clusters), different decode choices (WaveConfig fields); wave_noest is
 # RetroInfer's Fig. 19a ablation, wave_maxlogit ranks clusters by the GQA group's best score and wave_ball by the
-# group's best ball bound (centroid score + 0.5 |q| radius); the last two are not in the paper
+# group's best ball bound (centroid score + 0.5 |q| radius), wave_mix retrieves half its clusters by each of the
+# last two; the last three are not in the paper
 WAVE_VARIANTS = {"wave": {}, "wave_noest": {"estimation": False}, "wave_maxlogit": {"group_rank": "max_logit"},
-                 "wave_ball": {"group_rank": "max_logit", "radius_weight": 0.5}}
+                 "wave_ball": {"group_rank": "max_logit", "radius_weight": 0.5},
+                 "wave_mix": {"group_rank": "max_logit", "radius_weight": 0.5, "ball_share": 0.5}}
 STATIC = (4, 64)            # the wave index's sinks + local window, given to every retrieval baseline
 
 
@@ -125,7 +128,8 @@ def _at(method, index, value):
     elif method == "ivf":
         ix.nprobe = min(ix.n_lists, int(value))
     elif method in WAVE_VARIANTS:                 # the variant's decode choices on a shared build
-        fields = {"estimation": True, "group_rank": "softmax_sum", "radius_weight": 0.0, **WAVE_VARIANTS[method]}
+        fields = {"estimation": True, "group_rank": "softmax_sum", "radius_weight": 0.0, "ball_share": 1.0,
+                  **WAVE_VARIANTS[method]}
         ix.config = dataclasses.replace(ix.config, retrieval_budget=float(value), **fields)
     return ix
 
@@ -231,10 +235,12 @@ def interp_error(rows, method, density, key="token_density"):
 LABELS = {"streaming": "StreamingLLM (window)", "topk": "exact top-k oracle (k)", "quest": "Quest (token budget)",
           "ivf": "IVF (nprobe, top_k=100)", "wave": "wave (retrieval fraction)",
           "wave_noest": "wave, no estimation zone", "wave_maxlogit": "wave, max-logit GQA ranking (not in the paper)",
-          "wave_ball": "wave, ball-bound ranking (not in the paper)", "graph": "graph (k)",
+          "wave_ball": "wave, ball-bound ranking (not in the paper)",
+          "wave_mix": "wave, half plain / half ball-bound retrieval (not in the paper)", "graph": "graph (k)",
           "graph_paper": "graph, paper's 128 + 512 static (k)"}
 COLORS = {"streaming": "tab:gray", "topk": "black", "quest": "tab:green", "ivf": "tab:purple", "wave": "tab:blue",
-          "wave_noest": "tab:cyan", "wave_maxlogit": "tab:olive", "wave_ball": "tab:pink", "graph": "tab:orange", "graph_paper": "tab:brown"}
+          "wave_noest": "tab:cyan", "wave_maxlogit": "tab:olive", "wave_ball": "tab:pink", "wave_mix": "tab:red",
+          "graph": "tab:orange", "graph_paper": "tab:brown"}
 
 
 def _groups(points):
@@ -325,7 +331,7 @@ def report(db, command, layers, graph_layers, machine=None, samples=None):
                   "graph on its own layers):", "",
                   markdown_table(equal, ["byte density"] + [m for m in METHODS if m != "topk"]).replace("nan", ""),
                   ""]
-        for m in ("wave", "wave_maxlogit", "wave_ball"):
+        for m in (v for v in WAVE_VARIANTS if v != "wave_noest"):
             cmp = wave_vs_oracle(rows, m)
             below = [c for c in cmp if c["below"] is not None]
             if cmp:

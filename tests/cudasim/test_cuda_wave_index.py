@@ -16,7 +16,7 @@ OPS = ("rank_clusters", "select_zones", "gather_execution_buffer", "estimate_par
 
 
 def tripartite(ops, q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_estimate, scale, group_rank="softmax_sum",
-               radii=None, radius_weight=0.0):
+               radii=None, radius_weight=0.0, n_plain=0):
     """The reference driver with the CUDA kernels as ``ops``; also returns the zones and the buffer."""
     bufs = []
 
@@ -26,7 +26,7 @@ def tripartite(ops, q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_estim
 
     out, lse, zones = ref.tripartite_attention(q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_estimate,
                                                scale, gather=gather, ops=ops, group_rank=group_rank, radii=radii,
-                                               radius_weight=radius_weight)
+                                               radius_weight=radius_weight, n_plain=n_plain)
     return out, lse, zones.retrieval, zones.estimation, bufs[-1]
 
 
@@ -46,7 +46,8 @@ def cases(draw):
     c, seg = plan_clusters(n, tpc, 40)
     r = draw(st.integers(0, c))                                  # 0: empty retrieval zone
     e = draw(st.integers(0, c - r))                              # 0: empty estimation zone
-    return k, v, q, s, c, seg, r, e, draw(st.sampled_from(ref.GROUP_RANKS)), draw(st.sampled_from([0.0, 0.5]))
+    w = draw(st.sampled_from([0.0, 0.5]))                       # the ball bound, mixed with the plain ranking
+    return k, v, q, s, c, seg, r, e, draw(st.sampled_from(ref.GROUP_RANKS)), w, draw(st.integers(0, r)) if w else 0
 
 
 def build(arrays, k, v, s, c, seg):
@@ -69,14 +70,15 @@ def test_module_is_a_driver_ops():
 @settings(max_examples=20, deadline=None)
 @given(cases())
 def test_each_kernel_matches_reference(arrays, case):
-    k, v, q, s, c, seg, r, e, gr, w = case
+    k, v, q, s, c, seg, r, e, gr, w, npl = case
     meta_c, meta_r = build(arrays, k, v, s, c, seg)
     radii = ref.cluster_radii(meta_r)
     if arrays.exact:
         assert all(np.array_equal(x, y) for x, y in zip(meta_c, meta_r))
     scale = 1 / np.sqrt(k.shape[2])
-    sc, rc = cu.rank_clusters(arrays.dev(q), meta_c.centroids, meta_c.sizes, scale, gr, arrays.dev(radii), w)
-    sr, rr = ref.rank_clusters(q, meta_r.centroids, meta_r.sizes, scale, gr, radii, w)
+    sc, rc = cu.rank_clusters(arrays.dev(q), meta_c.centroids, meta_c.sizes, scale, gr, arrays.dev(radii), w,
+                              npl)
+    sr, rr = ref.rank_clusters(q, meta_r.centroids, meta_r.sizes, scale, gr, radii, w, npl)
     np.testing.assert_array_equal(arrays.host(sc), sr) if arrays.exact else \
         np.testing.assert_allclose(arrays.host(sc), sr, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(arrays.host(rc), rr, atol=1e-6, rtol=1e-5)
@@ -100,14 +102,14 @@ def test_each_kernel_matches_reference(arrays, case):
 @settings(max_examples=15, deadline=None)
 @given(cases())
 def test_composed_step_equals_reference_driver(arrays, case):
-    k, v, q, s, c, seg, r, e, gr, w = case
+    k, v, q, s, c, seg, r, e, gr, w, npl = case
     meta_c, meta_r = build(arrays, k, v, s, c, seg)
     radii = ref.cluster_radii(meta_r)
     scale = 1 / np.sqrt(k.shape[2])
     out, lse, ret, est, buf = tripartite(cu, arrays.dev(q), meta_c, arrays.dev(k[:, :s]), arrays.dev(v[:, :s]),
-                                         arrays.dev(np.arange(s)), r, e, scale, gr, arrays.dev(radii), w)
+                                         arrays.dev(np.arange(s)), r, e, scale, gr, arrays.dev(radii), w, npl)
     want, want_lse, zones = ref.tripartite_attention(q, meta_r, k[:, :s], v[:, :s], np.arange(s), r, e, scale,
-                                                     group_rank=gr, radii=radii, radius_weight=w)
+                                                     group_rank=gr, radii=radii, radius_weight=w, n_plain=npl)
     assert np.array_equal(arrays.host(ret), zones.retrieval) and np.array_equal(arrays.host(est), zones.estimation)
     np.testing.assert_allclose(arrays.host(out), want, atol=2e-5, rtol=1e-4)
     np.testing.assert_allclose(arrays.host(lse), want_lse, atol=2e-5, rtol=1e-5)
