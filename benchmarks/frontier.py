@@ -78,21 +78,23 @@ def run(args):
                        "fingerprints": {c: corpus_fingerprint(c) for c in CORPORA}})
     # the target's methods first; the graph (slowest build) last, 4096 tokens before 8192
     methods = [m for m in args.methods.split(",")]
+
+    def finished(*key):
+        return list(key) in db["done"] or key in done
+
     for m in methods:
         for n in LENGTHS:
             for corpus in CORPORA:
                 cap = capture(corpus)
                 for layer in (args.graph_layers if m == "graph" else LAYERS):
-                    key = (corpus, n, layer, m)
-                    if list(key) in db["done"] or key in done:
+                    if finished(corpus, n, layer, m):
                         continue
                     q, k, v = cap[layer]
                     c = types.SimpleNamespace(q=q[:, :n], k=k[:, :n], v=v[:, :n])
                     t0 = time.time()
                     group = (m,)
-                    if m == "wave" and "wave_noest" in methods and (corpus, n, layer, "wave_noest") not in done \
-                            and [corpus, n, layer, "wave_noest"] not in db["done"]:
-                        group = ("wave", "wave_noest")            # one build for both
+                    if m in F.WAVE_VARIANTS:                      # one build for every wave variant still to do
+                        group = tuple(x for x in methods if x in F.WAVE_VARIANTS and not finished(corpus, n, layer, x))
                     pts = F.layer_points(c, group, 16, args.backend, layer)
                     for p in pts:
                         p.update(corpus=corpus, n_tokens=n)
@@ -115,8 +117,8 @@ def report(args):
 
     md = F.report(db, command="python benchmarks/frontier.py run --graph-layers 5,13,21,29; python benchmarks/frontier.py "
                               "run --methods graph --graph-layers 1,9,17,25; python benchmarks/frontier.py run --methods "
-                              "wave_maxlogit; python benchmarks/frontier.py run --methods wave_ball; "
-                              "python benchmarks/frontier.py report",
+                              "wave_maxlogit; python benchmarks/frontier.py run --methods wave_ball; python benchmarks/frontier.py run "
+                              "--methods wave_mix; python benchmarks/frontier.py report",
                   layers=LAYERS, graph_layers=GRAPH_LAYERS, machine=describe(),
                   samples="One 8192-token prompt per corpus (its first 8192 tokens); the 4096-token results use the "
                           "first 4096 tokens of the same capture (the model is causal: identical to a 4096-token "
@@ -134,7 +136,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("stage", choices=("run", "report"))
     ap.add_argument("--backend", default="fast")
-    ap.add_argument("--methods", default="streaming,topk,wave,wave_noest,wave_maxlogit,wave_ball,quest,ivf,graph")
+    ap.add_argument("--methods", default="streaming,topk,wave,wave_noest,wave_maxlogit,wave_ball,wave_mix,quest,ivf,graph")
     ap.add_argument("--graph-layers", type=lambda s: tuple(int(x) for x in s.split(",")), default=GRAPH_LAYERS,
                     help="layers for the graph (default: 4 of the 8); the report says which were run")
     a = ap.parse_args()

@@ -341,7 +341,9 @@ def report(db, command, layers, graph_layers, machine=None, samples=None):
               "point's token density (steady + retrieved tokens: the exact budget). The wave index also reads its "
               "estimation zone (value sums of ~23% of the clusters) and all centroids, which the oracle does not "
               "count as exact tokens; the oracle in turn scores every key. `wave_maxlogit` (the wave index with "
-              "`group_rank=\"max_logit\"`, not in the paper) is reported beside RetroInfer's ranking.", ""]
+              "`group_rank=\"max_logit\"`), `wave_ball` (a ball-bound ranking, `radius_weight=0.5`) and `wave_mix` "
+              "(half the retrieved clusters by each of the two, `ball_share=0.5`), none of them in the paper, are "
+              "reported beside RetroInfer's ranking.", ""]
     for m, corpus, n, cmp, nb, tot in targets:
         lines += [f"**{m}, {corpus}, {n} tokens**: below oracle at {nb} of {tot} points "
                   f"({'MET' if tot and nb == tot else 'MISSED'}).", "",
