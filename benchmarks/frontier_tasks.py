@@ -418,17 +418,19 @@ def target(nrows, prows):
             "delta_pct": max(x["delta_pct"] for x in rs), "corpora": len(rs)} for (m, k), rs in by.items()]
     ppl_ok = F.lowest_matching(agg, lambda r: r["delta_pct"] <= 2 and r["corpora"] == len(corpora))
     both = {}
-    for m in ("wave", "graph"):
+    verdicts = [m for m in ORDER if m in F.WAVE_VARIANTS and m != "wave_noest"] + ["graph"]
+    for m in verdicts:       # one knob: its needle run AND its perplexity run below 0.10 (the window grows in the latter)
         ks = [r for r in nrows if r["method"] == m and r["delta_points"] >= -2 and r["prompts"] >= 20
               and r["byte_density"] < 0.10]
         ks = [r for r in ks if any(a["method"] == m and a["knob"] == r["knob"] and a["delta_pct"] <= 2 and
-                                   a["corpora"] == len(corpora) for a in agg)]
+                                   a["corpora"] == len(corpora) and a["byte_density"] < 0.10 for a in agg)]
         both[m] = min(ks, key=lambda r: r["byte_density"]) if ks else None
     lines = ["## Target (issue 16)", "",
              "\"At 8K, some operating point of the wave index and of the graph index reaches needle accuracy within "
              "2 points of full attention (20 prompts) and perplexity within 2% at a density below 10%.\" Per "
              "method, the lowest byte density below 0.10 meeting each half (perplexity: on every corpus "
-             "measured, " + ", ".join(corpora) + "), and both at one knob:", ""]
+             "measured, " + ", ".join(corpora) + "), and both at one knob (whose needle run and perplexity run both "
+             "read below 0.10: over 256 generated tokens the steady window grows, so a knob reads more there):", ""]
     tab = []
     for m in ORDER[1:]:
         if not any(r["method"] == m for r in nrows + prows):
@@ -440,7 +442,7 @@ def target(nrows, prows):
                     if n0 else "none",
                     "ppl within 2%": f"{p1['knob']} @ {p1['byte_density']:.3f}" if p1 else "none"})
     lines += [markdown_table(tab, list(tab[0].keys())) if tab else "(no rows)", ""]
-    for m in ("wave", "graph"):
+    for m in verdicts:
         r = both.get(m)
         measured = any(x["method"] == m for x in nrows) and any(x["method"] == m for x in prows)
         lines.append(f"* **{m}**: " + (f"MET at {r['knob']}, byte density {r['byte_density']:.3f}." if r else

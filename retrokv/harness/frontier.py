@@ -239,7 +239,7 @@ LABELS = {"streaming": "StreamingLLM (window)", "topk": "exact top-k oracle (k)"
           "wave_mix": "wave, half plain / half ball-bound retrieval (not in the paper)", "graph": "graph (k)",
           "graph_paper": "graph, paper's 128 + 512 static (k)"}
 COLORS = {"streaming": "tab:gray", "topk": "black", "quest": "tab:green", "ivf": "tab:purple", "wave": "tab:blue",
-          "wave_noest": "tab:cyan", "wave_maxlogit": "tab:olive", "wave_ball": "tab:pink", "wave_mix": "tab:red",
+          "wave_noest": "tab:cyan", "wave_maxlogit": "tab:olive", "wave_ball": "tab:pink", "wave_mix": "teal",
           "graph": "tab:orange", "graph_paper": "tab:brown"}
 
 
