@@ -384,7 +384,8 @@ def tripartite_attention(q, meta, steady_k, steady_v, steady_ids, n_retrieve, n_
     ops = _THIS if ops is None else ops
     d = steady_k.shape[2]
     scale = 1.0 / np.sqrt(d) if scale is None else scale
-    # 1. rank clusters by the GQA-summed softmax of centroid scores (or the group's best score); split into zones
+    # 1. rank clusters by the GQA-summed softmax of centroid scores (or the group's best score, or a ball bound
+    #    led by the plain ranking's best n_plain); split into zones
     scores, rank = ops.rank_clusters(q, meta.centroids, meta.sizes, scale, group_rank, radii,
                                      radius_weight, n_plain)           # (Hkv, G, C), (Hkv, C)
     retrieval, estimation = ops.select_zones(rank, n_retrieve, n_estimate)

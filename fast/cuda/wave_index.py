@@ -142,7 +142,7 @@ def _group_ranking(m, by, sizes, group_rank):
     """:func:`retrokv.reference.wave_index.group_ranking` on the device (``by`` is masked in place)."""
     if group_rank == "max_logit":
         return m.ascontiguousarray(by.max(axis=1))                      # (Hkv, C)
-    rank = m.zeros(by.shape[::2], np.float32)
+    rank = m.zeros((by.shape[0], by.shape[2]), np.float32)                 # (Hkv, C)
     launch(_rank_kernel, by.shape[0], by, m.ascontiguousarray(sizes), rank)
     return rank
 
