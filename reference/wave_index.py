@@ -18,7 +18,8 @@ one decode query ``q``:
 Clusters outside both zones are dropped. Clusters are ranked by the softmax of the centroid scores,
 summed over the query heads of a GQA group (one ranking, hence one set of zones, per KV head).
 ``group_rank="max_logit"`` is an opt-in variant that is not in the paper: each cluster ranks by the
-best centroid score any head of its group gives it (see :func:`rank_clusters`).
+best centroid score any head of its group gives it (see :func:`rank_clusters`); the ball-bound ranking
+and its mix with the plain one (also opt-in, not in the paper) live in ``reference/_wave_ball.py``.
 The exact part (steady + retrieval) and the estimate are combined by the log-sum-exp merge
 (RetroInfer's weighted flash-decoding; RetrievalAttention App. B).
 
@@ -34,6 +35,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .attention import merge_partials, partial_attention
+from ._wave_ball import ball_bound, check_n_plain, check_radii, cluster_radii, lead_with
 from .clustering import _array_module, segmented_kmeans
 
 __all__ = ["GROUP_RANKS", "cluster_radii", "MetaIndex", "ExecBuffer", "Zones", "Workspace", "empty_meta",
@@ -149,36 +151,6 @@ def check_group_rank(group_rank, name="group_rank"):
     return group_rank
 
 
-def ball_bound(scores, qb, radii, radius_weight, scale):
-    """The ball-bound ranking scores ``scores + radius_weight |q| radii * scale`` (``(Hkv, G, C)`` float32) for
-    the centroid scores ``scores (Hkv, G, C)`` of the queries ``qb (Hkv, G, d)``; NumPy or CuPy, as the input."""
-    xp = _array_module(scores)
-    qn = xp.linalg.norm(qb, axis=2, keepdims=True).astype(np.float32)          # (Hkv, G, 1)
-    return xp.ascontiguousarray(scores + np.float32(radius_weight * scale) * qn * radii[:, None, :], dtype=np.float32)
-
-
-def check_radii(radii, radius_weight, shape):
-    """A ``ValueError`` unless ``radius_weight`` is 0 or ``radii`` has the clusters' ``shape`` ``(Hkv, C)``."""
-    if radius_weight and (radii is None or tuple(radii.shape) != tuple(shape)):
-        raise ValueError(f"radius_weight={radius_weight} needs the clusters' radii of shape {tuple(shape)} "
-                         f"(cluster_radii(meta)), got {None if radii is None else tuple(radii.shape)}")
-
-
-def cluster_radii(meta):
-    """``(Hkv, C)`` float32: each cluster's radius, the largest distance of one of its keys from its centroid
-    (0 for an empty cluster). Read by the ranking's ball bound (:func:`rank_clusters`, ``radius_weight``);
-    computed from the cluster-sorted keys, so it changes only when the index does."""
-    hkv, c, _ = meta.centroids.shape
-    out = np.zeros((hkv, c), np.float32)
-    for h in range(hkv):
-        sizes = np.asarray(meta.sizes[h])
-        rows = int(meta.offsets[h, -1])
-        cid = np.repeat(np.arange(c), sizes)                             # each sorted row's cluster
-        dist = np.linalg.norm(meta.keys[h, :rows] - meta.centroids[h][cid], axis=1)
-        np.maximum.at(out[h], cid, dist.astype(np.float32))
-    return out
-
-
 def rank_clusters(q, centroids, sizes, scale, group_rank="softmax_sum", radii=None, radius_weight=0.0, n_plain=0):
     """Centroid scores ``(Hkv, G, C)`` and the GQA ranking ``(Hkv, C)`` of RetroInfer §4.2.
 
@@ -231,24 +203,6 @@ def group_ranking(by, group_rank):
     p = np.exp(by - m)                                                 # (Hkv, G, C)
     z = p.sum(axis=2, keepdims=True)
     return (p / np.where(z > 0, z, 1.0)).sum(axis=1).astype(np.float32)   # (Hkv, C)
-
-
-def check_n_plain(n_plain, radius_weight):
-    """``n_plain`` as an int if it is an int >= 0, and 0 unless a ball bound (``radius_weight > 0``) is there
-    to mix with; else a ``ValueError``."""
-    if isinstance(n_plain, (bool, np.bool_)) or not isinstance(n_plain, (int, np.integer)) or n_plain < 0:
-        raise ValueError(f"n_plain must be an int >= 0 (clusters of the plain ranking), got {n_plain!r}")
-    if n_plain and not radius_weight:
-        raise ValueError(f"n_plain={n_plain} mixes the plain ranking with the ball bound: it needs radius_weight > 0")
-    return int(n_plain)
-
-
-def lead_with(rank, first):
-    """A copy of ``rank (Hkv, C)`` in which the clusters ``first (Hkv, n)`` rank first (``+inf``; ties keep the
-    id order, as :func:`select_zones` breaks them). NumPy or CuPy, as the input."""
-    out = rank.copy()
-    out[_array_module(rank).arange(rank.shape[0])[:, None], first] = np.inf
-    return out
 
 
 def select_zones(rank, n_retrieve, n_estimate):

@@ -128,8 +128,9 @@ def _at(method, index, value):
     elif method == "ivf":
         ix.nprobe = min(ix.n_lists, int(value))
     elif method in WAVE_VARIANTS:                 # the variant's decode choices on a shared build
-        fields = {"estimation": True, "group_rank": "softmax_sum", "radius_weight": 0.0, "ball_share": 1.0,
-                  **WAVE_VARIANTS[method]}
+        default = {f.name: f.default for f in dataclasses.fields(ix.config)}
+        fields = {k: default[k] for v in WAVE_VARIANTS.values() for k in v}     # every variant's fields, reset
+        fields.update(WAVE_VARIANTS[method])
         ix.config = dataclasses.replace(ix.config, retrieval_budget=float(value), **fields)
     return ix
 
