@@ -118,7 +118,8 @@ def report(args):
     md = F.report(db, command="python benchmarks/frontier.py run --graph-layers 5,13,21,29; python benchmarks/frontier.py "
                               "run --methods graph --graph-layers 1,9,17,25; python benchmarks/frontier.py run --methods "
                               "wave_maxlogit; python benchmarks/frontier.py run --methods wave_ball; python benchmarks/frontier.py run "
-                              "--methods wave_mix; python benchmarks/frontier.py report",
+                              "--methods wave_mix; python benchmarks/frontier.py run --methods wave_c4,wave_c4_est50; "
+                              "python benchmarks/frontier.py report",
                   layers=LAYERS, graph_layers=GRAPH_LAYERS, machine=describe(),
                   samples="One 8192-token prompt per corpus (its first 8192 tokens); the 4096-token results use the "
                           "first 4096 tokens of the same capture (the model is causal: identical to a 4096-token "
@@ -136,7 +137,8 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("stage", choices=("run", "report"))
     ap.add_argument("--backend", default="fast")
-    ap.add_argument("--methods", default="streaming,topk,wave,wave_noest,wave_maxlogit,wave_ball,wave_mix,quest,ivf,graph")
+    ap.add_argument("--methods", default="streaming,topk,wave,wave_noest,wave_maxlogit,wave_ball,wave_mix,wave_c4,"
+                                             "wave_c4_est50,quest,ivf,graph")
     ap.add_argument("--graph-layers", type=lambda s: tuple(int(x) for x in s.split(",")), default=GRAPH_LAYERS,
                     help="layers for the graph (default: 4 of the 8); the report says which were run")
     a = ap.parse_args()

@@ -2,6 +2,7 @@
 short-context threshold and retrieval floor (issue 16)."""
 from __future__ import annotations
 
+import dataclasses
 import types
 
 import numpy as np
@@ -104,6 +105,21 @@ def test_at_sets_the_knob_on_a_copy():
     for m, want in (("wave", ("softmax_sum", True)), ("wave_noest", ("softmax_sum", False))):
         c = F._at(m, b, 0.08)
         assert (c.config.group_rank, c.config.estimation) == want
+    # wave_mix_u64 differs from wave_mix only in its index update: 64 tokens -> 4 clusters (16 per cluster)
+    clustered = methods.build("wave", k, v, config=WaveConfig(min_index_tokens=0), backend="reference")
+    u, mix = F._at("wave_mix_u64", clustered, 0.04), F._at("wave_mix", F._at("wave_mix_u64", clustered, 0.04), 0.04)
+    assert (u.config.update_every, u.config.update_clusters) == (64, 4)
+    assert (mix.config.update_every, mix.config.update_clusters) == (1024, 64)
+    assert dataclasses.replace(u.config, update_every=1024, update_clusters=64) == mix.config
+    gen = np.random.default_rng(1)
+    k2, v2 = (gen.standard_normal((k.shape[0], 128, k.shape[2])).astype(np.float32) for _ in range(2))
+    assert clustered.n_clusters > 0 and u.append(k2, v2) == 8 and mix.append(k2, v2) == 0
+    # a build field (keys per cluster) cannot be changed on a copy: the variant needs its own build
+    with pytest.raises(ValueError, match="tokens_per_cluster"):
+        F._at("wave_c4", clustered, 0.04)
+    fine = methods.build("wave", k, v, config=WaveConfig(tokens_per_cluster=4, min_index_tokens=0), backend="reference")
+    assert F._at("wave_c4_est50", fine, 0.04).config.estimation_budget == 0.5
+    assert F._at("wave_c4", F._at("wave_c4_est50", fine, 0.04), 0.04).config.estimation_budget == 0.232
 
 
 def test_interp_error_is_nan_outside_the_sweep():
@@ -257,9 +273,8 @@ def test_needle_rows_compare_with_full_on_the_same_prompts():
     assert rows["full"]["accuracy"] == pytest.approx(0.75)
 
 
-def test_needle_stage_refuses_to_resume_on_other_prompt_ids():
-    """benchmarks/frontier_tasks.py records each prompt's id hash; other ids (a changed environment's
-    licenses haystack) must stop the run instead of mixing two haystacks in one table."""
+def _frontier_tasks():
+    """benchmarks/frontier_tasks.py as a module (a script, not part of the package)."""
     import importlib.util
     import os
 
@@ -267,6 +282,23 @@ def test_needle_stage_refuses_to_resume_on_other_prompt_ids():
     spec = importlib.util.spec_from_file_location("frontier_tasks", path)
     T = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(T)
+    return T
+
+
+def test_task_groups_share_a_build_only_between_equal_build_fields():
+    T = _frontier_tasks()
+    table = {m: [("a", 0.1)] for m in ("wave", "wave_c4", "wave_mix", "wave_c4_est50", "graph")}
+    groups = T._groups(["wave_c4", "wave", "wave_mix", "wave_c4_est50", "graph"], table)
+    assert [(m, [p[0] for p in pts]) for m, pts in groups] == [
+        ("wave_c4", ["wave_c4", "wave_c4_est50"]), ("wave", ["wave", "wave_mix"]), ("graph", ["graph"])]
+    with pytest.raises(SystemExit, match="wave_noest"):
+        T._groups(["wave_noest"], table)
+
+
+def test_needle_stage_refuses_to_resume_on_other_prompt_ids():
+    """benchmarks/frontier_tasks.py records each prompt's id hash; other ids (a changed environment's
+    licenses haystack) must stop the run instead of mixing two haystacks in one table."""
+    T = _frontier_tasks()
     db = {"needle": {}}
     T._check_prompt(db, 8192, 0, [1, 2, 3])
     T._check_prompt(db, 8192, 0, [1, 2, 3])                  # the same ids: resumes

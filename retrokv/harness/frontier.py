@@ -33,17 +33,28 @@ import numpy as np
 
 __all__ = ["byte_density", "head_unit", "sweep", "layer_points", "aggregate", "error_frontier", "interp_error",
            "report", "plot", "METHODS", "needle_prompt", "hf_config", "attached_points", "run_density",
-           "teacher_forced", "forced_answer", "needle_rows", "ppl_rows", "lowest_matching"]
+           "teacher_forced", "forced_answer", "needle_rows", "ppl_rows", "lowest_matching", "WAVE_VARIANTS",
+           "wave_build_key"]
 
 METHODS = ("streaming", "topk", "quest", "ivf", "wave", "wave_noest", "wave_maxlogit", "wave_ball", "wave_mix",
-           "graph")
+           "wave_c4", "wave_c4_est50", "graph")
 # the wave index's variants: one build (the clusters), different decode choices (WaveConfig fields); wave_noest is
 # RetroInfer's Fig. 19a ablation, wave_maxlogit ranks clusters by the GQA group's best score and wave_ball by the
 # group's best ball bound (centroid score + 0.5 |q| radius), wave_mix retrieves half its clusters by each of the
-# last two; the last three are not in the paper
+# last two; the last three are not in the paper. wave_mix_u64 is wave_mix with RetroInfer's index update (§4.2:
+# the tokens that leave the recent window are clustered, 16 per cluster) every 64 tokens instead of every 1024:
+# a decode-only choice (no effect on the prefill build) that keeps the steady window near 4 + 64 tokens over a
+# short generation, where the paper's 1024-token segment, sized for long ones, lets it grow by the whole run
+# wave_c4 clusters 4 keys per centroid instead of ~16 (RetroInfer's tokens_per_cluster, a build field), and
+# wave_c4_est50 also estimates the next 50% of the clusters instead of 23.2%: RetroInfer's own knobs, set for the
+# error target (the wave index below the exact top-k oracle at equal exact budget), at a larger metadata read
+MIX = {"group_rank": "max_logit", "radius_weight": 0.5, "ball_share": 0.5}
 WAVE_VARIANTS = {"wave": {}, "wave_noest": {"estimation": False}, "wave_maxlogit": {"group_rank": "max_logit"},
-                 "wave_ball": {"group_rank": "max_logit", "radius_weight": 0.5},
-                 "wave_mix": {"group_rank": "max_logit", "radius_weight": 0.5, "ball_share": 0.5}}
+                 "wave_ball": {"group_rank": "max_logit", "radius_weight": 0.5}, "wave_mix": MIX,
+                 "wave_mix_u64": dict(MIX, update_every=64, update_clusters=4),
+                 "wave_c4": {"tokens_per_cluster": 4}, "wave_c4_est50": {"tokens_per_cluster": 4, "estimation_budget": 0.5}}
+# the WaveConfig fields the build reads: variants that differ in one of them cannot share a build (wave_build_key)
+BUILD_FIELDS = ("n_sink", "n_local", "tokens_per_cluster", "segment_tokens", "kmeans_iters", "min_index_tokens")
 STATIC = (4, 64)            # the wave index's sinks + local window, given to every retrieval baseline
 
 
@@ -113,6 +124,14 @@ def _build(method, k, v, q, backend, n_tokens, value=None):
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 
+def wave_build_key(method):
+    """The build fields ``method`` (a wave variant) sets, as a hashable key: variants with equal keys share one
+    build (each copy then takes its own decode fields, :func:`_at`)."""
+    if method not in WAVE_VARIANTS:
+        raise ValueError(f"method must be one of the wave variants {tuple(WAVE_VARIANTS)}, got {method!r}")
+    return tuple((f, WAVE_VARIANTS[method][f]) for f in BUILD_FIELDS if f in WAVE_VARIANTS[method])
+
+
 def _at(method, index, value):
     """A copy of the built ``index`` with its budget knob at ``value`` (decode appends mutate it)."""
     import types
@@ -129,8 +148,14 @@ def _at(method, index, value):
         ix.nprobe = min(ix.n_lists, int(value))
     elif method in WAVE_VARIANTS:                 # the variant's decode choices on a shared build
         default = {f.name: f.default for f in dataclasses.fields(ix.config)}
-        fields = {k: default[k] for v in WAVE_VARIANTS.values() for k in v}     # every variant's fields, reset
-        fields.update(WAVE_VARIANTS[method])
+        # the build fields some variant sets must be this variant's (or the default); the others are the caller's
+        varied = [f for f in BUILD_FIELDS if any(f in v for v in WAVE_VARIANTS.values())]
+        want = {f: WAVE_VARIANTS[method].get(f, default[f]) for f in varied}
+        have = {f: getattr(ix.config, f) for f in varied}
+        if want != have:
+            raise ValueError(f"{method} needs an index built with {want}; this one was built with {have}")
+        fields = {k: default[k] for v in WAVE_VARIANTS.values() for k in v if k not in BUILD_FIELDS}  # reset
+        fields.update((k, x) for k, x in WAVE_VARIANTS[method].items() if k not in BUILD_FIELDS)
         ix.config = dataclasses.replace(ix.config, retrieval_budget=float(value), **fields)
     return ix
 
@@ -180,10 +205,11 @@ def layer_points(layer_qkv, methods=METHODS, n_queries=16, backend="fast", layer
     p = n - n_queries
     k, v, q = c.k[:, :p], c.v[:, :p], c.q[:, :p]
     out = []
-    wave = {}                                 # the wave variants share one build (their fields are decode choices)
+    wave = {}                                 # the wave variants share a build per set of build fields
     for m in methods:
         if m in WAVE_VARIANTS:
-            built = wave.setdefault("ix", _build("wave", k, v, q, backend, n))
+            key = wave_build_key(m)
+            built = wave[key] if key in wave else wave.setdefault(key, _build(m, k, v, q, backend, n))
         else:
             built = None if m == "streaming" else _build(m, k, v, q, backend, n)
         for label, value in sweep(m, n):
@@ -237,10 +263,14 @@ LABELS = {"streaming": "StreamingLLM (window)", "topk": "exact top-k oracle (k)"
           "ivf": "IVF (nprobe, top_k=100)", "wave": "wave (retrieval fraction)",
           "wave_noest": "wave, no estimation zone", "wave_maxlogit": "wave, max-logit GQA ranking (not in the paper)",
           "wave_ball": "wave, ball-bound ranking (not in the paper)",
-          "wave_mix": "wave, half plain / half ball-bound retrieval (not in the paper)", "graph": "graph (k)",
+          "wave_mix": "wave, half plain / half ball-bound retrieval (not in the paper)",
+          "wave_mix_u64": "wave_mix, index update every 64 tokens",
+          "wave_c4": "wave, 4 keys per cluster", "wave_c4_est50": "wave, 4 keys per cluster, 50% estimated",
+          "graph": "graph (k)",
           "graph_paper": "graph, paper's 128 + 512 static (k)"}
 COLORS = {"streaming": "tab:gray", "topk": "black", "quest": "tab:green", "ivf": "tab:purple", "wave": "tab:blue",
           "wave_noest": "tab:cyan", "wave_maxlogit": "tab:olive", "wave_ball": "tab:pink", "wave_mix": "teal",
+          "wave_mix_u64": "darkslategray", "wave_c4": "indigo", "wave_c4_est50": "darkgoldenrod",
           "graph": "tab:orange", "graph_paper": "tab:brown"}
 
 
