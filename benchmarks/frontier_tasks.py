@@ -294,9 +294,17 @@ def _commands(db):
     cmds = []
     for r in db.get("runs", []):
         src = r.get("merged_from")
-        env = f"FRONTIER_TASKS_DIR={os.path.dirname(src)} " if src else _env()
-        c = f"`{env}python benchmarks/frontier_tasks.py " + " ".join(r.get("argv", [])) + "`"
-        for x in [c] + ([f"`python benchmarks/frontier_tasks.py merge {src}`"] if src else []):
+        run = "python benchmarks/frontier_tasks.py " + " ".join(r.get("argv", []))
+        steps = [f"`{_env()}{run}`"]
+        if src:                                   # measured into its own folder, then merged into this one
+            stage_file = f"frontier_{r.get('stage', 'needle')}.json"
+            if os.path.basename(src) == stage_file:
+                steps = [f"`FRONTIER_TASKS_DIR={os.path.dirname(src)} {run}`"]
+            else:                                 # kept under its own name: measured in a scratch folder, copied
+                tmp = "/tmp/" + os.path.splitext(os.path.basename(src))[0]      # a fresh folder per part
+                steps = [f"`FRONTIER_TASKS_DIR={tmp} {run}`", f"`cp {tmp}/{stage_file} {src}`"]
+            steps.append(f"`{_env()}python benchmarks/frontier_tasks.py merge {src}`")
+        for x in steps:
             if x not in cmds:
                 cmds.append(x)
     return "; ".join(cmds) + f", then `{_env()}python benchmarks/frontier_tasks.py report`"
@@ -454,7 +462,9 @@ def target(nrows, prows):
     for m in verdicts:
         r = both.get(m)
         measured = any(x["method"] == m for x in nrows) and any(x["method"] == m for x in prows)
-        lines.append(f"* **{m}**: " + (f"MET at {r['knob']}, byte density {r['byte_density']:.3f}." if r else
+        pd = max((a["byte_density"] for a in agg if r and a["method"] == m and a["knob"] == r["knob"]), default=0)
+        lines.append(f"* **{m}**: " + (f"MET at {r['knob']}: byte density {r['byte_density']:.3f} on the needle "
+                                        f"answers, {pd:.3f} over the perplexity run." if r else
                                         ("MISSED (no knob below 0.10 meets both halves)." if measured else
                                          "NOT MEASURED on both axes in this run (MISSED).")))
     return "\n".join(lines + [""])
