@@ -55,7 +55,7 @@ class WaveConfig:
     or ``"max_logit"`` (not in the paper: each cluster's best centroid score over the group's heads, so
     that one sharp head is not outvoted by diffuse ones; see
     :func:`retrokv.reference.wave_index.rank_clusters` and docs/frontier.md for what it measures).
-    ``radius_weight`` ``w > 0`` (not in the paper; CPU backends) ranks each cluster by a ball bound, its
+    ``radius_weight`` ``w > 0`` (not in the paper) ranks each cluster by a ball bound, its
     centroid score plus ``w |q|`` times its radius (:func:`retrokv.reference.wave_index.cluster_radii`),
     instead of the centroid score alone; ``0.0``, the default, is the paper's ranking. The estimate (Eq. 2)
     is unchanged. ``ball_share`` (with ``radius_weight > 0``; not in the paper) is the share of the
@@ -211,9 +211,6 @@ class WaveIndex:
         check_finite = V.check_bool(check_finite, "check_finite")
         backend = resolve(backend)
         device = resolve_device(device, keys, values)
-        if config.radius_weight and device == "cuda":
-            raise ValueError("WaveConfig.radius_weight > 0 runs on the CPU backends only (the cluster radii are "
-                             "computed with NumPy); use radius_weight=0.0 on device='cuda'")
         mod = impl(backend, "wave_index", device)
         keys, values = V.check_kv(keys, values, finite=check_finite)
         keys, values = to_device(keys, device, "keys"), to_device(values, device, "values")

@@ -8,6 +8,9 @@ Same names, signatures and results as ``reference/wave_index.py`` for the steps 
   then :func:`_rank_kernel`, one block per KV head with threads over clusters: it masks empty clusters
   to ``-inf`` and, for each of the G query heads, a block max and a block sum give that head's
   softmax, which is added into the group's ranking (softmax summed over the GQA group, §4.2);
+* :func:`cluster_radii` (for the opt-in ball-bound ranking, ``radius_weight > 0``): one block per (KV head,
+  cluster), threads over the cluster's rows of the cluster-sorted keys, a block max of their distances to
+  the centroid; recomputed only when an index update changes the clusters;
 * :func:`select_zones`: a stable sort of the ranking per head (``xp``): retrieval zone first, then
   the estimation zone; ties go to the lower cluster id, as in the reference;
 * :func:`gather_execution_buffer`: one block per (KV head, retrieved cluster) plus one per head for
@@ -44,7 +47,7 @@ from .attention import attention_partials, merge_chunks, merge_partials, partial
 from .clustering import segmented_kmeans
 
 __all__ = ["MetaIndex", "ExecBuffer", "Zones", "empty_meta", "build_meta_index", "concat_meta",
-           "rank_clusters", "select_zones", "gather_execution_buffer", "estimate_partial",
+           "cluster_radii", "rank_clusters", "select_zones", "gather_execution_buffer", "estimate_partial",
            "partial_attention", "merge_partials", "attend_execution_buffer", "attend_retrieved",
            "tripartite_attention"]
 
@@ -136,6 +139,40 @@ def rank_clusters(q, centroids, sizes, scale, group_rank="softmax_sum", radii=No
     if n_plain:                                # the plain ranking's best n_plain lead the ball-bound order
         rank = _ref.lead_with(rank, select_zones(_group_ranking(m, scores, sizes, group_rank), n_plain, 0)[0])
     return scores, rank
+
+
+@cuda.jit
+def _radii_kernel(keys, centroids, offsets, out):
+    """Block ``b``: cluster ``b % C`` of KV head ``b // C``. Threads stride over the cluster's rows of the
+    cluster-sorted keys, each keeping its largest squared distance from the centroid; thread 0 takes the
+    block's max and writes its square root (0 for an empty cluster)."""
+    c = centroids.shape[1]
+    h, i = cuda.blockIdx.x // c, cuda.blockIdx.x % c
+    tid, nt = cuda.threadIdx.x, cuda.blockDim.x
+    red = cuda.shared.array(MAX_TILE, float32)     # one partial max per thread
+    best = float32(0.0)
+    for row in range(offsets[h, i] + tid, offsets[h, i + 1], nt):
+        s = float32(0.0)
+        for j in range(keys.shape[2]):
+            x = keys[h, row, j] - centroids[h, i, j]
+            s += x * x
+        best = max(best, s)
+    red[tid] = best
+    cuda.syncthreads()
+    if tid == 0:
+        for t in range(1, nt):
+            best = max(best, red[t])
+        out[h, i] = math.sqrt(best)
+
+
+def cluster_radii(meta):
+    """Same contract as :func:`retrokv.reference.wave_index.cluster_radii`: ``(Hkv, C)`` float32, each cluster's
+    largest key distance from its centroid, one block per (KV head, cluster) (:func:`_radii_kernel`)."""
+    m = xp(meta.keys, meta.centroids)
+    hkv, c, _ = meta.centroids.shape
+    out = m.zeros((hkv, c), np.float32)
+    launch(_radii_kernel, hkv * c, meta.keys, meta.centroids, m.ascontiguousarray(meta.offsets), out)
+    return out
 
 
 def _group_ranking(m, by, sizes, group_rank):

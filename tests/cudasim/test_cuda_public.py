@@ -107,8 +107,12 @@ def test_wave_index_runs_the_cuda_kernels(arrays, monkeypatch):
     assert type(out).__module__.split(".")[0] == arrays.m.__name__       # stays on the device
     close(out, WaveIndex.build(k, v, backend="reference", **cfg).attend(q))
     assert "device='cuda'" in repr(dev)
-    with pytest.raises(ValueError, match="radius_weight > 0 runs on the CPU backends only"):
-        WaveIndex.build(k, v, backend="fast", device="cuda", radius_weight=0.5, **cfg)
+    # the ball-bound ranking mixed with the plain one (radii from the CUDA kernel) picks the reference's zones
+    mix = dict(cfg, radius_weight=0.5, ball_share=0.5, group_rank="max_logit")
+    dev, ref = (WaveIndex.build(k, v, backend=b, device=dv, **mix) for b, dv in (("fast", "cuda"), ("reference", None)))
+    close(dev.attend(q), ref.attend(q))
+    np.testing.assert_array_equal(dev.last_stats.retrieval_clusters, ref.last_stats.retrieval_clusters)
+    np.testing.assert_array_equal(dev.last_stats.estimation_clusters, ref.last_stats.estimation_clusters)
 
 
 def test_dense_index_matches_reference(arrays, monkeypatch):
