@@ -48,6 +48,9 @@ def wave_case(draw):
     cfg = dict(min_index_tokens=0, n_sink=draw(st.integers(0, 3)), n_local=draw(st.integers(0, 10)), tokens_per_cluster=8,
                segment_tokens=48, kmeans_iters=2, update_every=draw(st.sampled_from([8, 16])), update_clusters=2,
                retrieval_clusters=draw(st.integers(0, 3)), estimation_clusters=draw(st.integers(0, 4)))
+    if draw(st.booleans()):      # the ball-bound ranking, mixed or not: radii from the CUDA kernel, redone per update
+        cfg.update(radius_weight=0.5, ball_share=draw(st.sampled_from([1.0, 0.5])),
+                   group_rank=draw(st.sampled_from(["softmax_sum", "max_logit"])))
     return hkv, g, d, dv, n, cfg, draw(st.floats(0.0, 0.5)), draw(st.integers(0, 2**31 - 1))
 
 
