@@ -59,6 +59,7 @@ NEEDLE_POINTS = {
     "ivf": [("nprobe=8", 8)],
     "graph": [("k=41", 41), ("k=131", 131), ("k=234", 234)],
     "graph_paper": [("k=41", 41), ("k=131", 131)],
+    "graph_l7": [("k=41", 41), ("k=131", 131)],
 }
 PPL_POINTS = {
     "full": [("dense", None)],
@@ -76,6 +77,7 @@ PPL_POINTS = {
     # RetrievalAttention's default static window (128 sinks + 512 recent, sized for 128K contexts): at
     # 8K it alone is 7.8% of the KV, so it is set against the 4 + 64 window above at equal density
     "graph_paper": [("k=41", 41), ("k=131", 131)],
+    "graph_l7": [("k=73", 73), ("k=131", 131)],
 }
 NEEDLE_DEFAULT = "full,wave,streaming,topk,quest"
 PPL_DEFAULT = "full,wave,streaming,topk,quest"
@@ -158,7 +160,7 @@ def _run_group(model, saved, n, method, pts, backend, done, fn):
         built = dict(h.indexes)
         for variant, plist in by.items():
             for lab, v in plist:
-                h.indexes = {layer: [F._at(variant, ix, v) for ix in lst] for layer, lst in built.items()}
+                h.indexes = {layer: [F._at(variant, ix, v, layer) for ix in lst] for layer, lst in built.items()}
                 h.reset_stats()
                 fn(variant, lab, v, h, hf.index_cache(len(saved), n))
     finally:
@@ -279,7 +281,7 @@ def ppl(args):
 
 
 ORDER = ("full", "wave", "wave_noest", "wave_maxlogit", "wave_ball", "wave_mix", "wave_mix_u64", "wave_mix_noest",
-         "graph", "graph_paper", "ivf", "quest", "streaming", "topk")
+         "graph", "graph_l7", "graph_paper", "ivf", "quest", "streaming", "topk")
 
 
 def _sort(rows):
@@ -438,7 +440,8 @@ def target(nrows, prows):
     ppl_ok = F.lowest_matching(agg, lambda r: r["delta_pct"] <= 2 and r["corpora"] == len(corpora))
     both = {}
     # the ablations (no estimation zone) are not operating points of the target
-    verdicts = [m for m in ORDER if m in F.WAVE_VARIANTS and F.WAVE_VARIANTS[m].get("estimation", True)] + ["graph"]
+    verdicts = [m for m in ORDER if m in F.WAVE_VARIANTS and F.WAVE_VARIANTS[m].get("estimation", True)] + \
+        ["graph"] + list(F.WIDE_LAYERS)
     for m in verdicts:       # one knob: its needle run AND its perplexity run below 0.10 (the window grows in the latter)
         ks = [r for r in nrows if r["method"] == m and r["delta_points"] >= -2 and r["prompts"] >= 20
               and r["byte_density"] < 0.10]

@@ -122,6 +122,17 @@ def test_at_sets_the_knob_on_a_copy():
     assert F._at("wave_c4", F._at("wave_c4_est50", fine, 0.04), 0.04).config.estimation_budget == 0.232
 
 
+def test_at_widens_the_graph_beam_only_at_the_variants_layers():
+    q, k, v = _qkv(n=400)
+    built = F._build("graph", k, v, q, "reference", 400)
+    layers, wide = F.WIDE_LAYERS["graph_l7"]
+    at = {layer: F._at("graph_l7", built, 41, layer) for layer in (6, 7)}
+    assert layers == {7} and at[7].config.search_L == wide and at[6].config.search_L == 150
+    assert at[7].top_k == at[6].top_k == 41 and built.config.search_L != wide
+    assert F._at("graph", built, 41, 7).config.search_L == 150          # the plain graph: one beam everywhere
+    assert F.hf_config("graph_l7") == F.hf_config("graph")              # the same build: only the copies differ
+
+
 def test_interp_error_is_nan_outside_the_sweep():
     rows = [{"method": "topk", "token_density": x, "error": e} for x, e in ((0.01, 0.4), (0.1, 0.1))]
     assert F.interp_error(rows, "topk", 0.1) == pytest.approx(0.1)

@@ -34,7 +34,7 @@ import numpy as np
 __all__ = ["byte_density", "head_unit", "sweep", "layer_points", "aggregate", "error_frontier", "interp_error",
            "report", "plot", "METHODS", "needle_prompt", "hf_config", "attached_points", "run_density",
            "teacher_forced", "forced_answer", "needle_rows", "ppl_rows", "lowest_matching", "WAVE_VARIANTS",
-           "wave_build_key"]
+           "WIDE_LAYERS", "wave_build_key"]
 
 METHODS = ("streaming", "topk", "quest", "ivf", "wave", "wave_noest", "wave_maxlogit", "wave_ball", "wave_mix",
            "wave_c4", "wave_c4_est50", "graph")
@@ -57,6 +57,10 @@ WAVE_VARIANTS = {"wave": {}, "wave_noest": {"estimation": False}, "wave_maxlogit
                  "wave_mix_noest": dict(_MIX, estimation=False),
                  "wave_c4": {"tokens_per_cluster": 4},
                  "wave_c4_est50": {"tokens_per_cluster": 4, "estimation_budget": 0.5}}
+# graph_l7: the graph index with a 1000-entry candidate list at layer 7 alone (RetrievalAttention gives every layer
+# one search_L). Layer 7 is where the graph's answer-step output error is furthest from the exact top-k's on the
+# needle prompts it misses (benchmarks/results/graph_needle_recall.md); not in the paper. {variant: (layers, L)}
+WIDE_LAYERS = {"graph_l7": (frozenset({7}), 1000)}
 # the WaveConfig fields the build reads: variants that differ in one of them cannot share a build (wave_build_key)
 BUILD_FIELDS = ("n_sink", "n_local", "tokens_per_cluster", "segment_tokens", "kmeans_iters", "min_index_tokens")
 STATIC = (4, 64)            # the wave index's sinks + local window, given to every retrieval baseline
@@ -136,16 +140,18 @@ def wave_build_key(method):
     return tuple((f, WAVE_VARIANTS[method][f]) for f in BUILD_FIELDS if f in WAVE_VARIANTS[method])
 
 
-def _at(method, index, value):
-    """A copy of the built ``index`` with its budget knob at ``value`` (decode appends mutate it)."""
+def _at(method, index, value, layer=None):
+    """A copy of the built ``index`` with its budget knob at ``value`` (decode appends mutate it); ``layer``
+    (the model layer the index serves) matters to the per-layer variants (``WIDE_LAYERS``)."""
     import types
 
     memo = {id(x): x for x in vars(index).values() if isinstance(x, types.ModuleType)}   # shared, not copied
     ix = copy.deepcopy(index, memo)
-    if method in ("topk", "graph", "graph_paper"):
+    if method in ("topk", "graph", "graph_paper") or method in WIDE_LAYERS:
         ix.top_k = int(value)
         if method != "topk":                      # the beam must hold at least the k it returns
-            ix.config = dataclasses.replace(ix.config, top_k=int(value), search_L=max(150, int(value) + 50))
+            wide = WIDE_LAYERS[method][1] if method in WIDE_LAYERS and layer in WIDE_LAYERS[method][0] else 150
+            ix.config = dataclasses.replace(ix.config, top_k=int(value), search_L=max(wide, int(value) + 50))
     elif method == "quest":
         ix.n_pages = max(1, int(value) // ix.config.page_size)
     elif method == "ivf":
@@ -273,13 +279,13 @@ LABELS = {"streaming": "StreamingLLM (window)", "topk": "exact top-k oracle (k)"
           "wave_mix_u64": "wave_mix, index update every 64 tokens",
           "wave_mix_noest": "wave_mix, no estimation zone",
           "wave_c4": "wave, 4 keys per cluster", "wave_c4_est50": "wave, 4 keys per cluster, 50% estimated",
-          "graph": "graph (k)",
+          "graph": "graph (k)", "graph_l7": "graph, wide beam at layer 7 (k; not in the paper)",
           "graph_paper": "graph, paper's 128 + 512 static (k)"}
 COLORS = {"streaming": "tab:gray", "topk": "black", "quest": "tab:green", "ivf": "tab:purple", "wave": "tab:blue",
           "wave_noest": "tab:cyan", "wave_maxlogit": "tab:olive", "wave_ball": "tab:pink", "wave_mix": "teal",
           "wave_mix_u64": "darkslategray", "wave_mix_noest": "mediumaquamarine", "wave_c4": "indigo",
           "wave_c4_est50": "darkgoldenrod",
-          "graph": "tab:orange", "graph_paper": "tab:brown"}
+          "graph": "tab:orange", "graph_paper": "tab:brown", "graph_l7": "chocolate"}
 
 
 def _groups(points):
@@ -488,6 +494,8 @@ def hf_config(method, value=None):
         return "streaming", StreamingConfig(n_sink=s0, n_recent=int(value))
     if method == "graph_paper":                   # RetrievalAttention's static window, sized for 128K contexts
         return "graph", GraphConfig()
+    if method in WIDE_LAYERS:                     # the graph; its per-layer beam is set per copy (_at)
+        return "graph", GraphConfig(n_sink=s0, n_recent=s1)
     cfgs = {"topk": TopKConfig, "quest": QuestConfig, "ivf": IVFConfig, "graph": GraphConfig}
     if method in cfgs:
         return method, cfgs[method](n_sink=s0, n_recent=s1)
@@ -521,7 +529,7 @@ def attached_points(model, saved, n, method, points, backend="fast"):
         h.rebuild(saved)
         built = dict(h.indexes)
         for label, value in points:
-            h.indexes = {layer: [_at(method, ix, value) for ix in lst] for layer, lst in built.items()}
+            h.indexes = {layer: [_at(method, ix, value, layer) for ix in lst] for layer, lst in built.items()}
             h.reset_stats()
             yield label, value, h, hf.index_cache(len(saved), n)
     finally:
