@@ -484,7 +484,7 @@ def plot_needle(rows, path):
 
     from retrokv.harness.frontier import COLORS, LABELS
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 5.0))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 6.0))
     for m in ORDER:
         sel = sorted((r for r in rows if r["method"] == m), key=lambda r: r["byte_density"])
         if not sel:
@@ -508,8 +508,8 @@ def plot_needle(rows, path):
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=3, frameon=False)
     fig.suptitle(f"Needle frontier, SmolLM2-135M, {N} tokens, natural-text haystacks (pydoc + licenses)")
-    fig.tight_layout(rect=(0, 0.16, 1, 1))
-    fig.savefig(path, dpi=110)
+    fig.tight_layout(rect=(0, 0.2, 1, 1))
+    fig.savefig(path, dpi=110, bbox_inches="tight")          # the legend below the axes stays in the image
     plt.close(fig)
 
 
@@ -542,7 +542,7 @@ def plot_ppl(rows, path):
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=3, frameon=False)
     fig.tight_layout(rect=(0, 0.2, 1, 1))
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
