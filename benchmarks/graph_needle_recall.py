@@ -34,7 +34,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 from machine import describe, write_report  # noqa: E402
-from needle_recall import needle_span  # noqa: E402
+from needle_recall import load_needles, needle_run  # noqa: E402
 
 OUT = os.path.join(HERE, "results", "graph_needle_recall.md")
 
@@ -94,15 +94,11 @@ def main():
         if any(x < (1 if name == "--k" else 0) for x in xs):
             raise SystemExit(f"{name} must be {'positive' if name == '--k' else 'non-negative'}, got {xs}")
 
-    from frontier_tasks import N, needle_prompts
     from retrokv.graph_index import GraphConfig, GraphIndex
     from retrokv.harness.frontier import STATIC
-    from retrokv.harness.models import capture_qkv, load_smollm2
 
     t0 = time.time()
-    model, tok = load_smollm2()
-    prompts = dict(needle_prompts(tok, max(args.prompts) + 1, N))
-    g = model.config.num_attention_heads // model.config.num_key_value_heads
+    model, tok, g, prompts = load_needles(args.prompts)
     lines = ["# Graph-index needle recall at the heads that read the needle (SmolLM2-135M, 8192 tokens)", "",
              f"Command: `python benchmarks/graph_needle_recall.py --prompts {' '.join(map(str, args.prompts))} "
              f"--k {' '.join(map(str, args.k))} --wide {args.wide} --mass {args.mass}`  ",
@@ -115,11 +111,7 @@ def main():
     total = {kk: [] for kk in args.k}
     for i in args.prompts:
         s = prompts[i]
-        answer = tok(" " + s.answer, add_special_tokens=False)["input_ids"]
-        L = len(s.prompt_ids)
-        span = needle_span(s.prompt_ids, tok(s.answer, add_special_tokens=False)["input_ids"])
-        caps = capture_qkv(model, list(s.prompt_ids) + answer[:-1])
-        steps = range(L, L + len(answer) - 1)                  # the queries that predict the digits
+        L, span, caps, steps = needle_run(model, tok, s)
         rows, errs = {kk: [] for kk in args.k}, {kk: [] for kk in args.k}
         for li in sorted(caps):
             lay = caps[li]

@@ -86,26 +86,19 @@ def main():
     ap.add_argument("--out", default=OUT)
     args = ap.parse_args()
 
-    from frontier_tasks import N, needle_prompts
-    from needle_recall import needle_span
+    from needle_recall import load_needles, needle_run
 
     from retrokv import methods
-    from retrokv.harness.models import capture_qkv, load_smollm2
     from retrokv.reference import wave_index as ref_wave
     from retrokv.wave_index import WaveConfig
 
     t0 = time.time()
-    model, tok = load_smollm2()
-    g = model.config.num_attention_heads // model.config.num_key_value_heads
-    prompts = dict(needle_prompts(tok, max(args.prompts) + 1, N))
+    model, tok, g, prompts = load_needles(args.prompts)
     ranks = {r: [] for r in RANKINGS}
     where = []                                                          # (prompt, layer, query head, step)
     for i in args.prompts:
         s = prompts[i]
-        answer = tok(" " + s.answer, add_special_tokens=False)["input_ids"]
-        L = len(s.prompt_ids)
-        span = needle_span(s.prompt_ids, tok(s.answer, add_special_tokens=False)["input_ids"])
-        caps = capture_qkv(model, list(s.prompt_ids) + answer[:-1])
+        L, span, caps, steps = needle_run(model, tok, s)
         for li in sorted(caps):
             lay = caps[li]
             meta = methods.build("wave", lay.k[:, :L], lay.v[:, :L], backend="fast", config=WaveConfig()).meta
@@ -120,7 +113,7 @@ def main():
                     if b > a:
                         radius[h, c] = np.linalg.norm(keys[h, a:b] - cent[h, c], axis=1).max()
             d = lay.q.shape[-1]
-            for pos in range(L, L + len(answer) - 1):                   # the steps that predict the digits
+            for pos in steps:                                           # the steps that predict the digits
                 qs = lay.q[:, pos].astype(np.float64)
                 sc = np.stack([lay.k[hq // g, :pos + 1].astype(np.float64) @ qs[hq] for hq in range(qs.shape[0])])
                 w = np.exp(sc / np.sqrt(d) - (sc / np.sqrt(d)).max(axis=1, keepdims=True))

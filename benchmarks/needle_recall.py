@@ -55,6 +55,30 @@ def needle_span(prompt_ids, answer_ids):
     return np.arange(hits[-1], hits[-1] + len(a))
 
 
+def load_needles(prompt_ids):
+    """SmolLM2, its tokenizer, its GQA group size and the needle frontier's prompts ``{i: sample}`` for the
+    indices ``prompt_ids`` (benchmarks/frontier_tasks.py's, 8192 tokens): the set-up of the needle analyses."""
+    from frontier_tasks import N, needle_prompts
+    from retrokv.harness.models import load_smollm2
+
+    model, tok = load_smollm2()
+    prompts = dict(needle_prompts(tok, max(prompt_ids) + 1, N))
+    return model, tok, model.config.num_attention_heads // model.config.num_key_value_heads, prompts
+
+
+def needle_run(model, tok, sample):
+    """One needle prompt with full attention over the prompt plus the teacher-forced answer:
+    ``(L, span, caps, steps)``, the prompt length, the needle's positions (:func:`needle_span`), every layer's
+    captured Q/K/V and the positions of the queries that predict the answer's digits."""
+    from retrokv.harness.models import capture_qkv
+
+    answer = tok(" " + sample.answer, add_special_tokens=False)["input_ids"]
+    L = len(sample.prompt_ids)
+    span = needle_span(sample.prompt_ids, tok(sample.answer, add_special_tokens=False)["input_ids"])
+    caps = capture_qkv(model, list(sample.prompt_ids) + answer[:-1])
+    return L, span, caps, range(L, L + len(answer) - 1)
+
+
 def head_rows(layer, wave_ix, L, span, steps, mass_min, g):
     """One row per needle-reading (query head, step) of one layer: needle mass, recalls, cluster rank."""
     from retrokv.reference import wave_index as ref_wave
@@ -153,15 +177,11 @@ def main():
 
     import dataclasses
 
-    from frontier_tasks import N, needle_prompts
     from retrokv import methods
-    from retrokv.harness.models import capture_qkv, load_smollm2
     from retrokv.wave_index import WaveConfig
 
     t0 = time.time()
-    model, tok = load_smollm2()
-    prompts = dict(needle_prompts(tok, max(args.prompts) + 1, N))
-    g = model.config.num_attention_heads // model.config.num_key_value_heads
+    model, tok, g, prompts = load_needles(args.prompts)
     lines = ["# Needle recall at the heads that read the needle (SmolLM2-135M, 8192 tokens)", "",
              f"Command: `python benchmarks/needle_recall.py --prompts {' '.join(map(str, args.prompts))} "
              f"--budgets {' '.join(map(str, args.budgets))} --mass {args.mass}`  ",
@@ -184,12 +204,7 @@ def main():
                    "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for i in args.prompts:
         s = prompts[i]
-        answer = tok(" " + s.answer, add_special_tokens=False)["input_ids"]
-        digits = answer[1:]
-        L = len(s.prompt_ids)
-        span = needle_span(s.prompt_ids, tok(s.answer, add_special_tokens=False)["input_ids"])
-        caps = capture_qkv(model, list(s.prompt_ids) + answer[:-1])
-        steps = range(L, L + len(digits))                      # the queries that predict the digits
+        L, span, caps, steps = needle_run(model, tok, s)
         for r in args.budgets:
             rows, err_layers, worst_heads = [], [], []
             for li in sorted(caps):
