@@ -208,9 +208,8 @@ def needle(args):
     from retrokv.harness import eval as E
     from retrokv.harness import frontier as F
 
+    groups = _groups(args.methods.split(","), NEEDLE_POINTS)       # checked before the run is logged
     db, run, model, tok, (hq, hkv, d, dv) = _start("needle")
-    methods = args.methods.split(",")
-    groups = _groups(methods, NEEDLE_POINTS)
     for i, s in needle_prompts(tok, args.prompts, args.n)[args.first:]:
         key = lambda m, lab: f"{args.n}|{i}|{m}|{lab}"   # noqa: E731
         _check_prompt(db, args.n, i, s.prompt_ids)
@@ -246,9 +245,8 @@ def ppl(args):
     from retrokv.harness import frontier as F
     from retrokv.harness.data import natural_text_ids
 
+    groups = _groups(args.methods.split(","), PPL_POINTS)          # checked before the run is logged
     db, run, model, tok, (hq, hkv, d, dv) = _start("ppl")
-    methods = args.methods.split(",")
-    groups = _groups(methods, PPL_POINTS)
     for corpus in args.corpora.split(","):
         key = lambda m, lab: f"{args.n}|{corpus}|{m}|{lab}"   # noqa: E731
         # a point is done when it was measured over at least as many tokens (a longer run replaces a shorter one)
