@@ -39,6 +39,10 @@ from needle_recall import load_needles, needle_run  # noqa: E402
 OUT = os.path.join(HERE, "results", "graph_needle_recall.md")
 
 
+def _mean(rows, key):
+    return float(np.mean([x[key] for x in rows])) if rows else float("nan")
+
+
 def output_error(w, vv, sel, full):
     """Relative error of attention restricted to the positions ``sel`` (full attention's weights ``w``
     renormalised over them) against the full output ``full``."""
@@ -123,7 +127,7 @@ def main():
                 errs[kk].append((li, *err[kk]))
         for kk in args.k:
             total[kk] += rows[kk]
-            f = lambda key: np.mean([x[key] for x in rows[kk]]) if rows[kk] else float("nan")   # noqa: E731
+            f = lambda key: _mean(rows[kk], key)                       # noqa: E731
             e = np.array(errs[kk])                                   # (layers, 3): layer, graph, top-k
             worst = int(np.argmax(e[:, 1] - e[:, 2]))
             lines.append(f"| {i} | {s.task} | {kk} | {len(rows[kk])} | {f('graph'):.2f} | {f('wide'):.2f} | "
@@ -134,7 +138,7 @@ def main():
     lines += ["", "All prompts together:", "", "| k | needle-reading (layer, head, step) | graph recall | graph recall, "
               f"L = {args.wide} | exact top-k recall | next digit, graph | next digit, top-k |", "|---|---|---|---|---|---|---|"]
     for kk, rows in total.items():
-        f = lambda key: np.mean([x[key] for x in rows]) if rows else float("nan")   # noqa: E731
+        f = lambda key: _mean(rows, key)                                # noqa: E731
         lines.append(f"| {kk} | {len(rows)} | {f('graph'):.2f} | {f('wide'):.2f} | {f('topk'):.2f} | "
                      f"{f('next_graph'):.2f} | {f('next_topk'):.2f} |")
     lines += ["", f"Total time {time.time() - t0:.0f} s."]

@@ -12,7 +12,8 @@ the previous attention implementation. No model code is copied or patched.
   non-padding tokens).
 * **Decode** (one new token at the position that follows each index's tokens): the new key/value is appended to the index (it joins the steady/static
   window, RetroInfer §4.1 / RetrievalAttention §3.3) and the query attends through the index.
-* ``dense_layers`` keeps some layers exact (Quest keeps the first two layers dense).
+* ``dense_layers`` keeps some layers exact (Quest keeps the first two layers dense); ``layer_configs`` gives
+  some layers their own config of the method.
 * Beam search is refused with a clear ``ValueError`` (the indexes cannot follow the cache's beam
   reorders); chunked prefill is not supported (``index_cache`` refuses it; with ``DynamicCache`` a
   second multi-token pass rebuilds the indexes from the whole cache).
@@ -104,10 +105,11 @@ def _refuse_beams(cache):
 class Attached:
     """Handle returned by :func:`attach`: the method, its per-layer indexes and their statistics."""
 
-    def __init__(self, model, method, config, backend, dense_layers, previous, device=None):
+    def __init__(self, model, method, config, backend, dense_layers, previous, device=None, layer_configs=None):
         self.model, self.method, self.config, self.backend = model, method, config, backend
         self.device = device                # None: each layer's tensors decide (CUDA tensors: "cuda")
         self.dense_layers = frozenset(dense_layers)
+        self.layer_configs = dict(layer_configs or {})      # layer -> its own config (else ``config``)
         self.previous = previous
         self.indexes = {}                   # layer -> list of per-sequence indexes
         self.stats = defaultdict(list)      # layer -> list of per-step stats dicts
@@ -142,7 +144,7 @@ class Attached:
     def _build(self, layer, q, k, v, valid):
         """One index per sequence, over its valid (non-padding) tokens."""
         method = "full" if layer in self.dense_layers else self.method
-        config = None if method != self.method else self.config
+        config = None if method != self.method else self.layer_configs.get(layer, self.config)
         m = xp(k)                                                          # CuPy when the KV is on the GPU
         built = []
         for b in range(k.shape[0]):
@@ -257,7 +259,8 @@ def _pad_count(mask, s):
     return int((~_valid_keys(mask, mask.shape[0], mask.shape[-1])[s]).sum())
 
 
-def attach(model, method="wave", config=None, backend=None, dense_layers=(), *, device: str | None = None):
+def attach(model, method="wave", config=None, backend=None, dense_layers=(), *, device: str | None = None,
+           layer_configs=None):
     """Make ``model.generate`` (and plain forward passes) use ``method`` for decode attention.
 
     Args:
@@ -271,6 +274,9 @@ def attach(model, method="wave", config=None, backend=None, dense_layers=(), *, 
             ``"cuda"`` (``backend="fast"``): the indexes are built on the GPU from the prefill's KV,
             handed over by DLPack, and each decode step reads and returns CUDA tensors (DLPack both
             ways). The baselines (``streaming``, ``topk``, ``quest``, ``ivf``) have no GPU path and refuse ``"cuda"``.
+        layer_configs: ``{layer index: config}``, the configs of layers that differ from ``config`` (same
+            class), e.g. ``{7: GraphConfig(n_sink=4, n_recent=64, search_L=1000)}``: a wider graph beam at
+            one layer (docs/frontier.md, "Why the graph index misses needles at 8K").
 
     Returns:
         An :class:`Attached` handle (also stored on the model); :func:`detach` undoes it.
@@ -290,9 +296,17 @@ def attach(model, method="wave", config=None, backend=None, dense_layers=(), *, 
     if not layers:
         raise TypeError(f"{type(model).__name__} has no Llama-style attention layers (k_proj, layer_idx)")
     dense_layers = [_layer_index(i, len(layers)) for i in dense_layers]
+    if not isinstance(layer_configs or {}, dict):
+        raise TypeError(f"layer_configs must be a dict {{layer index: config}}, got {type(layer_configs).__name__}")
+    layer_configs = {_layer_index(i, len(layers), "layer_configs"): c for i, c in (layer_configs or {}).items()}
+    for i, c in layer_configs.items():
+        if not isinstance(c, spec.config_class):
+            raise TypeError(f"layer_configs[{i}]: method {method!r} takes a {spec.config} config, "
+                            f"got {type(c).__name__}")
     if getattr(model, _ATTACHED, None) is not None:
         detach(model)
-    handle = Attached(model, method, config, backend, dense_layers, model.config._attn_implementation, device)
+    handle = Attached(model, method, config, backend, dense_layers, model.config._attn_implementation, device,
+                      layer_configs)
     name = f"{_ATTN_NAME}_{id(handle):x}"            # one registry entry per attached model
     AttentionInterface.register(name, handle)
     # Without a registered mask function transformers hands a custom attention the raw 2-D padding
@@ -328,9 +342,9 @@ def _guard_cache(module, args, kwargs):
         _refuse_beams(cache)
 
 
-def _layer_index(i, n):
+def _layer_index(i, n, name="dense_layers"):
     if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < n:
-        raise ValueError(f"dense_layers entries must be layer indices in [0, {n}), got {i!r}")
+        raise ValueError(f"{name} entries must be layer indices in [0, {n}), got {i!r}")
     return int(i)
 
 

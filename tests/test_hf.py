@@ -89,7 +89,8 @@ def test_streaming_reads_only_its_window_and_stats_are_per_layer(smollm2, prompt
     single = _single(prompts)
     n = single["input_ids"].shape[1]
     cfg = StreamingConfig(n_sink=4, n_recent=32)
-    handle = hf.attach(model, "streaming", config=cfg, backend="reference", dense_layers=[0])
+    wide = StreamingConfig(n_sink=4, n_recent=48)              # one layer with its own config
+    handle = hf.attach(model, "streaming", config=cfg, backend="reference", dense_layers=[0], layer_configs={2: wide})
     try:
         out = _generate(model, tok, single)
     finally:
@@ -99,7 +100,8 @@ def test_streaming_reads_only_its_window_and_stats_are_per_layer(smollm2, prompt
     assert stats[0]["density"] == 1.0                       # the dense layer
     for layer in range(1, model.config.num_hidden_layers):
         # at most sink + recent (+ the appended tokens, which join the recent window) of n..n+7 tokens
-        assert 0 < stats[layer]["density"] <= (4 + 32 + NEW_TOKENS) / n
+        assert 0 < stats[layer]["density"] <= (4 + (48 if layer == 2 else 32) + NEW_TOKENS) / n
+    assert stats[2]["density"] > stats[1]["density"]        # layer 2's own config: a longer window read
     # the decode timer counts one call per layer and decode step (the first new token comes from the prefill)
     assert handle.decode_calls == model.config.num_hidden_layers * (NEW_TOKENS - 1)
     assert handle.decode_seconds > 0
@@ -153,6 +155,7 @@ def test_text_streamer_sees_the_generated_text(smollm2, prompts):
 
 def test_attach_validates_its_arguments(smollm2):
     from retrokv import hf
+    from retrokv.wave_index import WaveConfig
 
     model, _ = smollm2
     with pytest.raises(ValueError, match="method"):
@@ -161,6 +164,12 @@ def test_attach_validates_its_arguments(smollm2):
         hf.attach(model, "wave", dense_layers=[99])
     with pytest.raises(TypeError, match="config"):
         hf.attach(model, "wave", config={"retrieval_budget": 1.0})
+    with pytest.raises(ValueError, match="layer_configs"):
+        hf.attach(model, "wave", layer_configs={99: None})
+    with pytest.raises(TypeError, match=r"layer_configs\[1\]"):
+        hf.attach(model, "graph", layer_configs={1: WaveConfig()})
+    with pytest.raises(TypeError, match="dict"):
+        hf.attach(model, "wave", layer_configs=[WaveConfig()])
     with pytest.raises(TypeError, match="Llama"):
         hf.attach(object(), "wave")
     with pytest.raises(ValueError, match="no retrokv method"):
